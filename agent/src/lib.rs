@@ -1,0 +1,1 @@
+//! The GitOps agent library.

@@ -1,0 +1,224 @@
+//! Builds the control-plane binaries from Go modules, once, into a cache directory
+//! outside the repository.
+//!
+//! The Go sources are compiled into this crate, so `gitops-bootstrap` needs nothing but
+//! the `go` command and the module proxy. A binary's cache key is its module version
+//! plus a hash of its sources: a changed `go.mod` or `main.go` builds a new binary, an
+//! unchanged one is reused by every later run.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+
+use super::Error;
+
+/// A Go main package, compiled into one binary.
+struct GoBinary {
+    /// File name of the binary and prefix of its cache directory.
+    name: &'static str,
+    /// The module whose version names the build, e.g. `k8s.io/kubernetes`.
+    module: &'static str,
+    /// What it holds, for progress messages.
+    holds: &'static str,
+    sources: &'static [(&'static str, &'static str)],
+}
+
+/// kube-apiserver and kube-controller-manager share most of their code, so they are one
+/// multi-call binary: `kube-local apiserver …`, `kube-local controller-manager …`.
+const KUBE: GoBinary = GoBinary {
+    name: "kube-local",
+    module: "k8s.io/kubernetes",
+    holds: "kube-apiserver + kube-controller-manager",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/go.mod")),
+        ("go.sum", include_str!("../../controlplane/go.sum")),
+        ("main.go", include_str!("../../controlplane/main.go")),
+    ],
+};
+
+/// etcd has a module of its own: k8s.io/kubernetes requires a newer etcd server module
+/// than the 3.6 line we run, and one module would lift it.
+const ETCD: GoBinary = GoBinary {
+    name: "etcd",
+    module: "go.etcd.io/etcd/server/v3",
+    holds: "etcd",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/etcd/go.mod")),
+        ("go.sum", include_str!("../../controlplane/etcd/go.sum")),
+        ("main.go", include_str!("../../controlplane/etcd/main.go")),
+    ],
+};
+
+/// Paths of the built control-plane binaries.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The multi-call kube-apiserver / kube-controller-manager binary.
+    pub kube: PathBuf,
+    pub etcd: PathBuf,
+    /// The Kubernetes release they were built from, e.g. `v1.37.2`.
+    pub kubernetes_version: String,
+}
+
+/// Where built binaries are kept: `$GITOPS_CACHE_DIR`, else `$XDG_CACHE_HOME/gitops-agent`,
+/// else `~/.cache/gitops-agent`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GITOPS_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache"));
+    base.join("gitops-agent")
+}
+
+/// Returns the cached binaries, building any that are missing or stale.
+pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
+    Ok(Binaries {
+        kube: KUBE.ensure_built(cache)?,
+        etcd: ETCD.ensure_built(cache)?,
+        kubernetes_version: KUBE.version().to_owned(),
+    })
+}
+
+impl GoBinary {
+    fn go_mod(&self) -> &'static str {
+        self.sources.iter().find(|(name, _)| *name == "go.mod").map(|(_, text)| *text).unwrap_or_default()
+    }
+
+    /// The version `go.mod` requires of `self.module`.
+    fn version(&self) -> &'static str {
+        self.go_mod()
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix(self.module)?.split_whitespace().next())
+            .find(|v| v.starts_with('v'))
+            .unwrap_or("unknown")
+    }
+
+    fn key(&self) -> String {
+        let mut hash = Sha256::new();
+        for (name, text) in self.sources {
+            hash.update(name.as_bytes());
+            hash.update([0]);
+            hash.update(text.as_bytes());
+            hash.update([0]);
+        }
+        let digest = hash.finalize();
+        let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}-{}-{short}", self.name, self.version())
+    }
+
+    fn ensure_built(&self, cache: &Path) -> Result<PathBuf, Error> {
+        let dir = cache.join("controlplane").join(self.key());
+        let binary = dir.join(self.name);
+        if binary.is_file() {
+            return Ok(binary);
+        }
+        fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+        // Two processes needing the same binary build it once: the second waits here.
+        let lock_path = cache.join(format!("{}.lock", self.key()));
+        let lock_file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| Error::io(&lock_path, errno.into()))?;
+        if binary.is_file() {
+            return Ok(binary);
+        }
+        self.build(&dir)?;
+        Ok(binary)
+    }
+
+    fn build(&self, dir: &Path) -> Result<(), Error> {
+        let staging = dir.with_extension("partial");
+        let src = staging.join("src");
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&src).map_err(|e| Error::io(&src, e))?;
+        for (name, text) in self.sources {
+            fs::write(src.join(name), text).map_err(|e| Error::io(&src.join(name), e))?;
+        }
+
+        let version = self.version();
+        eprintln!("building {} ({} {version}) into {}", self.holds, self.module, dir.display());
+        let started = Instant::now();
+        let mut ldflags = String::from("-s -w");
+        if self.module == KUBE.module {
+            // Without these the API server reports v0.0.0-master to clients.
+            let (major, minor) = kube_major_minor(version);
+            ldflags += &format!(
+                " -X k8s.io/component-base/version.gitVersion={version} \
+                 -X k8s.io/component-base/version.gitMajor={major} \
+                 -X k8s.io/component-base/version.gitMinor={minor} \
+                 -X k8s.io/component-base/version.gitTreeState=clean"
+            );
+        }
+        let mut child = Command::new("go")
+            .args(["build", "-v", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .arg(staging.join(self.name))
+            .arg(".")
+            .current_dir(&src)
+            .env("CGO_ENABLED", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::Spawn { program: "go".into(), source })?;
+
+        // `go build -v` names each package as it compiles it: that count is the progress.
+        let mut compiled = 0usize;
+        let mut output = Vec::new();
+        let tty = std::io::stderr().is_terminal();
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines().map_while(Result::ok) {
+            compiled += 1;
+            if tty {
+                eprint!("\r  {compiled} packages compiled, {:.0?} elapsed ", started.elapsed());
+                let _ = std::io::stderr().flush();
+            } else if compiled % 200 == 0 {
+                eprintln!("  {compiled} packages compiled, {:.0?} elapsed", started.elapsed());
+            }
+            output.push(line);
+        }
+        let status = child.wait().map_err(|source| Error::Spawn { program: "go".into(), source })?;
+        if tty {
+            eprintln!();
+        }
+        if !status.success() {
+            let start = output.len().saturating_sub(40);
+            return Err(Error::GoBuild { binary: self.name, output: output[start..].join("\n") });
+        }
+        let _ = fs::remove_dir_all(&src);
+        fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
+        eprintln!("built {} in {:.1?} ({compiled} packages)", self.name, started.elapsed());
+        Ok(())
+    }
+}
+
+/// `v1.37.2` → (`1`, `37`).
+fn kube_major_minor(version: &str) -> (&str, &str) {
+    let mut parts = version.trim_start_matches('v').split('.');
+    (parts.next().unwrap_or("0"), parts.next().unwrap_or("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_come_from_go_mod() {
+        assert!(KUBE.version().starts_with("v1."), "{}", KUBE.version());
+        assert!(ETCD.version().starts_with("v3.6."), "{}", ETCD.version());
+        assert_eq!(kube_major_minor("v1.37.2"), ("1", "37"));
+    }
+
+    #[test]
+    fn every_staging_module_is_pinned_to_the_matching_release() {
+        // k8s.io/kubernetes v1.X.Y goes with staging modules v0.X.Y.
+        let staging = format!("v0.{}", KUBE.version().trim_start_matches("v1."));
+        let pins: Vec<&str> = KUBE.go_mod().lines().filter(|l| l.contains(" => ")).collect();
+        assert!(pins.len() > 25, "expected a replace line per staging module, found {}", pins.len());
+        for pin in pins {
+            assert!(pin.trim_end().ends_with(&staging), "{pin} is not pinned to {staging}");
+        }
+    }
+}

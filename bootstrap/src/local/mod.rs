@@ -1,0 +1,395 @@
+//! The `local` provider: a real Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager) on loopback, built from Go modules and started from a
+//! throwaway state directory.
+//!
+//! There is no kubelet or scheduler: objects are stored, validated, defaulted and
+//! reconciled by the real controllers (namespaces, service accounts, jobs, garbage
+//! collection), but no container ever runs.
+//!
+//! ```text
+//! STATE_DIR/
+//!   kubeconfig          admin access (system:masters), for kubectl and tests
+//!   pki/                CA, serving and client certificates, service-account key
+//!   etcd/               etcd's data
+//!   logs/NAME.log       each component's output
+//!   pids/NAME.pid       each component's process group, for `down` and `status`
+//! ```
+
+pub mod build;
+pub mod pki;
+pub mod process;
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+pub use build::Binaries;
+use pki::Pki;
+pub use process::{Lifetime, Process};
+
+/// How long the API server gets to become ready; a cold etcd and the API server's
+/// post-start hooks take a few seconds on a laptop, much longer on a loaded CI box.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Lines of a failing component's log quoted in an error.
+const LOG_TAIL_LINES: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot start {}: {source}", program.display())]
+    Spawn { program: PathBuf, source: std::io::Error },
+    #[error("`go build` of {binary} failed; last lines of its output:\n{output}")]
+    GoBuild { binary: &'static str, output: String },
+    #[error("generating the control plane's certificates: {0}")]
+    Pki(#[from] rcgen::Error),
+    #[error("no free loopback port: {0}")]
+    Port(std::io::Error),
+    #[error("kubeconfig {}: {message}", path.display())]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("{component} exited ({status}) while starting; last lines of {}:\n{tail}", log.display())]
+    Exited { component: String, status: String, log: PathBuf, tail: String },
+    #[error("{component} was not ready after {waited:?} ({last_error}); last lines of {}:\n{tail}", log.display())]
+    NotReady { component: String, waited: Duration, last_error: String, log: PathBuf, tail: String },
+    #[error("no component named {0}")]
+    UnknownComponent(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Error {
+        Error::Io { path: path.to_owned(), source }
+    }
+}
+
+/// How to start a control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Holds everything the control plane writes; created if missing. A previous
+    /// control plane's state in it is replaced.
+    pub state_dir: PathBuf,
+    pub lifetime: Lifetime,
+    /// Where the built binaries are cached (see [`build::cache_dir`]).
+    pub cache_dir: PathBuf,
+}
+
+impl Options {
+    pub fn new(state_dir: impl Into<PathBuf>, lifetime: Lifetime) -> Options {
+        Options { state_dir: state_dir.into(), lifetime, cache_dir: build::cache_dir() }
+    }
+}
+
+/// One component's command line, kept so it can be restarted with the same ports.
+#[derive(Debug, Clone)]
+struct Component {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+/// A running local control plane. Dropping it stops it when its lifetime is
+/// [`Lifetime::TiedToThisProcess`]; a detached one runs until [`stop_state_dir`].
+#[derive(Debug)]
+pub struct LocalControlPlane {
+    state_dir: PathBuf,
+    kubeconfig: PathBuf,
+    server: String,
+    kubernetes_version: String,
+    lifetime: Lifetime,
+    components: Vec<Component>,
+    running: Vec<Process>,
+}
+
+impl LocalControlPlane {
+    /// Builds the binaries if needed, starts etcd, the API server and the controller
+    /// manager, and returns once the API server is ready and the controller manager has
+    /// created the `default` service account.
+    pub async fn start(options: &Options) -> Result<LocalControlPlane, Error> {
+        let binaries = tokio::task::spawn_blocking({
+            let cache = options.cache_dir.clone();
+            move || build::ensure_built(&cache)
+        })
+        .await
+        .expect("build task does not panic")?;
+
+        let dir = &options.state_dir;
+        process::stop_all(dir);
+        for stale in ["pki", "etcd", "logs", "pids", "kubeconfig"] {
+            let path = dir.join(stale);
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+        let pki = Pki::generate(&dir.join("pki"))?;
+
+        let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &server, &pki.ca_cert, &pki.admin)?;
+        let cm_kubeconfig = dir.join("pki/controller-manager.kubeconfig");
+        write_kubeconfig(&cm_kubeconfig, &server, &pki.ca_cert, &pki.controller_manager)?;
+
+        let components = vec![
+            Component {
+                name: "etcd",
+                program: binaries.etcd.clone(),
+                args: etcd_args(&dir, etcd_client, etcd_peer),
+            },
+            Component {
+                name: "kube-apiserver",
+                program: binaries.kube.clone(),
+                args: apiserver_args(&pki, etcd_client, apiserver_port),
+            },
+            Component {
+                name: "kube-controller-manager",
+                program: binaries.kube.clone(),
+                args: controller_manager_args(&pki, &cm_kubeconfig),
+            },
+        ];
+        let mut plane = LocalControlPlane {
+            state_dir: dir,
+            kubeconfig,
+            server,
+            kubernetes_version: binaries.kubernetes_version,
+            lifetime: options.lifetime,
+            components,
+            running: Vec::new(),
+        };
+        for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+            plane.start_component(name)?;
+        }
+        plane.wait_ready().await?;
+        Ok(plane)
+    }
+
+    /// The admin kubeconfig (`STATE_DIR/kubeconfig`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server's URL, `https://127.0.0.1:PORT`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The Kubernetes release the control plane runs, e.g. `v1.37.2`.
+    pub fn kubernetes_version(&self) -> &str {
+        &self.kubernetes_version
+    }
+
+    /// A client with admin rights. Build one per async runtime: a client's connection
+    /// pool belongs to the runtime that created it.
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// Stops one component (`etcd`, `kube-apiserver`, `kube-controller-manager`);
+    /// the others keep running.
+    pub fn stop_component(&mut self, name: &str) -> Result<(), Error> {
+        let index = self
+            .running
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
+        self.running.remove(index).stop();
+        Ok(())
+    }
+
+    /// Starts a component stopped by [`Self::stop_component`] again, on the same ports
+    /// and data. Returns without waiting: see [`Self::wait_ready`].
+    pub fn start_component(&mut self, name: &str) -> Result<(), Error> {
+        let c = self
+            .components
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
+        let process = Process::spawn(&self.state_dir, c.name, &c.program, &c.args, self.lifetime)?;
+        self.running.push(process);
+        Ok(())
+    }
+
+    /// Waits until the API server answers `/readyz` and the controller manager has
+    /// created the `default` service account; fails early, with the component's log,
+    /// if one exits.
+    pub async fn wait_ready(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        let client = self.client().await?;
+        let mut last_error = String::from("no answer yet");
+        let mut waiting_for = "kube-apiserver";
+        while started.elapsed() < READY_TIMEOUT {
+            if let Some(err) = self.check_running() {
+                return Err(err);
+            }
+            let request = http::Request::get("/readyz").body(Vec::new()).expect("static request");
+            match client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => {
+                    waiting_for = "kube-controller-manager";
+                    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+                    match service_accounts.get_opt("default").await {
+                        Ok(Some(_)) => return Ok(()),
+                        Ok(None) => last_error = "no default service account yet".into(),
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                Ok(body) => last_error = body,
+                Err(e) => last_error = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let log = self.state_dir.join("logs").join(format!("{waiting_for}.log"));
+        Err(Error::NotReady {
+            component: waiting_for.to_owned(),
+            waited: READY_TIMEOUT,
+            last_error,
+            tail: process::tail(&log, LOG_TAIL_LINES),
+            log,
+        })
+    }
+
+    fn check_running(&self) -> Option<Error> {
+        self.running.iter().find_map(|p| {
+            p.exited().map(|status| Error::Exited {
+                component: p.name.clone(),
+                status,
+                log: p.log.clone(),
+                tail: p.log_tail(LOG_TAIL_LINES),
+            })
+        })
+    }
+
+    /// Stops every component. A detached control plane is better stopped with
+    /// [`stop_state_dir`], which needs no handle.
+    pub fn stop(&mut self) {
+        // Reverse start order: the controller manager and API server before etcd.
+        while let Some(p) = self.running.pop() {
+            p.stop();
+        }
+    }
+}
+
+impl Drop for LocalControlPlane {
+    fn drop(&mut self) {
+        if self.lifetime == Lifetime::TiedToThisProcess {
+            self.stop();
+        }
+    }
+}
+
+/// Stops the control plane whose state is in `state_dir` (started by any process) and
+/// removes the directory. Returns the components that were running.
+pub fn stop_state_dir(state_dir: &Path) -> Result<Vec<String>, Error> {
+    let stopped = process::stop_all(state_dir);
+    if state_dir.exists() {
+        fs::remove_dir_all(state_dir).map_err(|e| Error::io(state_dir, e))?;
+    }
+    Ok(stopped)
+}
+
+/// What runs from `state_dir`: each component, its pid, and whether it is alive.
+pub fn status(state_dir: &Path) -> Vec<(String, i32, bool)> {
+    process::status(state_dir).into_iter().map(|(name, pid, alive)| (name, pid.as_raw(), alive)).collect()
+}
+
+/// A client for the cluster a kubeconfig file points at (its current context).
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, Error> {
+    let invalid = |message: String| Error::Kubeconfig { path: path.to_owned(), message };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| invalid(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| invalid(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| invalid(e.to_string()))
+}
+
+/// Ports the kernel hands out are free at that moment; the listeners are closed just
+/// before the components bind them.
+fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+    let listeners: Vec<TcpListener> =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(Error::Port)?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr().map_err(Error::Port)?.port();
+    }
+    Ok(ports)
+}
+
+fn etcd_args(dir: &Path, client: u16, peer: u16) -> Vec<String> {
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    vec![
+        "--name=local".into(),
+        format!("--data-dir={}", dir.join("etcd").display()),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=local={peer_url}"),
+        // A throwaway cluster: durability across power loss buys nothing, fsync costs a lot.
+        "--unsafe-no-fsync".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
+fn apiserver_args(pki: &Pki, etcd_client: u16, port: u16) -> Vec<String> {
+    let p = |path: &PathBuf| path.display().to_string();
+    vec![
+        "apiserver".into(),
+        format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={port}"),
+        format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
+        format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
+        format!("--client-ca-file={}", p(&pki.ca_cert)),
+        "--authorization-mode=RBAC".into(),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p(&pki.service_account_pub)),
+        format!("--service-account-signing-key-file={}", p(&pki.service_account_key)),
+        format!("--service-cluster-ip-range={}/24", pki::KUBERNETES_SERVICE_IP),
+        "--allow-privileged=true".into(),
+        "--profiling=false".into(),
+    ]
+}
+
+fn controller_manager_args(pki: &Pki, kubeconfig: &Path) -> Vec<String> {
+    let kubeconfig = kubeconfig.display();
+    vec![
+        "controller-manager".into(),
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--authentication-kubeconfig={kubeconfig}"),
+        format!("--authorization-kubeconfig={kubeconfig}"),
+        format!("--service-account-private-key-file={}", pki.service_account_key.display()),
+        format!("--root-ca-file={}", pki.ca_cert.display()),
+        // Each controller acts as its own service account, as in a real cluster.
+        "--use-service-account-credentials=true".into(),
+        "--leader-elect=false".into(),
+        // Nothing reads its metrics or health endpoints here.
+        "--secure-port=0".into(),
+        "--profiling=false".into(),
+    ]
+}
+
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &pki::ClientCert) -> Result<(), Error> {
+    let text = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+         users:\n\
+         - name: local\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n\
+         contexts:\n\
+         - name: local\n  context:\n    cluster: local\n    user: local\n\
+         current-context: local\n",
+        ca = ca.display(),
+        cert = user.cert.display(),
+        key = user.key.display(),
+    );
+    fs::write(path, text).map_err(|e| Error::io(path, e))
+}

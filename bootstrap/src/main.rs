@@ -1,0 +1,118 @@
+//! The `gitops-bootstrap` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use gitops_bootstrap::local::{self, LocalControlPlane, Options};
+
+#[derive(Parser)]
+#[command(version, about = "Bring up a cluster for the GitOps agent and install the agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Provider {
+    /// A control plane on this machine's loopback, built from Go modules.
+    Local,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the cluster and install the agent, then return, leaving it running.
+    Up {
+        #[arg(long, value_enum)]
+        provider: Provider,
+        /// Where the local control plane keeps its state; `DIR/kubeconfig` is written here.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Start the cluster only, without the agent.
+        #[arg(long)]
+        no_agent: bool,
+    },
+    /// Stop everything `up` started and remove its state.
+    Down {
+        #[arg(long, value_enum)]
+        provider: Provider,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Say what runs.
+    Status {
+        #[arg(long, value_enum)]
+        provider: Provider,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Build (or find in the cache) the local control plane's binaries, and exit.
+    Prepare {
+        #[arg(long, value_enum)]
+        provider: Provider,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Up { provider: Provider::Local, state_dir, no_agent } => {
+            if !no_agent {
+                bail!("installing the agent is not part of this release yet; run `up` with --no-agent");
+            }
+            if local::status(&state_dir).iter().any(|(_, _, alive)| *alive) {
+                println!("already running from {}", state_dir.display());
+                return print_status(&state_dir);
+            }
+            let options = Options::new(&state_dir, local::Lifetime::Detached);
+            let plane = LocalControlPlane::start(&options)
+                .await
+                .with_context(|| format!("starting the local control plane in {}", state_dir.display()))?;
+            println!(
+                "Kubernetes {} is up at {}\n\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it with: gitops-bootstrap down --provider local --state-dir {}",
+                plane.kubernetes_version(),
+                plane.server(),
+                plane.kubeconfig().display(),
+                state_dir.display(),
+            );
+            Ok(())
+        }
+        Cmd::Down { provider: Provider::Local, state_dir } => {
+            let stopped = local::stop_state_dir(&state_dir)?;
+            if stopped.is_empty() {
+                println!("nothing was running from {}", state_dir.display());
+            } else {
+                println!("stopped {}; removed {}", stopped.join(", "), state_dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
+        Cmd::Prepare { provider: Provider::Local } => {
+            let cache = local::build::cache_dir();
+            let binaries = tokio::task::spawn_blocking(move || local::build::ensure_built(&cache)).await??;
+            println!("kube-apiserver, kube-controller-manager: {}", binaries.kube.display());
+            println!("etcd: {}", binaries.etcd.display());
+            Ok(())
+        }
+    }
+}
+
+fn print_status(state_dir: &std::path::Path) -> Result<()> {
+    let components = local::status(state_dir);
+    if components.is_empty() {
+        println!("nothing runs from {}", state_dir.display());
+        return Ok(());
+    }
+    for (name, pid, alive) in &components {
+        println!("{name:<24} pid {pid:<8} {}", if *alive { "running" } else { "stopped" });
+    }
+    let kubeconfig = state_dir.join("kubeconfig");
+    if kubeconfig.exists() {
+        println!("kubeconfig: {}", kubeconfig.display());
+    }
+    Ok(())
+}
