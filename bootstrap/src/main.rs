@@ -56,7 +56,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // The client logs every non-2xx answer at ERROR, and waiting for /readyz gets
+        // many by design; our own errors say what failed.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -64,7 +69,9 @@ async fn main() -> Result<()> {
             if !no_agent {
                 bail!("installing the agent is not part of this release yet; run `up` with --no-agent");
             }
-            if local::status(&state_dir).iter().any(|(_, _, alive)| *alive) {
+            // A partly running control plane (one component crashed) is started afresh.
+            let components = local::status(&state_dir);
+            if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
                 println!("already running from {}", state_dir.display());
                 return print_status(&state_dir);
             }

@@ -94,7 +94,11 @@ impl GoBinary {
     fn version(&self) -> &'static str {
         self.go_mod()
             .lines()
-            .filter_map(|line| line.trim().strip_prefix(self.module)?.split_whitespace().next())
+            .filter_map(|line| {
+                let line = line.trim();
+                let line = line.strip_prefix("require ").unwrap_or(line);
+                line.strip_prefix(self.module)?.split_whitespace().next()
+            })
             .find(|v| v.starts_with('v'))
             .unwrap_or("unknown")
     }
@@ -155,11 +159,10 @@ impl GoBinary {
             );
         }
         let mut child = Command::new("go")
-            .args(["build", "-v", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
             .arg(".")
             .current_dir(&src)
-            .env("CGO_ENABLED", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -159,11 +159,20 @@ impl LocalControlPlane {
             components,
             running: Vec::new(),
         };
-        for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
-            plane.start_component(name)?;
+        let started = async {
+            for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+                plane.start_component(name)?;
+            }
+            plane.wait_ready().await
+        };
+        match started.await {
+            Ok(()) => Ok(plane),
+            Err(e) => {
+                // Also a detached control plane: a half-started one is no use to anyone.
+                plane.stop();
+                Err(e)
+            }
         }
-        plane.wait_ready().await?;
-        Ok(plane)
     }
 
     /// The admin kubeconfig (`STATE_DIR/kubeconfig`).
@@ -221,6 +230,14 @@ impl LocalControlPlane {
     /// if one exits.
     pub async fn wait_ready(&self) -> Result<(), Error> {
         let started = Instant::now();
+        // Until the API server listens, the client would log every refused connection.
+        let address = self.server.trim_start_matches("https://").to_owned();
+        while tokio::net::TcpStream::connect(&address).await.is_err() && started.elapsed() < READY_TIMEOUT {
+            if let Some(err) = self.check_running() {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let client = self.client().await?;
         let mut last_error = String::from("no answer yet");
         let mut waiting_for = "kube-apiserver";
@@ -354,6 +371,9 @@ fn apiserver_args(pki: &Pki, etcd_client: u16, port: u16) -> Vec<String> {
         format!("--service-account-signing-key-file={}", p(&pki.service_account_key)),
         format!("--service-cluster-ip-range={}/24", pki::KUBERNETES_SERVICE_IP),
         "--allow-privileged=true".into(),
+        // The default reconciler publishes the advertise address as the `kubernetes`
+        // Service's endpoint and refuses loopback; nothing in-cluster dials it here.
+        "--endpoint-reconciler-type=none".into(),
         "--profiling=false".into(),
     ]
 }

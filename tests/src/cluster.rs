@@ -1,0 +1,100 @@
+//! Real control planes for tests, started through the bootstrap's own `local` provider.
+//!
+//! - [`shared`]: one control plane per test binary, started on first use; each test
+//!   works in a [`namespace`] of its own, so tests run in parallel without seeing each
+//!   other.
+//! - [`private`]: a control plane of its own, for tests that stop or restart components.
+//!
+//! Both are tied to the test process: when it exits, panics or is SIGKILLed, the kernel
+//! kills the components (see `gitops_bootstrap::local::process`).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+
+/// Where this process keeps its control planes' state: `$TMPDIR/gitops-tests/PID`.
+fn state_root() -> PathBuf {
+    std::env::temp_dir().join("gitops-tests").join(std::process::id().to_string())
+}
+
+/// Removes the state of earlier test processes that are gone: their components died
+/// with them, but their directories stay behind.
+fn remove_stale_state() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir().join("gitops-tests")) else { return };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
+        if pid.is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The control plane shared by every test of this binary. The first caller starts it
+/// (building the binaries if the cache lacks them); a failure to start panics with the
+/// component's log.
+pub fn shared() -> &'static LocalControlPlane {
+    static SHARED: OnceLock<LocalControlPlane> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        remove_stale_state();
+        let options = Options::new(state_root().join("shared"), Lifetime::TiedToThisProcess);
+        // Started on a runtime of its own: the callers' runtimes end with their tests.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(LocalControlPlane::start(&options))
+        })
+        .join()
+        .expect("control plane start does not panic")
+        .unwrap_or_else(|e| panic!("starting the shared control plane: {e}"))
+    })
+}
+
+/// A control plane of the caller's own, stopped when dropped.
+pub async fn private() -> LocalControlPlane {
+    remove_stale_state();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = state_root().join(format!("private-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+    LocalControlPlane::start(&Options::new(dir, Lifetime::TiedToThisProcess))
+        .await
+        .unwrap_or_else(|e| panic!("starting a private control plane: {e}"))
+}
+
+/// An admin client of the shared control plane, for the calling test's runtime.
+pub async fn client() -> kube::Client {
+    shared().client().await.expect("admin client for the shared control plane")
+}
+
+/// Creates a namespace named `PREFIX-N` that no other test uses, and returns its name.
+pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    name
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `what` has not
+/// happened for two minutes. The bound only keeps a broken test from hanging CI; no
+/// test asserts on how long anything took.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
