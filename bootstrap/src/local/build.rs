@@ -177,7 +177,7 @@ impl GoBinary {
             if tty {
                 eprint!("\r  {compiled} packages compiled, {:.0?} elapsed ", started.elapsed());
                 let _ = std::io::stderr().flush();
-            } else if compiled % 200 == 0 {
+            } else if compiled.is_multiple_of(200) {
                 eprintln!("  {compiled} packages compiled, {:.0?} elapsed", started.elapsed());
             }
             output.push(line);
