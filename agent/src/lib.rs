@@ -1,6 +1,27 @@
 //! The GitOps agent: keeps a Kubernetes cluster in sync with a git repository.
 //!
-//! Each stage of the sync is a module with one job, fed by the one before it:
-//! [`source`] finds and fetches the commit to apply.
+//! Each stage of a sync is a module with one job, fed by the one before it:
+//! - [`source`] finds and fetches the commit to apply (git over file, git, HTTP(S), SSH);
+//! - [`render`] turns its files into validated objects, each error as `file:line`;
+//! - [`plan`] orders them in stages against the API server's discovery and picks what to prune;
+//! - [`apply`] dry-runs, applies and deletes them with server-side apply;
+//! - [`inventory`] keeps, in the cluster, what the agent owns;
+//! - [`sync`] runs those stages for one revision; [`run`] is the loop around it;
+//! - [`metrics`] and [`server`] report it all over HTTP.
 
+pub mod apply;
+pub mod inventory;
+pub mod metrics;
+pub mod plan;
+pub mod render;
+pub mod run;
+pub mod server;
 pub mod source;
+pub mod sync;
+
+/// The field manager of every apply, and the value of the managed-by label.
+pub const FIELD_MANAGER: &str = "gitops-agent";
+/// Label on everything the agent manages.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Annotation that keeps an object when it is removed from git (`disabled`).
+pub const PRUNE_ANNOTATION: &str = "gitops.scale.dev/prune";

@@ -294,6 +294,27 @@ impl GitSource {
     }
 }
 
+/// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into
+/// `dir` (created if missing), the working tree the render stage reads.
+pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceError> {
+    let mirror_error = |action| {
+        move |source| SourceError::Mirror {
+            path: mirror.to_owned(),
+            action,
+            source,
+        }
+    };
+    let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
+    let tree = repo
+        .find_commit(commit)
+        .and_then(|commit| commit.tree())
+        .map_err(mirror_error("reading the commit"))?;
+    let mut options = git2::build::CheckoutBuilder::new();
+    options.target_dir(dir).force().recreate_missing(true);
+    repo.checkout_tree(tree.as_object(), Some(&mut options))
+        .map_err(mirror_error("checking out the commit"))
+}
+
 /// The content of the file at `path` in `commit` of a mirror written by
 /// [`GitSource::fetch`]; `None` when the commit has no such file.
 pub fn read_file(mirror: &Path, commit: Oid, path: &Path) -> Result<Option<Vec<u8>>, SourceError> {

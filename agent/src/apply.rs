@@ -1,0 +1,299 @@
+//! Server-side apply of planned objects, and the one vocabulary of outcomes that logs,
+//! `/status`, metrics and the inventory all read: [`Action`], collected in a
+//! [`ChangeSet`].
+//!
+//! Each verb works on a whole stage of objects at once, with bounded concurrency, and
+//! returns either every outcome or every failure (so a user sees all rejected objects
+//! of a revision at once, each with its `file:line`):
+//! - [`Applier::dry_run`]: what the API server would make of each object (admission,
+//!   defaulting, validation, field ownership), without writing anything;
+//! - [`Applier::apply`]: writes the objects whose dry run differs from the live object,
+//!   and nothing else, so an unchanged revision makes no write request;
+//! - [`Applier::delete`] prunes;
+//! - [`Applier::wait_established`]: waits until new CRDs serve their kinds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+
+use crate::inventory::ObjectId;
+
+/// Requests in flight at once per stage: enough to keep the API server busy, few
+/// enough not to trip its priority-and-fairness limits for one client.
+const CONCURRENCY: usize = 16;
+
+/// How long new CRDs get to become Established before the revision fails.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Configured,
+    Unchanged,
+    Deleted,
+}
+
+/// One object's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    #[serde(serialize_with = "display")]
+    pub id: ObjectId,
+    pub action: Action,
+}
+
+fn display<S: serde::Serializer>(id: &ObjectId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+/// Every outcome of one revision, in the order they happened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChangeSet {
+    pub changes: Vec<Change>,
+}
+
+impl ChangeSet {
+    pub fn extend(&mut self, changes: impl IntoIterator<Item = Change>) {
+        self.changes.extend(changes);
+    }
+
+    /// How many objects got each action.
+    pub fn counts(&self) -> BTreeMap<Action, usize> {
+        let mut counts = BTreeMap::new();
+        for change in &self.changes {
+            *counts.entry(change.action).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Whether the revision wrote anything.
+    pub fn wrote(&self) -> bool {
+        self.changes.iter().any(|c| c.action != Action::Unchanged)
+    }
+}
+
+impl fmt::Display for ChangeSet {
+    /// `2 created, 1 configured, 10 unchanged, 1 deleted`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let counts = self.counts();
+        if counts.is_empty() {
+            return f.write_str("no objects");
+        }
+        let parts: Vec<String> = counts.iter().map(|(action, n)| format!("{n} {action:?}").to_lowercase()).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// An object ready to apply: its identity, API, desired state and where it came from.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub id: ObjectId,
+    pub resource: ApiResource,
+    pub object: DynamicObject,
+    /// `file:line` in the repository.
+    pub origin: String,
+}
+
+/// A failed request for one object; displayed as `file:line: Kind ns/name: message`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{origin}: {id}: {message}")]
+pub struct ApplyError {
+    pub origin: String,
+    pub id: ObjectId,
+    pub message: String,
+}
+
+impl ApplyError {
+    fn new(object: &Planned, action: &str, error: kube::Error) -> ApplyError {
+        let message = match error {
+            // The API server's own message is what a user can act on.
+            kube::Error::Api(status) => format!("{action} rejected: {}", status.message),
+            other => format!("{action} failed: {other}"),
+        };
+        ApplyError { origin: object.origin.clone(), id: object.id.clone(), message }
+    }
+}
+
+/// What the dry run of one object says.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// The object as it is now, if it exists.
+    pub live: Option<DynamicObject>,
+    /// The object as the API server would store it.
+    pub result: DynamicObject,
+}
+
+impl Preview {
+    /// The action applying the object would be.
+    pub fn action(&self) -> Action {
+        match &self.live {
+            None => Action::Created,
+            Some(live) if comparable(live) == comparable(&self.result) => Action::Unchanged,
+            Some(_) => Action::Configured,
+        }
+    }
+}
+
+/// An object without what changes on every write or every dry run and means nothing
+/// for its content: the resourceVersion, and the timestamps of field ownership.
+fn comparable(object: &DynamicObject) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        if let Some(fields) = meta.get_mut("managedFields").and_then(|m| m.as_array_mut()) {
+            for entry in fields.iter_mut().filter_map(|e| e.as_object_mut()) {
+                entry.remove("time");
+            }
+        }
+    }
+    value
+}
+
+/// Server-side apply as one field manager.
+#[derive(Clone)]
+pub struct Applier {
+    client: kube::Client,
+    field_manager: String,
+    /// Take ownership of fields another manager set (`--force-conflicts`).
+    force: bool,
+}
+
+impl Applier {
+    pub fn new(client: kube::Client, field_manager: &str, force: bool) -> Applier {
+        Applier { client, field_manager: field_manager.to_owned(), force }
+    }
+
+    fn api(&self, object: &Planned) -> Api<DynamicObject> {
+        match object.object.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &object.resource),
+            None => Api::all_with(self.client.clone(), &object.resource),
+        }
+    }
+
+    fn params(&self) -> PatchParams {
+        let params = PatchParams::apply(&self.field_manager);
+        if self.force { params.force() } else { params }
+    }
+
+    /// Reads each object and dry-runs its apply. Fails with every rejection when any
+    /// object is rejected; nothing is written either way.
+    pub async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, Vec<ApplyError>> {
+        // Built in a loop, not a closure: a closure here makes the future not Send
+        // (rust-lang/rust#102211), and the sync loop runs on a multi-threaded runtime.
+        let mut requests = Vec::with_capacity(objects.len());
+        for object in objects {
+            requests.push(self.dry_run_one(object));
+        }
+        all(requests).await
+    }
+
+    /// Applies the objects whose preview differs from the live object.
+    pub async fn apply(&self, objects: &[Planned], previews: &[Preview]) -> Result<Vec<Change>, Vec<ApplyError>> {
+        let mut requests = Vec::with_capacity(objects.len());
+        for (object, preview) in objects.iter().zip(previews) {
+            requests.push(self.apply_one(object, preview));
+        }
+        all(requests).await
+    }
+
+    /// Deletes the objects (in the background: their dependents go through garbage
+    /// collection), except those annotated `gitops.scale.dev/prune: disabled`. One that
+    /// is already gone counts as deleted.
+    pub async fn delete(&self, objects: &[Planned]) -> Result<Vec<Change>, Vec<ApplyError>> {
+        let mut requests = Vec::with_capacity(objects.len());
+        for object in objects {
+            requests.push(self.delete_one(object));
+        }
+        let deleted = all(requests).await?;
+        Ok(deleted.into_iter().flatten().collect())
+    }
+
+    async fn dry_run_one(&self, object: &Planned) -> Result<Preview, ApplyError> {
+        let api = self.api(object);
+        let name = &object.id.name;
+        let live = api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?;
+        let result = api
+            .patch(name, &self.params().dry_run(), &Patch::Apply(&object.object))
+            .await
+            .map_err(|e| ApplyError::new(object, "dry-run apply", e))?;
+        Ok(Preview { live, result })
+    }
+
+    async fn apply_one(&self, object: &Planned, preview: &Preview) -> Result<Change, ApplyError> {
+        let action = preview.action();
+        if action != Action::Unchanged {
+            self.api(object)
+                .patch(&object.id.name, &self.params(), &Patch::Apply(&object.object))
+                .await
+                .map_err(|e| ApplyError::new(object, "apply", e))?;
+        }
+        Ok(Change { id: object.id.clone(), action })
+    }
+
+    async fn delete_one(&self, object: &Planned) -> Result<Option<Change>, ApplyError> {
+        let api = self.api(object);
+        let live = api.get_opt(&object.id.name).await.map_err(|e| ApplyError::new(object, "read", e))?;
+        let Some(live) = live else {
+            return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }));
+        };
+        if live.metadata.annotations.as_ref().and_then(|a| a.get(crate::PRUNE_ANNOTATION)).is_some_and(|v| v == "disabled") {
+            tracing::info!(object = %object.id, "not pruned: annotated {}: disabled", crate::PRUNE_ANNOTATION);
+            return Ok(None);
+        }
+        let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+        match api.delete(&object.id.name, &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(ApplyError::new(object, "delete", e)),
+        }
+        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }))
+    }
+
+    /// Waits until every named CRD is Established, so objects of its kinds can be
+    /// dry-run and applied.
+    pub async fn wait_established(&self, crds: &[Planned]) -> Result<(), Vec<ApplyError>> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let deadline = tokio::time::Instant::now() + ESTABLISH_TIMEOUT;
+        for crd in crds {
+            loop {
+                let established = api
+                    .get_opt(&crd.id.name)
+                    .await
+                    .map_err(|e| vec![ApplyError::new(crd, "read", e)])?
+                    .and_then(|c| c.status?.conditions)
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+                if established {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(vec![ApplyError {
+                        origin: crd.origin.clone(),
+                        id: crd.id.clone(),
+                        message: format!("not Established after {ESTABLISH_TIMEOUT:?}"),
+                    }]);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the requests, `CONCURRENCY` at a time, keeping their order. Returns all
+/// results, or all errors if there is any.
+async fn all<T>(requests: Vec<impl Future<Output = Result<T, ApplyError>>>) -> Result<Vec<T>, Vec<ApplyError>> {
+    let results: Vec<Result<T, ApplyError>> = stream::iter(requests).buffered(CONCURRENCY).collect().await;
+    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+    for result in results {
+        match result {
+            Ok(value) => ok.push(value),
+            Err(error) => errors.push(error),
+        }
+    }
+    if errors.is_empty() { Ok(ok) } else { Err(errors) }
+}

@@ -1,0 +1,249 @@
+//! The inventory: which objects the agent applied, kept in the cluster so that a
+//! restarted agent neither forgets an object (and leaves it orphaned) nor prunes one
+//! it should keep.
+//!
+//! It is one ConfigMap (`gitops-inventory` in the agent's namespace), written with
+//! the resourceVersion it was read at, so two writers cannot both win. A revision moves
+//! it in two steps:
+//!
+//! 1. before any write, `pending` = everything the previous revision owned plus
+//!    everything the new one will create: if the agent dies half-way, whatever it
+//!    created is still listed and gets pruned or kept by the next revision;
+//! 2. after apply and prune succeed, `entries` = the new revision's objects, `pending`
+//!    is cleared, and `revision` names the commit.
+//!
+//! An entry is `namespace_name_group_kind`, Flux's inventory format (the version is
+//! left out: any served version reaches the object). Entries the agent created carry a
+//! `+` prefix; objects that already existed when the agent first applied them (adopted)
+//! have none, and are never deleted by prune.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+
+/// The ConfigMap's name in the agent's namespace.
+pub const INVENTORY_NAME: &str = "gitops-inventory";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("reading inventory ConfigMap {namespace}/{INVENTORY_NAME}: {source}")]
+    Read { namespace: String, source: kube::Error },
+    #[error("writing inventory ConfigMap {namespace}/{INVENTORY_NAME}: {source}")]
+    Write { namespace: String, source: kube::Error },
+    #[error("inventory ConfigMap {namespace}/{INVENTORY_NAME}, line {line}: malformed entry {entry:?}")]
+    Malformed { namespace: String, line: usize, entry: String },
+}
+
+/// An object's identity across versions of its API.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectId {
+    /// Empty for the core group.
+    pub group: String,
+    pub kind: String,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectId {
+    /// `kind group/namespace/name`, the form log lines and errors use.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let group = if self.group.is_empty() { String::new() } else { format!(".{}", self.group) };
+        match self.namespace.as_str() {
+            "" => write!(f, "{}{group} {}", self.kind, self.name),
+            ns => write!(f, "{}{group} {ns}/{}", self.kind, self.name),
+        }
+    }
+}
+
+impl ObjectId {
+    fn entry(&self) -> String {
+        format!("{}_{}_{}_{}", self.namespace, self.name, self.group, self.kind)
+    }
+
+    fn parse(entry: &str) -> Option<ObjectId> {
+        // Names and namespaces are DNS labels/subdomains (no `_`); kinds are identifiers.
+        let mut parts = entry.splitn(4, '_');
+        let (namespace, name, group, kind) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        (!name.is_empty() && !kind.is_empty()).then(|| ObjectId {
+            group: group.to_owned(),
+            kind: kind.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Whether the agent created an object or found it in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Created,
+    Adopted,
+}
+
+/// The objects one revision owns, by identity.
+pub type Entries = BTreeMap<ObjectId, Origin>;
+
+/// The stored inventory, as read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inventory {
+    /// The commit whose objects `entries` lists; `None` before the first sync.
+    pub revision: Option<String>,
+    pub entries: Entries,
+    /// Objects of a revision that started applying but did not finish (step 1 above).
+    pub pending: Entries,
+    resource_version: Option<String>,
+}
+
+impl Inventory {
+    /// Every object the agent may have written and still owns: `entries` and `pending`.
+    pub fn owned(&self) -> Entries {
+        let mut all = self.pending.clone();
+        // Where both list an object, `entries` knows it longer, so its origin holds.
+        all.extend(self.entries.iter().map(|(id, origin)| (id.clone(), *origin)));
+        all
+    }
+}
+
+/// Reads and writes the inventory ConfigMap.
+#[derive(Clone)]
+pub struct Store {
+    api: Api<ConfigMap>,
+    namespace: String,
+}
+
+impl Store {
+    pub fn new(client: kube::Client, namespace: &str) -> Store {
+        Store { api: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
+    }
+
+    pub async fn load(&self) -> Result<Inventory, InventoryError> {
+        let read = |source| InventoryError::Read { namespace: self.namespace.clone(), source };
+        let Some(cm) = self.api.get_opt(INVENTORY_NAME).await.map_err(read)? else {
+            return Ok(Inventory::default());
+        };
+        let data = cm.data.unwrap_or_default();
+        Ok(Inventory {
+            revision: data.get("revision").filter(|r| !r.is_empty()).cloned(),
+            entries: self.parse(&data, "entries")?,
+            pending: self.parse(&data, "pending")?,
+            resource_version: cm.metadata.resource_version,
+        })
+    }
+
+    /// Step 1: records `planned` as pending on top of what `current` owns.
+    pub async fn begin(&self, current: &mut Inventory, planned: &Entries) -> Result<(), InventoryError> {
+        let mut next = current.clone();
+        next.pending = current.pending.clone();
+        for (id, origin) in planned {
+            next.pending.entry(id.clone()).or_insert(*origin);
+        }
+        if next.pending == current.pending {
+            return Ok(());
+        }
+        self.save(current, next).await
+    }
+
+    /// Step 2: `revision` now owns exactly `applied`.
+    pub async fn commit(&self, current: &mut Inventory, revision: &str, applied: Entries) -> Result<(), InventoryError> {
+        let next = Inventory {
+            revision: Some(revision.to_owned()),
+            entries: applied,
+            pending: Entries::new(),
+            resource_version: current.resource_version.clone(),
+        };
+        if next == *current {
+            return Ok(());
+        }
+        self.save(current, next).await
+    }
+
+    /// Writes `next` if nobody changed the ConfigMap since `current` was read, and
+    /// makes `current` the stored state.
+    async fn save(&self, current: &mut Inventory, next: Inventory) -> Result<(), InventoryError> {
+        let write = |source| InventoryError::Write { namespace: self.namespace.clone(), source };
+        let mut cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(INVENTORY_NAME.to_owned()),
+                namespace: Some(self.namespace.clone()),
+                resource_version: current.resource_version.clone(),
+                labels: Some(BTreeMap::from([(
+                    crate::MANAGED_BY_LABEL.to_owned(),
+                    crate::FIELD_MANAGER.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                ("revision".to_owned(), next.revision.clone().unwrap_or_default()),
+                ("entries".to_owned(), format_entries(&next.entries)),
+                ("pending".to_owned(), format_entries(&next.pending)),
+            ])),
+            ..Default::default()
+        };
+        let stored = match &current.resource_version {
+            None => self.api.create(&PostParams::default(), &cm).await.map_err(write)?,
+            Some(_) => self.api.replace(INVENTORY_NAME, &PostParams::default(), &cm).await.map_err(write)?,
+        };
+        cm.metadata.resource_version = stored.metadata.resource_version;
+        *current = Inventory { resource_version: cm.metadata.resource_version, ..next };
+        Ok(())
+    }
+
+    fn parse(&self, data: &BTreeMap<String, String>, key: &str) -> Result<Entries, InventoryError> {
+        parse_entries(data.get(key).map(String::as_str).unwrap_or_default()).map_err(|(line, entry)| {
+            InventoryError::Malformed { namespace: self.namespace.clone(), line, entry }
+        })
+    }
+}
+
+/// One entry a line; on failure, the 1-based line number and the line.
+fn parse_entries(text: &str) -> Result<Entries, (usize, String)> {
+    let mut entries = Entries::new();
+    for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (origin, entry) = match line.strip_prefix('+') {
+            Some(rest) => (Origin::Created, rest),
+            None => (Origin::Adopted, line),
+        };
+        let id = ObjectId::parse(entry).ok_or_else(|| (index + 1, line.to_owned()))?;
+        entries.insert(id, origin);
+    }
+    Ok(entries)
+}
+
+fn format_entries(entries: &Entries) -> String {
+    entries
+        .iter()
+        .map(|(id, origin)| match origin {
+            Origin::Created => format!("+{}\n", id.entry()),
+            Origin::Adopted => format!("{}\n", id.entry()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_their_text_form() {
+        let id = |group: &str, kind: &str, ns: &str, name: &str| ObjectId {
+            group: group.into(),
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        let entries = Entries::from([
+            (id("", "ConfigMap", "app", "settings"), Origin::Created),
+            (id("apps", "Deployment", "app", "web"), Origin::Adopted),
+            (id("", "Namespace", "", "app"), Origin::Created),
+            (id("apiextensions.k8s.io", "CustomResourceDefinition", "", "widgets.example.com"), Origin::Created),
+        ]);
+        assert_eq!(parse_entries(&format_entries(&entries)), Ok(entries));
+        assert_eq!(parse_entries("+_a_\nbroken"), Err((1, "+_a_".to_owned())));
+        assert_eq!(id("apps", "Deployment", "app", "web").to_string(), "Deployment.apps app/web");
+        assert_eq!(id("", "Namespace", "", "app").to_string(), "Namespace app");
+    }
+}

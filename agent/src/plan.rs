@@ -1,0 +1,175 @@
+//! Plan: from a revision's rendered objects, the API server's discovery and the stored
+//! inventory, decide what to apply in which stage and what to prune.
+//!
+//! Staging order lives here and nowhere else:
+//! 1. definitions: CustomResourceDefinitions and Namespaces, which the rest may need;
+//! 2. other cluster-scoped objects;
+//! 3. namespaced objects.
+//!
+//! Pruning runs the other way round: namespaced objects, then cluster-scoped ones,
+//! then Namespaces and CRDs last (deleting those first would cascade).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::api::{ApiResource, DynamicObject};
+use kube::core::GroupVersionKind;
+use kube::discovery::{Discovery, Scope};
+
+use crate::apply::Planned;
+use crate::inventory::{Entries, Inventory, ObjectId, Origin};
+use crate::render::{self, Manifest, RenderError};
+use crate::{FIELD_MANAGER, MANAGED_BY_LABEL};
+
+/// What one revision applies, stage by stage, and what it prunes.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// CRDs and Namespaces.
+    pub definitions: Vec<Planned>,
+    pub cluster_scoped: Vec<Planned>,
+    pub namespaced: Vec<Planned>,
+    /// Objects the agent created for an earlier revision that this one no longer has,
+    /// in deletion stages: each stage is deleted before the next starts.
+    pub prune: Vec<Vec<Planned>>,
+}
+
+impl Plan {
+    /// Every object to apply, in stage order.
+    pub fn objects(&self) -> impl Iterator<Item = &Planned> {
+        self.definitions.iter().chain(&self.cluster_scoped).chain(&self.namespaced)
+    }
+
+    /// The CRDs among the definitions, which must be Established before stage 2.
+    pub fn crds(&self) -> Vec<Planned> {
+        self.definitions.iter().filter(|p| is_crd(&p.id)).cloned().collect()
+    }
+}
+
+fn is_crd(id: &ObjectId) -> bool {
+    id.group == "apiextensions.k8s.io" && id.kind == "CustomResourceDefinition"
+}
+
+/// Kinds the API serves, plus those the revision's own CRDs are about to add.
+struct Kinds<'a> {
+    discovery: &'a Discovery,
+    from_revision: BTreeMap<(String, String, String), (ApiResource, bool)>,
+}
+
+impl<'a> Kinds<'a> {
+    fn new(discovery: &'a Discovery, manifests: &[Manifest]) -> Kinds<'a> {
+        let mut from_revision = BTreeMap::new();
+        for m in manifests.iter().filter(|m| m.kind() == "CustomResourceDefinition") {
+            let spec = &m.object["spec"];
+            let (Some(group), Some(kind), Some(plural)) =
+                (spec["group"].as_str(), spec["names"]["kind"].as_str(), spec["names"]["plural"].as_str())
+            else {
+                continue; // The dry run reports what is wrong with it.
+            };
+            let namespaced = spec["scope"].as_str() != Some("Cluster");
+            for version in spec["versions"].as_array().into_iter().flatten() {
+                let Some(version) = version["name"].as_str() else { continue };
+                let gvk = GroupVersionKind::gvk(group, version, kind);
+                let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+                from_revision.insert((group.to_owned(), version.to_owned(), kind.to_owned()), (resource, namespaced));
+            }
+        }
+        Kinds { discovery, from_revision }
+    }
+
+    fn resolve(&self, gvk: &GroupVersionKind) -> Option<(ApiResource, bool)> {
+        if let Some((resource, caps)) = self.discovery.resolve_gvk(gvk) {
+            return Some((resource, caps.scope == Scope::Namespaced));
+        }
+        self.from_revision.get(&(gvk.group.clone(), gvk.version.clone(), gvk.kind.clone())).cloned()
+    }
+}
+
+/// Plans a revision. Fails with every object whose kind is unknown or whose scope is
+/// wrong, each as `file:line: message`.
+pub fn plan(
+    mut manifests: Vec<Manifest>,
+    discovery: &Discovery,
+    default_namespace: &str,
+    inventory: &Inventory,
+) -> Result<Plan, Vec<RenderError>> {
+    let kinds = Kinds::new(discovery, &manifests);
+    render::resolve_scope(&mut manifests, |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced), default_namespace)?;
+
+    let mut plan = Plan::default();
+    let mut desired = BTreeSet::new();
+    for manifest in manifests {
+        let gvk = manifest.gvk();
+        let (resource, namespaced) = kinds.resolve(&gvk).expect("resolve_scope rejected unknown kinds");
+        let planned = planned(manifest, resource);
+        desired.insert(planned.id.clone());
+        match (is_definition(&planned.id), namespaced) {
+            (true, _) => plan.definitions.push(planned),
+            (false, false) => plan.cluster_scoped.push(planned),
+            (false, true) => plan.namespaced.push(planned),
+        }
+    }
+
+    let mut prune: Vec<Planned> = inventory
+        .owned()
+        .into_iter()
+        .filter(|(id, origin)| *origin == Origin::Created && !desired.contains(id))
+        .filter_map(|(id, _)| {
+            // A kind the API no longer serves took its objects with it.
+            let (resource, _) = discovery.groups().find(|g| g.name() == id.group)?.recommended_kind(&id.kind)?;
+            Some(Planned { object: identity(&id, &resource), id, resource, origin: "inventory".to_owned() })
+        })
+        .collect();
+    prune.sort_by_key(|p| (prune_order(&p.id), p.id.clone()));
+    plan.prune = prune.chunk_by(|a, b| prune_order(&a.id) == prune_order(&b.id)).map(<[Planned]>::to_vec).collect();
+    Ok(plan)
+}
+
+fn is_definition(id: &ObjectId) -> bool {
+    is_crd(id) || (id.group.is_empty() && id.kind == "Namespace")
+}
+
+fn prune_order(id: &ObjectId) -> u8 {
+    match (is_definition(id), id.namespace.is_empty()) {
+        (false, false) => 0,
+        (false, true) => 1,
+        (true, _) if id.kind == "Namespace" => 2,
+        (true, _) => 3,
+    }
+}
+
+/// The manifest as the agent applies it: labelled as managed by the agent.
+fn planned(manifest: Manifest, resource: ApiResource) -> Planned {
+    let origin = manifest.location.to_string();
+    let mut object: DynamicObject =
+        serde_json::from_value(manifest.object).expect("render checked apiVersion, kind and metadata.name");
+    object.metadata.labels.get_or_insert_default().insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
+    let id = ObjectId {
+        group: resource.group.clone(),
+        kind: resource.kind.clone(),
+        namespace: object.metadata.namespace.clone().unwrap_or_default(),
+        name: object.metadata.name.clone().unwrap_or_default(),
+    };
+    Planned { id, resource, object, origin }
+}
+
+/// Just enough of an object to name it in a request.
+fn identity(id: &ObjectId, resource: &ApiResource) -> DynamicObject {
+    let mut object = DynamicObject::new(&id.name, resource);
+    if !id.namespace.is_empty() {
+        object.metadata.namespace = Some(id.namespace.clone());
+    }
+    object
+}
+
+/// What the inventory records for the planned objects once previews say which exist:
+/// those already owned keep their origin, new ones are Created or Adopted.
+pub fn entries(objects: &[Planned], exists: impl Fn(usize) -> bool, inventory: &Inventory) -> Entries {
+    let owned = inventory.owned();
+    objects
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let origin = owned.get(&p.id).copied().unwrap_or(if exists(i) { Origin::Adopted } else { Origin::Created });
+            (p.id.clone(), origin)
+        })
+        .collect()
+}

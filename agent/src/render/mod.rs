@@ -1,0 +1,556 @@
+//! Render: the repository's `manifests/` files → validated Kubernetes objects.
+//!
+//! In: the directory holding `manifests/` (the checkout's `--path`). Out: every object
+//! of `manifests/**.{yaml,yml,json}` as a [`Manifest`], the JSON the apply stage sends,
+//! with the [`Location`] (file and line) it came from, in sorted path order and then
+//! document order; or every problem found in any file, each a [`RenderError`] that
+//! displays as `file:line: message`.
+//!
+//! Files decode as `kubectl create -f FILE` decodes them ([`decode`]: YAML 1.1 scalars,
+//! multi-document streams, JSON streams), so a file means here what it means to kubectl;
+//! where kubectl would silently pick one of two readings or drop content, the agent
+//! refuses the file instead. `tests/tests/render_kubectl_parity.rs` holds the proof. A
+//! `kind: List` (or any `*List` kind) is expanded into its items. Each object must have
+//! an apiVersion, a kind and a metadata.name, and be defined once.
+//!
+//! Which kinds exist and which are namespaced only the API server knows: [`resolve_scope`]
+//! takes that from discovery, fills in default namespaces and checks scopes.
+
+mod decode;
+mod libyaml;
+mod scalar;
+mod scope;
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use kube::core::{GroupVersionKind, ObjectMeta};
+use serde_json::{Map, Value};
+
+pub use decode::DecodeError;
+pub use scalar::ScalarError;
+pub use scope::resolve_scope;
+
+use decode::Document;
+
+/// Where an object or a problem is: a file relative to the rendered directory, and a
+/// 1-based line (1 for problems with a file as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One Kubernetes object from the repository.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// The object as JSON. Rendering guarantees a JSON object with string `apiVersion`
+    /// (`VERSION` or `GROUP/VERSION`) and `kind`, and `metadata` that deserializes into
+    /// `ObjectMeta` without losing a field, with a `name`. So it deserializes into a
+    /// `kube::api::DynamicObject` as it is, and goes into a server-side apply as it is.
+    pub object: Value,
+    /// Where the document (or the List item) starts.
+    pub location: Location,
+}
+
+impl Manifest {
+    pub fn api_version(&self) -> &str {
+        self.str_at("/apiVersion")
+    }
+
+    pub fn kind(&self) -> &str {
+        self.str_at("/kind")
+    }
+
+    pub fn name(&self) -> &str {
+        self.str_at("/metadata/name")
+    }
+
+    /// The namespace written in the object; an empty one counts as none, as in kubectl.
+    pub fn namespace(&self) -> Option<&str> {
+        Some(self.str_at("/metadata/namespace")).filter(|ns| !ns.is_empty())
+    }
+
+    pub fn gvk(&self) -> GroupVersionKind {
+        let (group, version) = self.api_version().split_once('/').unwrap_or(("", self.api_version()));
+        GroupVersionKind::gvk(group, version, self.kind())
+    }
+
+    fn str_at(&self, pointer: &str) -> &str {
+        self.object.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+    }
+
+    /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
+    fn describe(&self) -> String {
+        let gvk = self.gvk();
+        let group = if gvk.group.is_empty() { String::new() } else { format!(".{}", gvk.group) };
+        let namespace = self.namespace().map(|ns| format!("{ns}/")).unwrap_or_default();
+        format!("{}{group} {namespace}{}", gvk.kind, self.name())
+    }
+}
+
+/// A problem in the repository, displayed as `file:line: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{at}: {problem}")]
+pub struct RenderError {
+    pub at: Location,
+    pub problem: Problem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("cannot read: {0}")]
+    Read(io::Error),
+    #[error("symlink resolves to {}, outside the repository", .0.display())]
+    OutsideRoot(PathBuf),
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("expected a Kubernetes object, found {0}")]
+    NotAnObject(&'static str),
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("{field} must be a string, found {found}")]
+    NotAString { field: &'static str, found: Value },
+    #[error("apiVersion {0:?} is not VERSION or GROUP/VERSION")]
+    ApiVersion(String),
+    #[error("invalid metadata: {0}")]
+    Metadata(String),
+    #[error("unknown field metadata.{0}")]
+    UnknownMetadataField(String),
+    #[error("the items of a List must be a sequence")]
+    ListItems,
+    #[error("a List inside a List")]
+    NestedList,
+    #[error("{0} has `items`, which kubectl would create in its place as if it were a List")]
+    ItemsOutsideList(String),
+    #[error("{object} is defined twice: here and at {first}")]
+    Duplicate { object: String, first: Location },
+    #[error("{kind} is cluster-scoped; remove metadata.namespace")]
+    NamespaceOnClusterScoped { kind: String },
+    #[error("unknown kind {kind} in group/version {api_version}")]
+    UnknownKind { kind: String, api_version: String },
+}
+
+/// Renders `root/manifests/**.{yaml,yml,json}`.
+pub fn render(root: &Path) -> Result<Vec<Manifest>, Vec<RenderError>> {
+    let mut findings = Findings::default();
+    for file in findings.manifest_files(root) {
+        let Some(text) = findings.read(root, &file) else { continue };
+        for document in decode::documents(&text) {
+            match document {
+                Ok(document) => findings.document(document, &file),
+                Err(e) => findings.error(Location { file: file.clone(), line: e.line }, e.error.into()),
+            }
+        }
+    }
+    let duplicates = duplicates(&findings.manifests);
+    findings.errors.extend(duplicates);
+    findings.into_result()
+}
+
+/// What rendering found so far.
+#[derive(Default)]
+struct Findings {
+    manifests: Vec<Manifest>,
+    errors: Vec<RenderError>,
+}
+
+impl Findings {
+    fn error(&mut self, at: Location, problem: Problem) {
+        self.errors.push(RenderError { at, problem });
+    }
+
+    fn into_result(mut self) -> Result<Vec<Manifest>, Vec<RenderError>> {
+        if self.errors.is_empty() {
+            return Ok(self.manifests);
+        }
+        self.errors.sort_by(|a, b| a.at.cmp(&b.at));
+        Err(self.errors)
+    }
+
+    /// The manifest files, relative to `root`, in sorted path order. Symlinks are
+    /// followed as long as they stay inside `root`.
+    fn manifest_files(&mut self, root: &Path) -> Vec<PathBuf> {
+        let real_root = match root.canonicalize() {
+            Ok(real_root) => real_root,
+            Err(e) => {
+                self.error(Location { file: root.to_owned(), line: 1 }, Problem::Read(e));
+                return Vec::new();
+            }
+        };
+        let mut walk = Walk { root, real_root, seen_dirs: HashSet::new(), files: Vec::new() };
+        walk.visit(PathBuf::from("manifests"), self);
+        walk.files.sort();
+        walk.files
+    }
+
+    fn read(&mut self, root: &Path, file: &Path) -> Option<String> {
+        let at = |line| Location { file: file.to_owned(), line };
+        match fs::read(root.join(file)).map(String::from_utf8) {
+            Ok(Ok(text)) => Some(text),
+            Ok(Err(e)) => {
+                let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+                self.error(at(1 + valid.iter().filter(|&&b| b == b'\n').count()), Problem::NotUtf8);
+                None
+            }
+            Err(e) => {
+                self.error(at(1), Problem::Read(e));
+                None
+            }
+        }
+    }
+
+    /// A document's objects: itself, or the items of a List. kubectl reads any object
+    /// with `items` as a List and creates the items (not the List), each taking the
+    /// List's apiVersion and kind (`ConfigMapList` → `ConfigMap`) if it names neither.
+    fn document(&mut self, document: Document, file: &Path) {
+        let at = |line| Location { file: file.to_owned(), line };
+        let Value::Object(mut object) = document.value else {
+            return self.error(at(document.line), Problem::NotAnObject(json_type(&document.value)));
+        };
+        if !object.contains_key("items") {
+            return self.object(object, at(document.line));
+        }
+        let list = required_str(&object, "kind").and_then(|kind| match kind.strip_suffix("List") {
+            Some(item_kind) => Ok(item_kind.to_owned()),
+            None => Err(Problem::ItemsOutsideList(kind.to_owned())),
+        });
+        let api_version = required_str(&object, "apiVersion").map(str::to_owned);
+        let (item_kind, api_version, items) = match (list, api_version, object.remove("items")) {
+            (Ok(item_kind), Ok(api_version), Some(Value::Array(items))) => (item_kind, api_version, items),
+            (Err(problem), _, _) | (_, Err(problem), _) => return self.error(at(document.line), problem),
+            _ => return self.error(at(document.line), Problem::ListItems),
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            let at = at(document.item_lines.get(index).copied().unwrap_or(document.line));
+            let Value::Object(mut item) = item else {
+                self.error(at, Problem::NotAnObject(json_type(&item)));
+                continue;
+            };
+            if item.contains_key("items") {
+                self.error(at, Problem::NestedList);
+                continue;
+            }
+            if !item.contains_key("apiVersion") && !item.contains_key("kind") && !item_kind.is_empty() {
+                item.insert("apiVersion".to_owned(), api_version.as_str().into());
+                item.insert("kind".to_owned(), item_kind.as_str().into());
+            }
+            self.object(item, at);
+        }
+    }
+
+    fn object(&mut self, object: Map<String, Value>, at: Location) {
+        let problems = object_problems(&object);
+        if problems.is_empty() {
+            return self.manifests.push(Manifest { object: Value::Object(object), location: at });
+        }
+        for problem in problems {
+            self.error(at.clone(), problem);
+        }
+    }
+}
+
+/// Walks `manifests/`, collecting manifest files and reporting problems to `findings`.
+struct Walk<'a> {
+    root: &'a Path,
+    real_root: PathBuf,
+    /// Directories already walked, so that a symlink to one does not walk it again (or
+    /// forever, if it points to an ancestor).
+    seen_dirs: HashSet<PathBuf>,
+    files: Vec<PathBuf>,
+}
+
+impl Walk<'_> {
+    fn visit(&mut self, relative: PathBuf, findings: &mut Findings) {
+        let is_manifest = relative.extension().and_then(OsStr::to_str).is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
+        let at = |relative: &Path| Location { file: relative.to_owned(), line: 1 };
+        let path = self.root.join(&relative);
+        // Follows symlinks, and so fails for a broken one.
+        let metadata = match fs::metadata(&path) {
+            Ok(metadata) if metadata.is_dir() || is_manifest => metadata,
+            Ok(_) => return,
+            Err(e) if is_manifest => return findings.error(at(&relative), Problem::Read(e)),
+            Err(_) => return, // not ours, or no manifests/ at all
+        };
+        match path.canonicalize() {
+            Ok(real) if !real.starts_with(&self.real_root) => findings.error(at(&relative), Problem::OutsideRoot(real)),
+            Ok(real) if metadata.is_dir() => {
+                if !self.seen_dirs.insert(real) {
+                    return;
+                }
+                let entries = match fs::read_dir(&path).and_then(|entries| entries.collect::<io::Result<Vec<_>>>()) {
+                    Ok(entries) => entries,
+                    Err(e) => return findings.error(at(&relative), Problem::Read(e)),
+                };
+                for entry in entries {
+                    self.visit(relative.join(entry.file_name()), findings);
+                }
+            }
+            Ok(_) => self.files.push(relative),
+            Err(e) => findings.error(at(&relative), Problem::Read(e)),
+        }
+    }
+}
+
+/// Everything that keeps an object from being a [`Manifest`].
+fn object_problems(object: &Map<String, Value>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    match required_str(object, "apiVersion") {
+        Ok(api_version) if !is_api_version(api_version) => problems.push(Problem::ApiVersion(api_version.to_owned())),
+        Ok(_) => {}
+        Err(problem) => problems.push(problem),
+    }
+    problems.extend(required_str(object, "kind").err());
+    match (required_str(object, "metadata.name"), object.get("metadata")) {
+        (Ok(_), Some(metadata)) => problems.extend(metadata_problems(metadata)),
+        (result, _) => problems.extend(result.err()),
+    }
+    problems
+}
+
+/// The non-empty string at `field`, a dotted path like `metadata.name`.
+fn required_str<'a>(object: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, Problem> {
+    let mut keys = field.split('.');
+    let value = keys.next().and_then(|key| object.get(key));
+    match keys.fold(value, |value, key| value.and_then(|v| v.get(key))) {
+        None | Some(Value::Null) => Err(Problem::Missing(field)),
+        Some(Value::String(s)) if s.is_empty() => Err(Problem::Missing(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(found) => Err(Problem::NotAString { field, found: found.clone() }),
+    }
+}
+
+fn is_api_version(api_version: &str) -> bool {
+    match api_version.split_once('/') {
+        Some((group, version)) => !group.is_empty() && !version.is_empty() && !version.contains('/'),
+        None => true, // a version of the core group, like `v1`
+    }
+}
+
+/// Later stages read metadata as `ObjectMeta`, which drops fields it does not know:
+/// a misspelt `lables` would vanish without a word.
+fn metadata_problems(metadata: &Value) -> Vec<Problem> {
+    let parsed = match serde_json::from_value::<ObjectMeta>(metadata.clone()) {
+        Ok(parsed) => serde_json::to_value(parsed).expect("ObjectMeta serializes"),
+        Err(e) => return vec![Problem::Metadata(e.to_string())],
+    };
+    let written = metadata.as_object().into_iter().flatten();
+    written
+        .filter(|(key, value)| !value.is_null() && parsed.get(key).is_none())
+        .map(|(key, _)| Problem::UnknownMetadataField(key.clone()))
+        .collect()
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a sequence",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// An error for every object defined again (same group, kind, namespace and name),
+/// naming where it was first defined.
+fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
+    let mut first: HashMap<(String, &str, Option<&str>, &str), &Location> = HashMap::new();
+    let mut errors = Vec::new();
+    for manifest in manifests {
+        let identity = (manifest.gvk().group, manifest.kind(), manifest.namespace(), manifest.name());
+        match first.entry(identity) {
+            Entry::Vacant(entry) => {
+                entry.insert(&manifest.location);
+            }
+            Entry::Occupied(entry) => errors.push(RenderError {
+                at: manifest.location.clone(),
+                problem: Problem::Duplicate { object: manifest.describe(), first: (*entry.get()).clone() },
+            }),
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A repository with `files` (path under `manifests/`, content).
+    fn repo(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let path = dir.path().join("manifests").join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, content).unwrap();
+        }
+        dir
+    }
+
+    fn render_ok(files: &[(&str, &str)]) -> Vec<Manifest> {
+        let dir = repo(files);
+        render(dir.path()).unwrap_or_else(|errors| panic!("{errors:#?}"))
+    }
+
+    fn render_errors(files: &[(&str, &str)]) -> Vec<String> {
+        let dir = repo(files);
+        render(dir.path()).expect_err("errors").iter().map(ToString::to_string).collect()
+    }
+
+    fn summary(manifests: &[Manifest]) -> Vec<(String, String)> {
+        manifests.iter().map(|m| (m.location.to_string(), m.describe())).collect()
+    }
+
+    fn config_map(name: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n")
+    }
+
+    #[test]
+    fn an_error_names_the_file_and_the_line_of_its_document() {
+        let text = format!("{}---\n{}---\n# the third\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n", config_map("a"), config_map("b"));
+        assert_eq!(render_errors(&[("app.yaml", &text)]), ["manifests/app.yaml:12: missing metadata.name"]);
+    }
+
+    #[test]
+    fn errors_in_every_file_are_reported() {
+        let errors = render_errors(&[
+            ("a.yaml", "apiVersion: v1\nmetadata: {name: x}\n"),
+            ("b.yaml", "kind: ConfigMap\nmetadata: {name: b}\n---\n- 1\n"),
+        ]);
+        assert_eq!(
+            errors,
+            [
+                "manifests/a.yaml:1: missing kind",
+                "manifests/b.yaml:1: missing apiVersion",
+                "manifests/b.yaml:4: expected a Kubernetes object, found a sequence",
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_yaml_points_at_the_syntax_error() {
+        let text = format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n   labels: x\n", config_map("a"));
+        let errors = render_errors(&[("a.yaml", &text)]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("manifests/a.yaml:10: invalid YAML: "), "{errors:?}");
+    }
+
+    #[test]
+    fn lists_are_expanded_with_a_line_per_item() {
+        let list = "apiVersion: v1\nkind: ConfigMapList\nitems:\n- metadata: {name: a}\n- apiVersion: v1\n  kind: Secret\n  metadata:\n    name: b\n";
+        assert_eq!(
+            summary(&render_ok(&[("list.yaml", list)])),
+            [
+                ("manifests/list.yaml:4".to_owned(), "ConfigMap a".to_owned()),
+                ("manifests/list.yaml:5".to_owned(), "Secret b".to_owned()),
+            ]
+        );
+        let nested = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: List, items: []}\n";
+        assert_eq!(render_errors(&[("list.yaml", nested)]), ["manifests/list.yaml:4: a List inside a List"]);
+    }
+
+    #[test]
+    fn duplicates_name_both_places() {
+        let errors = render_errors(&[("a.yaml", &config_map("x")), ("b/c.yaml", &format!("# x\n{}", config_map("x")))]);
+        assert_eq!(errors, ["manifests/b/c.yaml:2: ConfigMap x is defined twice: here and at manifests/a.yaml:1"]);
+    }
+
+    #[test]
+    fn empty_documents_are_skipped() {
+        let text = format!("---\n# nothing\n---\n\n---\n{}---\n~\n...\n---\n", config_map("a"));
+        assert_eq!(summary(&render_ok(&[("a.yaml", &text)])), [("manifests/a.yaml:6".to_owned(), "ConfigMap a".to_owned())]);
+    }
+
+    #[test]
+    fn json_files_and_streams() {
+        let json = "{\n  \"apiVersion\": \"v1\", \"kind\": \"List\",\n  \"items\": [\n    {\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"a\"}, \"data\": {\"n\": \"1\"}},\n    {\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"b\"}}\n  ]\n}\n{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"c\"}}\n";
+        let manifests = render_ok(&[("x.json", json)]);
+        assert_eq!(
+            manifests.iter().map(|m| m.location.line).collect::<Vec<_>>(),
+            [4, 5, 8],
+            "each item and each value of the stream on its own line"
+        );
+        assert_eq!(manifests[0].object, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"n": "1"}}));
+    }
+
+    #[test]
+    fn files_are_read_in_sorted_path_order_and_others_ignored() {
+        let manifests = render_ok(&[
+            ("b.yml", &config_map("b")),
+            ("a.yaml", &config_map("a")),
+            ("a/z.json", r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "z"}}"#),
+            ("README.md", "not YAML: ["),
+            ("notes.txt", "-"),
+        ]);
+        let files: Vec<String> = manifests.iter().map(|m| m.location.file.display().to_string()).collect();
+        assert_eq!(files, ["manifests/a/z.json", "manifests/a.yaml", "manifests/b.yml"]);
+    }
+
+    #[test]
+    fn a_repository_without_manifests_renders_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(render(dir.path()).unwrap(), []);
+    }
+
+    #[test]
+    fn objects_must_name_themselves_properly() {
+        let errors = render_errors(&[(
+            "a.yaml",
+            "apiVersion: apps/v1/x\nkind: Deployment\nmetadata: {name: ''}\n---\napiVersion: 1\nkind: [ConfigMap]\nmetadata: {name: a, lables: {app: a}, annotations: {n: 1}}\n",
+        )]);
+        assert_eq!(
+            errors,
+            [
+                "manifests/a.yaml:1: apiVersion \"apps/v1/x\" is not VERSION or GROUP/VERSION",
+                "manifests/a.yaml:1: missing metadata.name",
+                "manifests/a.yaml:5: apiVersion must be a string, found 1",
+                "manifests/a.yaml:5: kind must be a string, found [\"ConfigMap\"]",
+                "manifests/a.yaml:5: invalid metadata: invalid type: integer `1`, expected a string",
+            ]
+        );
+        let errors = render_errors(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: y}\n")]);
+        assert_eq!(errors, ["manifests/a.yaml:1: metadata.name must be a string, found true"], "YAML 1.1 reads `y` as true");
+        let errors = render_errors(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, lables: {app: a}}\n")]);
+        assert_eq!(errors, ["manifests/a.yaml:1: unknown field metadata.lables"]);
+    }
+
+    #[test]
+    fn non_utf8_files_and_symlinks_out_of_the_repository_are_errors() {
+        let dir = repo(&[("ok.yaml", &config_map("a"))]);
+        let manifests = dir.path().join("manifests");
+        fs::write(manifests.join("latin1.yaml"), b"apiVersion: v1\ndata: {k: caf\xe9}\n").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("x.yaml"), config_map("x")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("x.yaml"), manifests.join("out.yaml")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), manifests.join("outdir")).unwrap();
+        std::os::unix::fs::symlink("ok.yaml", manifests.join("in.yaml")).unwrap();
+        std::os::unix::fs::symlink("..", manifests.join("loop")).unwrap();
+
+        let errors: Vec<String> = render(dir.path()).unwrap_err().iter().map(ToString::to_string).collect();
+        let real_outside = outside.path().canonicalize().unwrap();
+        assert_eq!(
+            errors,
+            [
+                "manifests/latin1.yaml:2: not UTF-8 text".to_owned(),
+                "manifests/ok.yaml:1: ConfigMap a is defined twice: here and at manifests/in.yaml:1".to_owned(),
+                format!("manifests/out.yaml:1: symlink resolves to {}, outside the repository", real_outside.join("x.yaml").display()),
+                format!("manifests/outdir:1: symlink resolves to {}, outside the repository", real_outside.display()),
+            ]
+        );
+    }
+}

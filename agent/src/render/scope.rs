@@ -1,0 +1,105 @@
+//! Scope: what only the API server knows about rendered objects, which kinds exist and
+//! which are namespaced, applied to them as kubectl applies it.
+
+use kube::core::GroupVersionKind;
+use serde_json::Value;
+
+use super::{Manifest, Problem, RenderError, duplicates};
+
+/// Checks every manifest's kind against `namespaced` (filled from API discovery: `None`
+/// for a kind the server does not serve, else whether it is namespaced), gives
+/// namespaced objects without a namespace `default_namespace`, and then finds the
+/// objects defined twice, which only now compare equal (an object in the default
+/// namespace written with and without `namespace:`). Every problem is reported; on
+/// error the manifests may be partly defaulted.
+pub fn resolve_scope(
+    manifests: &mut [Manifest],
+    namespaced: impl Fn(&GroupVersionKind) -> Option<bool>,
+    default_namespace: &str,
+) -> Result<(), Vec<RenderError>> {
+    let mut errors = Vec::new();
+    for manifest in manifests.iter_mut() {
+        let problem = match (namespaced(&manifest.gvk()), manifest.namespace()) {
+            (None, _) => Problem::UnknownKind {
+                kind: manifest.kind().to_owned(),
+                api_version: manifest.api_version().to_owned(),
+            },
+            (Some(false), Some(_)) => Problem::NamespaceOnClusterScoped { kind: manifest.kind().to_owned() },
+            (Some(false), None) | (Some(true), Some(_)) => continue,
+            (Some(true), None) => {
+                manifest.object["metadata"]["namespace"] = Value::from(default_namespace);
+                continue;
+            }
+        };
+        errors.push(RenderError { at: manifest.location.clone(), problem });
+    }
+    errors.extend(duplicates(manifests));
+    if errors.is_empty() {
+        return Ok(());
+    }
+    errors.sort_by(|a, b| a.at.cmp(&b.at));
+    Err(errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::Location;
+    use super::*;
+
+    fn manifest(line: usize, object: Value) -> Manifest {
+        Manifest { object, location: Location { file: "manifests/a.yaml".into(), line } }
+    }
+
+    fn discovery(gvk: &GroupVersionKind) -> Option<bool> {
+        match gvk.kind.as_str() {
+            "ConfigMap" => Some(true),
+            "Namespace" => Some(false),
+            _ => None,
+        }
+    }
+
+    fn messages(result: Result<(), Vec<RenderError>>) -> Vec<String> {
+        result.unwrap_err().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn namespaced_objects_get_the_default_namespace() {
+        let mut manifests = [
+            manifest(1, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})),
+            manifest(5, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "x"}})),
+            manifest(9, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})),
+        ];
+        resolve_scope(&mut manifests, discovery, "team").unwrap();
+        let namespaces: Vec<_> = manifests.iter().map(Manifest::namespace).collect();
+        assert_eq!(namespaces, [Some("team"), Some("x"), None]);
+    }
+
+    #[test]
+    fn wrong_scopes_and_unknown_kinds_are_errors() {
+        let mut manifests = [
+            manifest(1, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x", "namespace": "y"}})),
+            manifest(4, json!({"apiVersion": "example.com/v2", "kind": "Widget", "metadata": {"name": "w"}})),
+        ];
+        assert_eq!(
+            messages(resolve_scope(&mut manifests, discovery, "default")),
+            [
+                "manifests/a.yaml:1: Namespace is cluster-scoped; remove metadata.namespace",
+                "manifests/a.yaml:4: unknown kind Widget in group/version example.com/v2",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicates_are_found_after_defaulting() {
+        let mut manifests = [
+            manifest(1, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}})),
+            manifest(7, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})),
+        ];
+        assert_eq!(
+            messages(resolve_scope(&mut manifests, discovery, "default")),
+            ["manifests/a.yaml:7: ConfigMap default/a is defined twice: here and at manifests/a.yaml:1"]
+        );
+    }
+}

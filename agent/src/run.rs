@@ -1,0 +1,147 @@
+//! The continuous loop of `gitops-agent run`: wait for a reason to look at the source,
+//! ask the remote for the branch head, and when it moved (or the last attempt failed),
+//! fetch it, check it out and sync it.
+//!
+//! Reasons to look: the poll interval, a push webhook (`/hooks/git`), a change to a
+//! local repository's refs (watched with `notify`), or the backoff after a failure.
+//! One reconcile runs at a time; triggers that arrive meanwhile collapse into one, so a
+//! burst of pushes applies only the newest head.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use git2::Oid;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{Notify, watch};
+
+use crate::server::AppState;
+use crate::source::{self, GitSource};
+use crate::sync::Syncer;
+
+/// The first retry after a failure; doubled on each further failure, up to the poll
+/// interval (and never beyond five minutes).
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// What the loop follows and where it keeps its files.
+pub struct Config {
+    pub source: GitSource,
+    /// The repository path holding `manifests/` (`--path`).
+    pub path: PathBuf,
+    pub interval: Duration,
+    /// Holds the bare mirror and the checked-out trees.
+    pub work_dir: PathBuf,
+    /// A repository on this machine to watch for new commits, if `--repo` is one.
+    pub local_repo: Option<PathBuf>,
+}
+
+/// Runs until `shutdown` turns true; a sync in flight finishes first.
+pub async fn run(config: Config, syncer: Syncer, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let config = Arc::new(config);
+    let local_change = Arc::new(Notify::new());
+    // Dropping the watcher stops it, so it lives as long as the loop.
+    let _watcher = config.local_repo.as_deref().and_then(|repo| watch_local(repo, local_change.clone()));
+
+    let mut applied: Option<Oid> = None;
+    let mut failures = 0u32;
+    loop {
+        let wait = match failures {
+            0 => config.interval,
+            n => (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(config.interval).min(MAX_RETRY),
+        };
+        match reconcile(&config, &syncer, &state, applied).await {
+            Ok(head) => {
+                applied = Some(head);
+                failures = 0;
+            }
+            Err(()) => failures += 1,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.fetch_requested() => tracing::info!("webhook: fetching now"),
+            _ = local_change.notified() => tracing::debug!("local repository changed"),
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    tracing::info!("sync loop stopped");
+}
+
+/// One look at the source. Returns the head now applied, or `Err` after recording
+/// the failure in metrics and `/status` (the cluster stays at the last good revision).
+async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, applied: Option<Oid>) -> Result<Oid, ()> {
+    let started = Instant::now();
+    let fail = |stage: &str, message: String| {
+        tracing::error!(stage, error = %message, "sync failed");
+        state.record_sync_failure(started.elapsed(), vec![message]);
+    };
+
+    let fetched = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || fetch_and_checkout(&config, applied)
+    })
+    .await
+    .expect("fetch does not panic");
+    let (head, tree) = match fetched {
+        Ok(Some(fetched)) => fetched,
+        Ok(None) => return Ok(applied.expect("unchanged means applied before")),
+        Err(e) => {
+            state.metrics.fetch_failed();
+            fail("fetch", e.to_string());
+            return Err(());
+        }
+    };
+
+    let revision = head.to_string();
+    let root = tree.join(&config.path);
+    let result = syncer.sync(&root, &revision).await;
+    let _ = std::fs::remove_dir_all(&tree);
+    match result {
+        Ok(changes) => {
+            tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
+            state.record_sync_success(&revision, started.elapsed());
+            Ok(head)
+        }
+        Err(e) => {
+            fail("sync", e.to_string());
+            Err(())
+        }
+    }
+}
+
+/// Asks the remote for the head; when it differs from `applied`, fetches and checks it
+/// out into a fresh directory. `None` when there is nothing new.
+fn fetch_and_checkout(config: &Config, applied: Option<Oid>) -> Result<Option<(Oid, PathBuf)>, source::SourceError> {
+    let head = config.source.remote_head()?;
+    if Some(head) == applied {
+        return Ok(None);
+    }
+    let mirror = config.work_dir.join("mirror");
+    let head = config.source.fetch(&mirror)?;
+    let tree = config.work_dir.join(format!("tree-{head}"));
+    let _ = std::fs::remove_dir_all(&tree);
+    source::checkout(&mirror, head, &tree)?;
+    Ok(Some((head, tree)))
+}
+
+/// Watches a local repository's git directory (refs, packed-refs) and wakes the loop
+/// on any change, so a local commit is applied without waiting for the poll.
+fn watch_local(repo: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    let git_dir = match git2::Repository::open(repo) {
+        Ok(r) => r.path().to_owned(),
+        Err(e) => {
+            tracing::warn!(repo = %repo.display(), error = %e, "not watching the local repository");
+            return None;
+        }
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Object writes come before the ref update; only refs say a commit landed.
+        if event.is_ok_and(|e| e.paths.iter().any(|p| p.components().any(|c| c.as_os_str() == "refs") || p.ends_with("packed-refs"))) {
+            changed.notify_one();
+        }
+    })
+    .ok()?;
+    watcher.watch(&git_dir, RecursiveMode::Recursive).ok()?;
+    tracing::info!(git_dir = %git_dir.display(), "watching the local repository for commits");
+    Some(watcher)
+}

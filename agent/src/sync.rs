@@ -1,0 +1,127 @@
+//! One revision, end to end: render → plan → dry run → staged apply → prune →
+//! inventory. The loop in [`crate::run`] calls [`Syncer::sync`] for each new commit.
+//!
+//! A revision is applied all or nothing at the validation level: it is rendered and
+//! dry-run in full before anything of it is written, so a broken file or an object the
+//! API server rejects leaves the cluster at the last good revision, and nothing is
+//! pruned. The one exception, as in Flux: CRDs and Namespaces the revision adds are
+//! applied before the rest is dry-run, since objects of a kind or in a namespace that
+//! does not exist yet cannot be.
+
+use std::path::Path;
+
+use kube::discovery::Discovery;
+
+use crate::apply::{ApplyError, Applier, ChangeSet, Planned, Preview};
+use crate::inventory::{InventoryError, Store};
+use crate::plan;
+use crate::render::{self, RenderError};
+
+/// A file at the root of `--path` that allows a revision with no objects to prune
+/// everything the agent applied; without it an empty revision is refused, because it
+/// far more often means a wrong `--path` or a broken checkout than a wish to delete all.
+pub const ALLOW_EMPTY_FILE: &str = ".gitops-allow-empty";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{}", lines(.0))]
+    Render(Vec<RenderError>),
+    #[error("discovering the API server's kinds: {0}")]
+    Discovery(kube::Error),
+    #[error("the API server rejected the revision, nothing was applied:\n{}", lines(.0))]
+    Rejected(Vec<ApplyError>),
+    #[error("applying the revision failed:\n{}", lines(.0))]
+    Apply(Vec<ApplyError>),
+    #[error("pruning failed:\n{}", lines(.0))]
+    Prune(Vec<ApplyError>),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error(
+        "the revision has no objects; refusing to prune the {0} objects the agent applied \
+         (add {ALLOW_EMPTY_FILE} next to manifests/ to allow it)"
+    )]
+    EmptyRevision(usize),
+}
+
+fn lines<E: std::fmt::Display>(errors: &[E]) -> String {
+    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+/// How revisions are applied.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Namespace for namespaced objects that name none (`--default-namespace`).
+    pub default_namespace: String,
+    /// Delete objects removed from git (`--prune`).
+    pub prune: bool,
+    /// Take fields another manager owns instead of failing (`--force-conflicts`).
+    pub force_conflicts: bool,
+    /// Where the inventory ConfigMap lives: the agent's own namespace.
+    pub inventory_namespace: String,
+}
+
+/// Applies revisions to one cluster.
+pub struct Syncer {
+    client: kube::Client,
+    applier: Applier,
+    store: Store,
+    options: Options,
+}
+
+impl Syncer {
+    pub fn new(client: kube::Client, options: Options) -> Syncer {
+        Syncer {
+            applier: Applier::new(client.clone(), crate::FIELD_MANAGER, options.force_conflicts),
+            store: Store::new(client.clone(), &options.inventory_namespace),
+            client,
+            options,
+        }
+    }
+
+    /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
+    /// commit `revision`, and returns what changed.
+    pub async fn sync(&self, root: &Path, revision: &str) -> Result<ChangeSet, SyncError> {
+        let manifests = render::render(root).map_err(SyncError::Render)?;
+        let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
+        let mut inventory = self.store.load().await?;
+        let plan = plan::plan(manifests, &discovery, &self.options.default_namespace, &inventory)
+            .map_err(SyncError::Render)?;
+        let owned = inventory.owned().len();
+        if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
+            return Err(SyncError::EmptyRevision(owned));
+        }
+
+        let mut changes = ChangeSet::default();
+        let definitions = self.dry_run(&plan.definitions).await?;
+        let planned = plan::entries(&plan.definitions, |i| definitions[i].live.is_some(), &inventory);
+        self.store.begin(&mut inventory, &planned).await?;
+        changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
+        self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
+
+        // Everything else is dry-run before any of it is written.
+        let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
+        let previews = self.dry_run(&rest).await?;
+        let planned = plan::entries(&rest, |i| previews[i].live.is_some(), &inventory);
+        self.store.begin(&mut inventory, &planned).await?;
+        let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
+        changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
+        changes.extend(self.applier.apply(&plan.namespaced, namespaced).await.map_err(SyncError::Apply)?);
+
+        let all: Vec<Planned> = plan.objects().cloned().collect();
+        let mut owned = plan::entries(&all, |_| true, &inventory);
+        if self.options.prune {
+            for stage in &plan.prune {
+                changes.extend(self.applier.delete(stage).await.map_err(SyncError::Prune)?);
+            }
+        } else {
+            // Kept while pruning is off, and still owned: a later revision may prune them.
+            owned.extend(plan.prune.iter().flatten().map(|p| (p.id.clone(), crate::inventory::Origin::Created)));
+        }
+        self.store.commit(&mut inventory, revision, owned).await?;
+        Ok(changes)
+    }
+
+    async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, SyncError> {
+        self.applier.dry_run(objects).await.map_err(SyncError::Rejected)
+    }
+}

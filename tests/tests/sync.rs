@@ -1,0 +1,275 @@
+//! The agent's sync against a real API server and real git repositories: push to
+//! deploy, rollback by `git revert`, prune, and that nothing is applied or pruned
+//! from a revision that fails.
+
+use gitops_agent::apply::Action;
+use gitops_agent::source::{self, Credentials, GitSource};
+use gitops_agent::sync::{Options, SyncError, Syncer};
+use gitops_tests::cluster;
+use gitops_tests::git::GitRepo;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::ListParams;
+
+/// A repository, a namespace of the test's own (objects and inventory live there) and
+/// a syncer for them.
+struct Fixture {
+    repo: GitRepo,
+    ns: String,
+    client: kube::Client,
+    syncer: Syncer,
+    work: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new(prefix: &str) -> Fixture {
+        let client = cluster::client().await;
+        let ns = cluster::namespace(&client, prefix).await;
+        Fixture {
+            repo: GitRepo::new(),
+            syncer: syncer(&client, &ns),
+            client,
+            ns,
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Fetches the repo's head as the agent does and syncs it.
+    async fn sync(&self) -> Result<gitops_agent::apply::ChangeSet, SyncError> {
+        let (head, tree) = self.checkout();
+        self.syncer.sync(&tree, &head.to_string()).await
+    }
+
+    fn checkout(&self) -> (git2::Oid, std::path::PathBuf) {
+        let mirror = self.work.path().join("mirror");
+        let head = GitSource::new(&self.repo.file_url(), "main", Credentials::none()).fetch(&mirror).unwrap();
+        let tree = self.work.path().join(format!("tree-{head}"));
+        source::checkout(&mirror, head, &tree).unwrap();
+        (head, tree)
+    }
+
+    fn config_map(&self, name: &str, value: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n")
+    }
+
+    /// The test namespace's ConfigMaps the agent manages, as name → value.
+    async fn live(&self) -> Vec<(String, String)> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.ns);
+        let mut live: Vec<(String, String)> = cms
+            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=gitops-agent"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|cm| cm.metadata.name.as_deref() != Some("gitops-inventory"))
+            .map(|cm| (cm.metadata.name.unwrap(), cm.data.unwrap_or_default().remove("value").unwrap_or_default()))
+            .collect();
+        live.sort();
+        live
+    }
+}
+
+fn syncer(client: &kube::Client, ns: &str) -> Syncer {
+    Syncer::new(
+        client.clone(),
+        Options {
+            default_namespace: ns.to_owned(),
+            prune: true,
+            force_conflicts: true,
+            inventory_namespace: ns.to_owned(),
+        },
+    )
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+}
+
+#[tokio::test]
+async fn a_commit_is_applied_with_the_agents_label_and_field_manager() {
+    let f = Fixture::new("deploy").await;
+    f.repo.write("manifests/app.yaml", &f.config_map("settings", "1"));
+    f.repo.commit("first");
+    let changes = f.sync().await.unwrap();
+    assert_eq!(changes.counts().get(&Action::Created), Some(&1), "{changes}");
+    assert_eq!(f.live().await, pairs(&[("settings", "1")]));
+
+    let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).get("settings").await.unwrap();
+    let managers: Vec<_> = cm.metadata.managed_fields.unwrap().into_iter().filter_map(|m| m.manager).collect();
+    assert_eq!(managers, vec!["gitops-agent".to_owned()]);
+}
+
+#[tokio::test]
+async fn git_revert_restores_the_previous_state_exactly() {
+    // (Not `y`: YAML 1.1, like kubectl, reads a bare `y` as true.)
+    let f = Fixture::new("revert").await;
+    f.repo.write("manifests/x.yaml", &f.config_map("cm-x", "a"));
+    f.repo.write("manifests/y.yaml", &f.config_map("cm-y", "a"));
+    f.repo.commit("A");
+    f.sync().await.unwrap();
+    assert_eq!(f.live().await, pairs(&[("cm-x", "a"), ("cm-y", "a")]));
+
+    f.repo.write("manifests/x.yaml", &f.config_map("cm-x", "b"));
+    f.repo.remove("manifests/y.yaml");
+    f.repo.write("manifests/z.yaml", &f.config_map("cm-z", "b"));
+    f.repo.commit("B");
+    let changes = f.sync().await.unwrap();
+    assert_eq!(f.live().await, pairs(&[("cm-x", "b"), ("cm-z", "b")]));
+    assert_eq!(changes.to_string(), "1 created, 1 configured, 1 deleted");
+
+    f.repo.revert_head();
+    f.sync().await.unwrap();
+    assert_eq!(f.live().await, pairs(&[("cm-x", "a"), ("cm-y", "a")]), "X restored, Y back, Z pruned");
+}
+
+#[tokio::test]
+async fn an_unchanged_revision_writes_nothing() {
+    let f = Fixture::new("noop").await;
+    f.repo.write("manifests/app.yaml", &f.config_map("a", "1"));
+    f.repo.commit("first");
+    f.sync().await.unwrap();
+    let again = f.sync().await.unwrap();
+    assert!(!again.wrote(), "a resync of the same commit changes nothing: {again}");
+    assert_eq!(again.counts().get(&Action::Unchanged), Some(&1));
+}
+
+#[tokio::test]
+async fn a_broken_file_applies_nothing_and_prunes_nothing() {
+    let f = Fixture::new("broken").await;
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+    f.repo.commit("good");
+    f.sync().await.unwrap();
+
+    // One new object that is fine, one file that is not YAML, and `a` removed.
+    f.repo.remove("manifests/a.yaml");
+    f.repo.write("manifests/b.yaml", &f.config_map("b", "1"));
+    f.repo.write("manifests/c.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata: [unclosed\n");
+    f.repo.commit("bad");
+    let error = f.sync().await.unwrap_err();
+    assert!(matches!(error, SyncError::Render(_)), "{error}");
+    assert!(error.to_string().contains("manifests/c.yaml:"), "the error names the file and line: {error}");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]), "the cluster stays at the last good revision");
+}
+
+#[tokio::test]
+async fn an_object_the_api_server_rejects_applies_nothing_and_prunes_nothing() {
+    let f = Fixture::new("rejected").await;
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+    f.repo.commit("good");
+    f.sync().await.unwrap();
+
+    f.repo.remove("manifests/a.yaml");
+    f.repo.write("manifests/b.yaml", &f.config_map("b", "1"));
+    // ConfigMap keys must be valid: the API server's validation refuses this one.
+    f.repo.write(
+        "manifests/c.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  \"not a key!\": x\n",
+    );
+    f.repo.commit("rejected");
+    let error = f.sync().await.unwrap_err();
+    assert!(matches!(error, SyncError::Rejected(_)), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("manifests/c.yaml:1: ConfigMap"), "{message}");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]), "the cluster stays at the last good revision");
+}
+
+#[tokio::test]
+async fn an_empty_revision_does_not_prune_everything_unless_allowed() {
+    let f = Fixture::new("empty").await;
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+    f.repo.commit("good");
+    f.sync().await.unwrap();
+
+    f.repo.remove("manifests/a.yaml");
+    f.repo.write("README.md", "nothing here\n");
+    f.repo.commit("emptied");
+    let error = f.sync().await.unwrap_err();
+    assert!(matches!(error, SyncError::EmptyRevision(1)), "{error}");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]));
+
+    f.repo.write(gitops_agent::sync::ALLOW_EMPTY_FILE, "");
+    f.repo.commit("allow empty");
+    f.sync().await.unwrap();
+    assert_eq!(f.live().await, pairs(&[]));
+}
+
+#[tokio::test]
+async fn prune_keeps_annotated_objects_and_objects_the_agent_did_not_create() {
+    let f = Fixture::new("keep").await;
+    // `adopted` exists before the agent first applies it, with the managed-by label.
+    let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    let existing: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "adopted", "labels": { "app.kubernetes.io/managed-by": "gitops-agent" } },
+        "data": { "value": "0" }
+    }))
+    .unwrap();
+    cms.create(&Default::default(), &existing).await.unwrap();
+
+    f.repo.write("manifests/adopted.yaml", &f.config_map("adopted", "1"));
+    f.repo.write("manifests/plain.yaml", &f.config_map("plain", "1"));
+    f.repo.write(
+        "manifests/kept.yaml",
+        &f.config_map("kept", "1").replace("  name: kept\n", "  name: kept\n  annotations:\n    gitops.scale.dev/prune: disabled\n"),
+    );
+    f.repo.commit("three");
+    f.sync().await.unwrap();
+    assert_eq!(f.live().await, pairs(&[("adopted", "1"), ("kept", "1"), ("plain", "1")]));
+
+    for file in ["adopted", "plain", "kept"] {
+        f.repo.remove(&format!("manifests/{file}.yaml"));
+    }
+    f.repo.write("manifests/other.yaml", &f.config_map("other", "1"));
+    f.repo.commit("all removed");
+    let changes = f.sync().await.unwrap();
+    assert_eq!(changes.counts().get(&Action::Deleted), Some(&1), "only `plain` is pruned: {changes}");
+    assert_eq!(f.live().await, pairs(&[("adopted", "1"), ("kept", "1"), ("other", "1")]));
+}
+
+#[tokio::test]
+async fn a_restart_remembers_what_was_applied() {
+    let f = Fixture::new("restart").await;
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+    f.repo.write("manifests/b.yaml", &f.config_map("b", "1"));
+    f.repo.commit("two");
+    f.sync().await.unwrap();
+
+    // A new agent process: nothing in memory, the inventory in the cluster.
+    f.repo.remove("manifests/b.yaml");
+    f.repo.commit("one");
+    let (head, tree) = f.checkout();
+    let changes = syncer(&f.client, &f.ns).sync(&tree, &head.to_string()).await.unwrap();
+    assert_eq!(changes.to_string(), "1 unchanged, 1 deleted");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]));
+}
+
+#[tokio::test]
+async fn a_sync_killed_half_way_leaves_no_orphan() {
+    let f = Fixture::new("killed").await;
+    for i in 0..60 {
+        f.repo.write(&format!("manifests/cm-{i:02}.yaml"), &f.config_map(&format!("cm-{i:02}"), "1"));
+    }
+    f.repo.commit("sixty");
+    let (head, tree) = f.checkout();
+
+    // Stop the sync as soon as it has written some objects but (likely) not all.
+    let sync = tokio::spawn({
+        let syncer = syncer(&f.client, &f.ns);
+        async move { syncer.sync(&tree, &head.to_string()).await }
+    });
+    cluster::eventually("the sync to write its first objects", || async {
+        (!f.live().await.is_empty()).then_some(())
+    })
+    .await;
+    sync.abort();
+    let _ = sync.await;
+
+    // The next revision keeps only the first ten: the other fifty, whether or not the
+    // killed sync got to them, must not stay behind.
+    for i in 10..60 {
+        f.repo.remove(&format!("manifests/cm-{i:02}.yaml"));
+    }
+    f.repo.commit("ten");
+    f.sync().await.unwrap();
+    let expected: Vec<(String, String)> = (0..10).map(|i| (format!("cm-{i:02}"), "1".to_owned())).collect();
+    assert_eq!(f.live().await, expected);
+}
