@@ -25,3 +25,4 @@ pub const FIELD_MANAGER: &str = "gitops-agent";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Annotation that keeps an object when it is removed from git (`disabled`).
 pub const PRUNE_ANNOTATION: &str = "gitops.scale.dev/prune";
+pub mod leader;

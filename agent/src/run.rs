@@ -15,6 +15,7 @@ use git2::Oid;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, watch};
 
+use crate::apply::Action;
 use crate::server::AppState;
 use crate::source::{self, GitSource};
 use crate::sync::Syncer;
@@ -46,10 +47,6 @@ pub async fn run(config: Config, syncer: Syncer, state: Arc<AppState>, mut shutd
     let mut applied: Option<Oid> = None;
     let mut failures = 0u32;
     loop {
-        let wait = match failures {
-            0 => config.interval,
-            n => (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(config.interval).min(MAX_RETRY),
-        };
         match reconcile(&config, &syncer, &state, applied).await {
             Ok(head) => {
                 applied = Some(head);
@@ -57,6 +54,10 @@ pub async fn run(config: Config, syncer: Syncer, state: Arc<AppState>, mut shutd
             }
             Err(()) => failures += 1,
         }
+        let wait = match failures {
+            0 => config.interval,
+            n => (FIRST_RETRY * 2u32.saturating_pow(n - 1)).min(config.interval).min(MAX_RETRY),
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = state.fetch_requested() => tracing::info!("webhook: fetching now"),
@@ -99,6 +100,11 @@ async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, appl
     match result {
         Ok(changes) => {
             tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
+            let managed = changes.changes.iter().filter(|c| c.action != Action::Deleted);
+            state.metrics.set_managed(managed.map(|c| c.id.kind.as_str()));
+            for pruned in changes.changes.iter().filter(|c| c.action == Action::Deleted) {
+                state.metrics.pruned(&pruned.id.kind);
+            }
             state.record_sync_success(&revision, started.elapsed());
             Ok(head)
         }

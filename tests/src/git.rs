@@ -169,8 +169,12 @@ pub struct GitDaemon {
 
 impl GitDaemon {
     pub fn serve(root: &Path) -> GitDaemon {
+        GitDaemon::serve_on(root, free_port())
+    }
+
+    /// Serves on a given port: a server that comes back where it was.
+    pub fn serve_on(root: &Path, port: u16) -> GitDaemon {
         let logs = tempfile::tempdir().expect("temp dir for git daemon's log");
-        let port = free_port();
         let mut command = Command::new("git");
         command.args([
             "daemon",

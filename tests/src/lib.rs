@@ -1,5 +1,7 @@
-//! Test fixtures for the whole project: real Kubernetes control planes ([`cluster`])
-//! and real git servers ([`git`]). Nothing here is a mock.
+//! Test fixtures for the whole project: real Kubernetes control planes ([`cluster`]),
+//! real git servers ([`git`]) and the agent running against them ([`agent`]). Nothing
+//! here is a mock.
 
+pub mod agent;
 pub mod cluster;
 pub mod git;

@@ -38,7 +38,9 @@ async fn the_agent_decodes_every_case_as_kubectl_does() {
             (Expect::Same, Ok(agent), Ok(kubectl)) => Err(differences(agent, kubectl)),
             (Expect::BothRefuse, Err(agent), Err(kubectl)) => Ok(format!("agent: {agent}\n    kubectl: {kubectl}")),
             (Expect::AgentRefuses, Err(agent), Ok(_)) => Ok(format!("agent: {agent}")),
-            (expected, agent, kubectl) => Err(format!("expected {expected:?}\nagent: {agent:#?}\nkubectl: {kubectl:#?}")),
+            (expected, agent, kubectl) => {
+                Err(format!("expected {expected:?}\nagent: {agent:#?}\nkubectl: {kubectl:#?}"))
+            }
         };
         match verdict {
             Ok(summary) => println!("ok   {name}: {summary}"),
@@ -113,9 +115,11 @@ fn agent(case: &Path, discovery: &Discovery) -> Outcome {
     let repo = tempfile::tempdir().unwrap();
     std::fs::create_dir(repo.path().join("manifests")).unwrap();
     std::fs::copy(case, repo.path().join("manifests").join(case.file_name().unwrap())).unwrap();
-    let lines = |errors: Vec<render::RenderError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let lines =
+        |errors: Vec<render::RenderError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     let mut manifests = render::render(repo.path()).map_err(lines)?;
-    let namespaced = |gvk: &GroupVersionKind| discovery.resolve_gvk(gvk).map(|(_, caps)| caps.scope == Scope::Namespaced);
+    let namespaced =
+        |gvk: &GroupVersionKind| discovery.resolve_gvk(gvk).map(|(_, caps)| caps.scope == Scope::Namespaced);
     render::resolve_scope(&mut manifests, namespaced, "default").map_err(lines)?;
     Ok(manifests.into_iter().map(|m: Manifest| m.object).collect())
 }

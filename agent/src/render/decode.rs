@@ -88,8 +88,11 @@ const MAX_VALUES: usize = 1_000_000;
 pub(super) fn documents(text: &str) -> Vec<Result<Document, LineError>> {
     // kubectl reads files through a decoder that drops a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let (dialect, frames) =
-        if text.trim_start().starts_with('{') { (Dialect::Json, json_frames(text)) } else { (Dialect::Yaml, yaml_frames(text)) };
+    let (dialect, frames) = if text.trim_start().starts_with('{') {
+        (Dialect::Json, json_frames(text))
+    } else {
+        (Dialect::Yaml, yaml_frames(text))
+    };
     frames
         .into_iter()
         .filter_map(|frame| frame.and_then(|(first_line, text)| document(text, first_line, dialect)).transpose())
@@ -166,7 +169,8 @@ fn document(text: &str, first_line: usize, dialect: Dialect) -> Result<Option<Do
 
 fn item_lines(root: &Node) -> Vec<usize> {
     let Content::Mapping(entries) = &root.content else { return Vec::new() };
-    let items = entries.iter().rev().find(|(key, _)| matches!(&key.content, Content::Scalar(Scalar::Str(k)) if k == "items"));
+    let items =
+        entries.iter().rev().find(|(key, _)| matches!(&key.content, Content::Scalar(Scalar::Str(k)) if k == "items"));
     match items.map(|(_, value)| &value.content) {
         Some(Content::Sequence(elements)) => elements.iter().map(|e| e.line).collect(),
         _ => Vec::new(),
@@ -252,8 +256,8 @@ fn compose(text: &str, first_line: usize, dialect: Dialect) -> Result<Option<Rc<
                 }
                 inside.push(source);
                 let tag = tag.map(|tag| format!("{}{}", tag.handle(), tag.suffix()));
-                let scalar = scalar::resolve(&value, style == ScalarStyle::Plain, tag.as_deref())
-                    .map_err(|e| at(e.into()))?;
+                let scalar =
+                    scalar::resolve(&value, style == ScalarStyle::Plain, tag.as_deref()).map_err(|e| at(e.into()))?;
                 (Rc::new(Node { line, content: Content::Scalar(scalar) }), anchor)
             }
             // The parser only names anchors defined before; one still open contains the alias.
@@ -288,10 +292,10 @@ impl Converter {
             return Err(LineError { line: node.line, error: DecodeError::TooLarge });
         }
         match &node.content {
-            Content::Scalar(scalar) => {
-                scalar.to_json().map_err(|e| LineError { line: node.line, error: e.into() })
+            Content::Scalar(scalar) => scalar.to_json().map_err(|e| LineError { line: node.line, error: e.into() }),
+            Content::Sequence(elements) => {
+                elements.iter().map(|e| self.value(e)).collect::<Result<_, _>>().map(Value::Array)
             }
-            Content::Sequence(elements) => elements.iter().map(|e| self.value(e)).collect::<Result<_, _>>().map(Value::Array),
             Content::Mapping(entries) => self.mapping(entries).map(Value::Object),
         }
     }
@@ -356,7 +360,10 @@ mod tests {
     use super::*;
 
     fn decode(text: &str) -> Vec<Value> {
-        documents(text).into_iter().map(|d| d.unwrap_or_else(|e| panic!("line {}: {}", e.line, e.error)).value).collect()
+        documents(text)
+            .into_iter()
+            .map(|d| d.unwrap_or_else(|e| panic!("line {}: {}", e.line, e.error)).value)
+            .collect()
     }
 
     fn error(text: &str) -> (usize, String) {
@@ -387,7 +394,9 @@ mod tests {
         let text = "base: &b {k: 1, j: 1}\ncopy: *b\nover:\n  <<: *b\n  k: 2\nmany:\n  <<: [{k: 3}, *b]\n";
         assert_eq!(
             decode(text),
-            [json!({"base": {"k": 1, "j": 1}, "copy": {"k": 1, "j": 1}, "over": {"k": 2, "j": 1}, "many": {"k": 3, "j": 1}})]
+            [
+                json!({"base": {"k": 1, "j": 1}, "copy": {"k": 1, "j": 1}, "over": {"k": 2, "j": 1}, "many": {"k": 3, "j": 1}})
+            ]
         );
         assert_eq!(error("b: &b {k: 1}\nc:\n  k: 2\n  <<: *b\n").0, 4);
         assert_eq!(error("a: &a [*a]\n"), (1, DecodeError::RecursiveAlias.to_string()));

@@ -75,7 +75,10 @@ mod tests {
 
     #[test]
     fn escapes_libyaml_does_not_know() {
-        assert_eq!(check_escapes(r#""a\/b""#).unwrap_err().to_string(), "kubectl refuses the escape `\\/`: write the character itself");
+        assert_eq!(
+            check_escapes(r#""a\/b""#).unwrap_err().to_string(),
+            "kubectl refuses the escape `\\/`: write the character itself"
+        );
         assert!(check_escapes(r#""\ud83d\ude00""#).is_err());
         assert!(check_escapes(r#""\\/ \u00e9 \U0001F600 \x41""#).is_ok());
     }

@@ -275,7 +275,8 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     fn visit(&mut self, relative: PathBuf, findings: &mut Findings) {
-        let is_manifest = relative.extension().and_then(OsStr::to_str).is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
+        let is_manifest =
+            relative.extension().and_then(OsStr::to_str).is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
         let at = |relative: &Path| Location { file: relative.to_owned(), line: 1 };
         let path = self.root.join(&relative);
         // Follows symlinks, and so fails for a broken one.
@@ -422,7 +423,11 @@ mod tests {
 
     #[test]
     fn an_error_names_the_file_and_the_line_of_its_document() {
-        let text = format!("{}---\n{}---\n# the third\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n", config_map("a"), config_map("b"));
+        let text = format!(
+            "{}---\n{}---\n# the third\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n",
+            config_map("a"),
+            config_map("b")
+        );
         assert_eq!(render_errors(&[("app.yaml", &text)]), ["manifests/app.yaml:12: missing metadata.name"]);
     }
 
@@ -444,7 +449,8 @@ mod tests {
 
     #[test]
     fn invalid_yaml_points_at_the_syntax_error() {
-        let text = format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n   labels: x\n", config_map("a"));
+        let text =
+            format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n   labels: x\n", config_map("a"));
         let errors = render_errors(&[("a.yaml", &text)]);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("manifests/a.yaml:10: invalid YAML: "), "{errors:?}");
@@ -473,7 +479,10 @@ mod tests {
     #[test]
     fn empty_documents_are_skipped() {
         let text = format!("---\n# nothing\n---\n\n---\n{}---\n~\n...\n---\n", config_map("a"));
-        assert_eq!(summary(&render_ok(&[("a.yaml", &text)])), [("manifests/a.yaml:6".to_owned(), "ConfigMap a".to_owned())]);
+        assert_eq!(
+            summary(&render_ok(&[("a.yaml", &text)])),
+            [("manifests/a.yaml:6".to_owned(), "ConfigMap a".to_owned())]
+        );
     }
 
     #[test]
@@ -485,7 +494,10 @@ mod tests {
             [4, 5, 8],
             "each item and each value of the stream on its own line"
         );
-        assert_eq!(manifests[0].object, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"n": "1"}}));
+        assert_eq!(
+            manifests[0].object,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"n": "1"}})
+        );
     }
 
     #[test]
@@ -524,8 +536,13 @@ mod tests {
             ]
         );
         let errors = render_errors(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: y}\n")]);
-        assert_eq!(errors, ["manifests/a.yaml:1: metadata.name must be a string, found true"], "YAML 1.1 reads `y` as true");
-        let errors = render_errors(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, lables: {app: a}}\n")]);
+        assert_eq!(
+            errors,
+            ["manifests/a.yaml:1: metadata.name must be a string, found true"],
+            "YAML 1.1 reads `y` as true"
+        );
+        let errors =
+            render_errors(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, lables: {app: a}}\n")]);
         assert_eq!(errors, ["manifests/a.yaml:1: unknown field metadata.lables"]);
     }
 
@@ -539,6 +556,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("x.yaml"), manifests.join("out.yaml")).unwrap();
         std::os::unix::fs::symlink(outside.path(), manifests.join("outdir")).unwrap();
         std::os::unix::fs::symlink("ok.yaml", manifests.join("in.yaml")).unwrap();
+        // Back up to the root: walked once, not forever, and manifests/ not twice.
         std::os::unix::fs::symlink("..", manifests.join("loop")).unwrap();
 
         let errors: Vec<String> = render(dir.path()).unwrap_err().iter().map(ToString::to_string).collect();
@@ -548,7 +566,10 @@ mod tests {
             [
                 "manifests/latin1.yaml:2: not UTF-8 text".to_owned(),
                 "manifests/ok.yaml:1: ConfigMap a is defined twice: here and at manifests/in.yaml:1".to_owned(),
-                format!("manifests/out.yaml:1: symlink resolves to {}, outside the repository", real_outside.join("x.yaml").display()),
+                format!(
+                    "manifests/out.yaml:1: symlink resolves to {}, outside the repository",
+                    real_outside.join("x.yaml").display()
+                ),
                 format!("manifests/outdir:1: symlink resolves to {}, outside the repository", real_outside.display()),
             ]
         );

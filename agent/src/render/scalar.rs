@@ -186,14 +186,17 @@ fn go_float(s: &str) -> Option<f64> {
 /// Go's `ParseFloat` on text go-yaml left its `_` in: they may stand between digits only.
 fn go_float_with_underscores(s: &str) -> Option<f64> {
     let bytes = s.as_bytes();
-    let between_digits = |i: usize| i > 0 && i + 1 < bytes.len() && bytes[i - 1].is_ascii_digit() && bytes[i + 1].is_ascii_digit();
+    let between_digits =
+        |i: usize| i > 0 && i + 1 < bytes.len() && bytes[i - 1].is_ascii_digit() && bytes[i + 1].is_ascii_digit();
     (0..bytes.len()).filter(|&i| bytes[i] == b'_').all(between_digits).then(|| go_float(&s.replace('_', "")))?
 }
 
 /// `!!binary`: base64 as Go's decoder takes it (line breaks ignored, lax trailing bits).
 fn binary(text: &str) -> Result<String, ScalarError> {
-    const GO_STD_ENCODING: GeneralPurpose =
-        GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true));
+    const GO_STD_ENCODING: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
     let compact: String = text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
     let bytes = GO_STD_ENCODING.decode(compact).map_err(|_| ScalarError::Binary)?;
     // Go would replace invalid UTF-8 with U+FFFD; the agent only carries text.

@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn duplicates_are_found_after_defaulting() {
         let mut manifests = [
-            manifest(1, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}})),
+            manifest(
+                1,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}}),
+            ),
             manifest(7, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})),
         ];
         assert_eq!(

@@ -1,0 +1,141 @@
+//! The agent's loop and HTTP server running in the test process, against the shared
+//! control plane, with an HTTP client for its endpoints. The binary is a thin layer over
+//! exactly this (see agent/src/main.rs).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gitops_agent::run::{self, Config};
+use gitops_agent::server::{self, AppState, WebhookSecret};
+use gitops_agent::source::{Credentials, GitSource};
+use gitops_agent::sync::{Options, Syncer};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What to follow and how.
+pub struct AgentConfig {
+    pub repo: String,
+    pub credentials: Credentials,
+    /// Objects without a namespace and the inventory go here.
+    pub namespace: String,
+    pub interval: Duration,
+    pub webhook_secret: Option<String>,
+    /// Watch this local repository for commits.
+    pub local_repo: Option<PathBuf>,
+}
+
+/// A running agent; stopped when dropped.
+pub struct Agent {
+    pub base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    _work: tempfile::TempDir,
+}
+
+impl Agent {
+    pub async fn start(client: kube::Client, config: AgentConfig) -> Agent {
+        let work = tempfile::tempdir().unwrap();
+        let secret = config.webhook_secret.map(|secret| {
+            let path = work.path().join("webhook-secret");
+            std::fs::write(&path, secret).unwrap();
+            WebhookSecret::from_file(&path).unwrap()
+        });
+        let state = Arc::new(AppState::new("main", secret));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = watch::channel(false);
+
+        let mut until_stopped = stopped.clone();
+        let server = tokio::spawn(server::serve(listener, state.clone(), async move {
+            let _ = until_stopped.wait_for(|s| *s).await;
+        }));
+        let syncer = Syncer::new(
+            client,
+            Options {
+                default_namespace: config.namespace.clone(),
+                prune: true,
+                force_conflicts: true,
+                inventory_namespace: config.namespace,
+            },
+        );
+        let loop_config = Config {
+            source: GitSource::new(&config.repo, "main", config.credentials),
+            path: ".".into(),
+            interval: config.interval,
+            work_dir: work.path().to_owned(),
+            local_repo: config.local_repo,
+        };
+        let sync_loop = tokio::spawn(run::run(loop_config, syncer, state, stopped));
+        Agent {
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            stop,
+            tasks: vec![server, sync_loop],
+            _work: work,
+        }
+    }
+
+    /// Sends a request and returns the status code and body.
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self.client.request(request.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        self.request(Method::GET, path, &[], "").await
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status").await.1).unwrap()
+    }
+
+    /// The value of a metric series without labels beyond `labels` (e.g.
+    /// `gitops_sync_total{result="failure"}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.1;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Stops the loop after its current sync, and the server.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A GitHub push webhook for `main`, signed with `secret`: the body and its headers.
+pub fn github_push(secret: &str) -> (String, Vec<(&'static str, String)>) {
+    use hmac::{Hmac, Mac};
+    let body = r#"{"ref":"refs/heads/main"}"#.to_owned();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    (body, vec![("X-Hub-Signature-256", signature), ("X-GitHub-Event", "push".to_owned())])
+}
