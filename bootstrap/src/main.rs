@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use gitops_bootstrap::local::{self, LocalControlPlane, Options};
+use gitops_bootstrap::local::{self, LocalControlPlane, Options, agent};
 
 #[derive(Parser)]
 #[command(version, about = "Bring up a cluster for the GitOps agent and install the agent")]
@@ -28,6 +28,13 @@ enum Cmd {
         /// Where the local control plane keeps its state; `DIR/kubeconfig` is written here.
         #[arg(long)]
         state_dir: PathBuf,
+        /// The repository the agent follows (URL or path); default: a new git repository
+        /// made from repo-template/ in `STATE_DIR/repo`.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Address of the agent's /metrics, /status and /hooks/git.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        agent_listen: String,
         /// Start the cluster only, without the agent.
         #[arg(long)]
         no_agent: bool,
@@ -65,10 +72,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Cmd::Up { provider: Provider::Local, state_dir, no_agent } => {
-            if !no_agent {
-                bail!("installing the agent is not part of this release yet; run `up` with --no-agent");
-            }
+        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent } => {
             // A partly running control plane (one component crashed) is started afresh.
             let components = local::status(&state_dir);
             if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
@@ -79,10 +83,30 @@ async fn main() -> Result<()> {
             let plane = LocalControlPlane::start(&options)
                 .await
                 .with_context(|| format!("starting the local control plane in {}", state_dir.display()))?;
+            println!("Kubernetes {} is up at {}", plane.kubernetes_version(), plane.server());
+            if !no_agent {
+                let repo = match repo {
+                    Some(repo) => repo,
+                    None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
+                };
+                create_namespace(&plane.client().await?, agent::AGENT_NAMESPACE).await?;
+                let options = agent::AgentOptions { binary: agent::find_agent_binary(), repo, listen: agent_listen };
+                agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
+                    format!(
+                        "starting gitops-agent ({}); the control plane keeps running until \
+                         `gitops-bootstrap down --provider local --state-dir {}`",
+                        options.binary.display(),
+                        state_dir.display()
+                    )
+                })?;
+                println!(
+                    "gitops-agent follows {} and has applied its head: commit to it and watch the cluster follow.\n  \
+                     status: http://{}/status   metrics: http://{}/metrics",
+                    options.repo, options.listen, options.listen
+                );
+            }
             println!(
-                "Kubernetes {} is up at {}\n\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it with: gitops-bootstrap down --provider local --state-dir {}",
-                plane.kubernetes_version(),
-                plane.server(),
+                "\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
                 plane.kubeconfig().display(),
                 state_dir.display(),
             );
@@ -121,5 +145,16 @@ fn print_status(state_dir: &std::path::Path) -> Result<()> {
     if kubeconfig.exists() {
         println!("kubeconfig: {}", kubeconfig.display());
     }
+    Ok(())
+}
+
+/// Creates `name` with server-side apply (a no-op when it exists).
+async fn create_namespace(client: &kube::Client, name: &str) -> Result<()> {
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    let namespace = serde_json::json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
+    namespaces
+        .patch(name, &kube::api::PatchParams::apply("gitops-bootstrap"), &kube::api::Patch::Apply(namespace))
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
     Ok(())
 }

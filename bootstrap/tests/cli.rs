@@ -6,6 +6,10 @@ use std::process::{Command, Output};
 
 fn bootstrap(args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
+    assert_success(args, output)
+}
+
+fn assert_success(args: &[&str], output: Output) -> Output {
     assert!(output.status.success(), "gitops-bootstrap {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     output
 }
@@ -54,4 +58,82 @@ fn up_kubectl_status_down() {
         assert!(!running(pid), "process {pid} survived `down`");
     }
     assert!(!Path::new(&state).exists(), "`down` removes the state directory");
+}
+
+/// `up` finds `gitops-agent` beside itself, where cargo builds it; a test run of this
+/// package alone may not have built it yet.
+fn build_agent() {
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-agent"]).status().unwrap();
+    assert!(status.success(), "building gitops-agent");
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let output = Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let output = Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `kubectl get configmap app -o jsonpath={.data.value}` until it prints `want`.
+fn wait_for_value(kubeconfig: &Path, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let got = kubectl(kubeconfig, &["get", "configmap", "app", "-o", "jsonpath={.data.value}"]);
+        if got == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "ConfigMap app never held {want:?} (last: {got:?})");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_with_a_repo_deploys_each_commit_and_reverts() {
+    build_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    let write = |value: &str| {
+        let cm = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\ndata:\n  value: {value}\n");
+        std::fs::write(repo.join("manifests/app.yaml"), cm).unwrap();
+    };
+    write("first");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+
+    let state = dir.path().join("state");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let args = ["up", "--provider", "local", "--state-dir", state.to_str().unwrap(), "--repo", repo.to_str().unwrap(), "--agent-listen", &listen];
+    let up = bootstrap(&args);
+    assert!(stdout(&up).contains("has applied its head"), "{}", stdout(&up));
+    let kubeconfig = state.join("kubeconfig");
+    wait_for_value(&kubeconfig, "first");
+
+    write("second");
+    git(&repo, &["commit", "-q", "-am", "second"]);
+    wait_for_value(&kubeconfig, "second");
+
+    git(&repo, &["revert", "--no-edit", "HEAD"]);
+    wait_for_value(&kubeconfig, "first");
+
+    let status = stdout(&bootstrap(&["status", "--provider", "local", "--state-dir", state.to_str().unwrap()]));
+    let pids: Vec<String> = status
+        .lines()
+        .filter(|line| line.ends_with("running"))
+        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
+        .collect();
+    assert_eq!(pids.len(), 4, "the control plane and the agent run:\n{status}");
+    bootstrap(&["down", "--provider", "local", "--state-dir", state.to_str().unwrap()]);
+    for pid in &pids {
+        assert!(!running(pid), "process {pid} survived `down`");
+    }
 }

@@ -15,6 +15,7 @@
 //!   pids/NAME.pid       each component's process group, for `down` and `status`
 //! ```
 
+pub mod agent;
 pub mod build;
 pub mod pki;
 pub mod process;
@@ -36,7 +37,7 @@ pub use process::{Lifetime, Process};
 /// post-start hooks take a few seconds on a laptop, much longer on a loaded CI box.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Lines of a failing component's log quoted in an error.
-const LOG_TAIL_LINES: usize = 30;
+pub(crate) const LOG_TAIL_LINES: usize = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +57,8 @@ pub enum Error {
     Exited { component: String, status: String, log: PathBuf, tail: String },
     #[error("{component} was not ready after {waited:?} ({last_error}); last lines of {}:\n{tail}", log.display())]
     NotReady { component: String, waited: Duration, last_error: String, log: PathBuf, tail: String },
+    #[error("git repository {}: {message}", path.display())]
+    Git { path: PathBuf, message: String },
     #[error("no component named {0}")]
     UnknownComponent(String),
 }

@@ -2,6 +2,7 @@
 //! and leaves a pid file, so that `down` (from another process) and a crashed test
 //! both find and stop every one of them.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -50,6 +51,18 @@ impl Process {
         args: &[String],
         lifetime: Lifetime,
     ) -> Result<Process, Error> {
+        Process::spawn_with_env(state_dir, name, program, args, &[], lifetime)
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        state_dir: &Path,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &OsStr)],
+        lifetime: Lifetime,
+    ) -> Result<Process, Error> {
         let logs = state_dir.join("logs");
         let pids = state_dir.join("pids");
         for dir in [&logs, &pids] {
@@ -61,6 +74,7 @@ impl Process {
 
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .current_dir(state_dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -145,10 +159,11 @@ fn stop_group(pgid: Pid) {
         return;
     }
     let deadline = Instant::now() + STOP_GRACE;
+    let mut killed = false;
     while group_alive(pgid) {
-        if Instant::now() > deadline {
+        if !killed && Instant::now() > deadline {
             let _ = killpg(pgid, Signal::SIGKILL);
-            break;
+            killed = true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -1,0 +1,116 @@
+//! The agent on a local control plane: a `gitops-agent run` process beside the
+//! control plane's, started detached with its pid file in the same state directory (so
+//! `down` stops it too), following a repository: the user's, or a new one made from
+//! `repo-template/`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use include_dir::{Dir, include_dir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::process::{self, Lifetime, Process};
+use super::{Error, LOG_TAIL_LINES};
+
+/// The repository a user starts from, compiled in so the binary needs no checkout.
+static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
+
+/// The agent keeps its inventory here; `up` creates it.
+pub const AGENT_NAMESPACE: &str = "gitops-system";
+
+/// How long the first sync may take before `up` gives up waiting.
+const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How to run the agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The `gitops-agent` binary.
+    pub binary: PathBuf,
+    /// The repository to follow (URL or path).
+    pub repo: String,
+    /// Address of the agent's HTTP endpoints.
+    pub listen: String,
+}
+
+/// The `gitops-agent` binary installed beside this one (cargo puts both in the same
+/// target directory), else the one on `PATH`.
+pub fn find_agent_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("gitops-agent")))
+        .filter(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from("gitops-agent"))
+}
+
+/// Writes `repo-template/` into a new git repository at `dir` with one commit on
+/// `main`, and returns its path.
+pub fn repo_from_template(dir: &Path) -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    REPO_TEMPLATE.extract(dir).map_err(|e| Error::io(dir, e))?;
+    let git = |e: git2::Error| Error::Git { path: dir.to_owned(), message: e.message().to_owned() };
+    let repo = git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main")).map_err(git)?;
+    let mut index = repo.index().map_err(git)?;
+    index.add_all(["*"], git2::IndexAddOption::DEFAULT, None).map_err(git)?;
+    index.write().map_err(git)?;
+    let tree = repo.find_tree(index.write_tree().map_err(git)?).map_err(git)?;
+    let signature = git2::Signature::now("gitops-bootstrap", "gitops-bootstrap@localhost").map_err(git)?;
+    repo.commit(Some("HEAD"), &signature, &signature, "Start from repo-template", &tree, &[]).map_err(git)?;
+    Ok(dir.to_owned())
+}
+
+/// Starts the agent against the cluster of `kubeconfig` and waits for its first
+/// successful sync (`/readyz`). On failure the error carries the agent's log.
+pub async fn start(state_dir: &Path, kubeconfig: &Path, options: &AgentOptions) -> Result<Process, Error> {
+    let work_dir = state_dir.join("agent");
+    let args: Vec<String> = vec![
+        "run".into(),
+        format!("--repo={}", options.repo),
+        format!("--listen={}", options.listen),
+        format!("--namespace={AGENT_NAMESPACE}"),
+        format!("--work-dir={}", work_dir.display()),
+        // Polls matter only for remote repositories; local ones are watched.
+        "--interval=10s".into(),
+    ];
+    let env = [("KUBECONFIG", kubeconfig.as_os_str())];
+    let agent = Process::spawn_with_env(state_dir, "gitops-agent", &options.binary, &args, &env, Lifetime::Detached)?;
+
+    let started = Instant::now();
+    let mut last = String::from("no answer yet");
+    while started.elapsed() < FIRST_SYNC_TIMEOUT {
+        if let Some(status) = agent.exited() {
+            return Err(Error::Exited {
+                component: agent.name.clone(),
+                status,
+                log: agent.log.clone(),
+                tail: agent.log_tail(LOG_TAIL_LINES),
+            });
+        }
+        match http_status(&options.listen, "/readyz").await {
+            Ok(200) => return Ok(agent),
+            Ok(code) => last = format!("/readyz answered {code}"),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(Error::NotReady {
+        component: agent.name.clone(),
+        waited: FIRST_SYNC_TIMEOUT,
+        last_error: last,
+        tail: process::tail(&agent.log, LOG_TAIL_LINES),
+        log: agent.log.clone(),
+    })
+}
+
+/// The status code of `GET path` on `address`: one plain HTTP/1.0 request on loopback.
+async fn http_status(address: &str, path: &str) -> std::io::Result<u16> {
+    let address = address.replace("0.0.0.0", "127.0.0.1");
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    // "HTTP/1.1 200"
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+}
