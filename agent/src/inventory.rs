@@ -137,8 +137,8 @@ impl Store {
     /// Step 1: records `planned` as pending on top of what `current` owns.
     pub async fn begin(&self, current: &mut Inventory, planned: &Entries) -> Result<(), InventoryError> {
         let mut next = current.clone();
-        next.pending = current.pending.clone();
-        for (id, origin) in planned {
+        // Objects `entries` already lists are safe; only new ones need recording.
+        for (id, origin) in planned.iter().filter(|(id, _)| !current.entries.contains_key(*id)) {
             next.pending.entry(id.clone()).or_insert(*origin);
         }
         if next.pending == current.pending {

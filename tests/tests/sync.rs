@@ -273,3 +273,43 @@ async fn a_sync_killed_half_way_leaves_no_orphan() {
     let expected: Vec<(String, String)> = (0..10).map(|i| (format!("cm-{i:02}"), "1".to_owned())).collect();
     assert_eq!(f.live().await, expected);
 }
+
+/// Write requests the API server has served for ConfigMaps, from its own metrics
+/// (dry runs excluded).
+async fn configmap_writes(client: &kube::Client) -> u64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let metrics = client.request_text(request).await.unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("resource=\"configmaps\""))
+        .filter(|l| !l.contains("dry_run=\"All\""))
+        .filter(|l| ["APPLY", "PATCH", "POST", "PUT", "DELETE", "CREATE", "UPDATE"].iter().any(|v| l.contains(&format!("verb=\"{v}\""))))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_resync_of_the_same_commit_makes_no_write_request() {
+    // A control plane of its own: the request counters must see this test only.
+    let plane = cluster::private().await;
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "quiet").await;
+    let repo = GitRepo::new();
+    for i in 0..20 {
+        repo.write(&format!("manifests/cm-{i}.yaml"), &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i}\ndata:\n  value: \"{i}\"\n"));
+    }
+    repo.commit("twenty");
+    let work = tempfile::tempdir().unwrap();
+    let mirror = work.path().join("mirror");
+    let head = GitSource::new(&repo.file_url(), "main", Credentials::none()).fetch(&mirror).unwrap();
+    source::checkout(&mirror, head, work.path()).unwrap();
+    let syncer = syncer(&client, &ns);
+    let first = syncer.sync(work.path(), &head.to_string()).await.unwrap();
+    assert_eq!(first.counts().get(&Action::Created), Some(&20));
+
+    let before = configmap_writes(&client).await;
+    assert!(before >= 20, "the first sync's writes are counted: {before}");
+    let again = syncer.sync(work.path(), &head.to_string()).await.unwrap();
+    assert_eq!(again.counts().get(&Action::Unchanged), Some(&20));
+    assert_eq!(configmap_writes(&client).await, before, "no write request, the inventory's included");
+}
