@@ -106,16 +106,19 @@ pub struct ApplyError {
     pub origin: String,
     pub id: ObjectId,
     pub message: String,
+    /// The API server answered 404: the object's namespace or kind does not exist (yet).
+    pub not_found: bool,
 }
 
 impl ApplyError {
     fn new(object: &Planned, action: &str, error: kube::Error) -> ApplyError {
+        let not_found = matches!(&error, kube::Error::Api(status) if status.code == 404);
         let message = match error {
             // The API server's own message is what a user can act on.
             kube::Error::Api(status) => format!("{action} rejected: {}", status.message),
             other => format!("{action} failed: {other}"),
         };
-        ApplyError { origin: object.origin.clone(), id: object.id.clone(), message }
+        ApplyError { origin: object.origin.clone(), id: object.id.clone(), message, not_found }
     }
 }
 
@@ -141,7 +144,7 @@ impl Preview {
 
 /// An object without what changes on every write or every dry run and means nothing
 /// for its content: the resourceVersion, and the timestamps of field ownership.
-fn comparable(object: &DynamicObject) -> serde_json::Value {
+pub fn comparable(object: &DynamicObject) -> serde_json::Value {
     let mut value = serde_json::to_value(object).unwrap_or_default();
     if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("resourceVersion");
@@ -183,13 +186,18 @@ impl Applier {
     /// Reads each object and dry-runs its apply. Fails with every rejection when any
     /// object is rejected; nothing is written either way.
     pub async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, Vec<ApplyError>> {
+        split(self.previews(objects).await)
+    }
+
+    /// Each object's dry run on its own, for `diff`, which shows what it can.
+    pub async fn previews(&self, objects: &[Planned]) -> Vec<Result<Preview, ApplyError>> {
         // Built in a loop, not a closure: a closure here makes the future not Send
         // (rust-lang/rust#102211), and the sync loop runs on a multi-threaded runtime.
         let mut requests = Vec::with_capacity(objects.len());
         for object in objects {
             requests.push(self.dry_run_one(object));
         }
-        all(requests).await
+        concurrently(requests).await
     }
 
     /// Applies the objects whose preview differs from the live object.
@@ -275,6 +283,7 @@ impl Applier {
                         origin: crd.origin.clone(),
                         id: crd.id.clone(),
                         message: format!("not Established after {ESTABLISH_TIMEOUT:?}"),
+                        not_found: false,
                     }]);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -284,10 +293,18 @@ impl Applier {
     }
 }
 
-/// Runs the requests, `CONCURRENCY` at a time, keeping their order. Returns all
-/// results, or all errors if there is any.
+/// Runs the requests concurrently; all results, or all errors if there is any.
 async fn all<T>(requests: Vec<impl Future<Output = Result<T, ApplyError>>>) -> Result<Vec<T>, Vec<ApplyError>> {
-    let results: Vec<Result<T, ApplyError>> = stream::iter(requests).buffered(CONCURRENCY).collect().await;
+    split(concurrently(requests).await)
+}
+
+/// Runs the requests, `CONCURRENCY` at a time, keeping their order.
+async fn concurrently<T>(requests: Vec<impl Future<Output = T>>) -> Vec<T> {
+    stream::iter(requests).buffered(CONCURRENCY).collect().await
+}
+
+/// All values, or all errors if there is any.
+fn split<T>(results: Vec<Result<T, ApplyError>>) -> Result<Vec<T>, Vec<ApplyError>> {
     let (mut ok, mut errors) = (Vec::new(), Vec::new());
     for result in results {
         match result {

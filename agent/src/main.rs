@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gitops_agent::server::{self, AppState, WebhookSecret};
 use gitops_agent::source::{Credentials, GitSource};
+use gitops_agent::apply::Action;
 use gitops_agent::{render, run, sync};
 
 #[derive(Parser)]
@@ -22,6 +23,13 @@ struct Cli {
 enum Cmd {
     /// Follow the repository and apply every new commit.
     Run(Box<RunArgs>),
+    /// Show what `run` would change in the current cluster; exit 0 no changes, 1 changes.
+    Diff {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        apply: ApplyArgs,
+    },
     /// Check a checked-out repository offline: every error as `file:line: message`.
     Validate {
         /// The directory holding manifests/ (the repository root or its --path).
@@ -31,6 +39,27 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    apply: ApplyArgs,
+    /// How often to ask the remote for its branch head.
+    #[arg(long, env = "GITOPS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Address of /metrics, /healthz, /readyz, /status and /hooks/git.
+    #[arg(long, env = "GITOPS_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// File holding the webhook's HMAC secret; unsigned pushes are refused when set.
+    #[arg(long, env = "GITOPS_WEBHOOK_SECRET_FILE")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Where the mirror and checkouts live (default: a fresh temporary directory).
+    #[arg(long, env = "GITOPS_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+/// Which repository, branch and directory to follow.
+#[derive(clap::Args)]
+struct SourceArgs {
     /// https, ssh, git or file URL, or a local path.
     #[arg(long, env = "GITOPS_REPO")]
     repo: String,
@@ -39,12 +68,14 @@ struct RunArgs {
     /// Subdirectory holding manifests/, dashboards/ and jobs/.
     #[arg(long, env = "GITOPS_PATH", default_value = ".")]
     path: PathBuf,
-    /// How often to ask the remote for its branch head.
-    #[arg(long, env = "GITOPS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    interval: Duration,
-    /// Address of /metrics, /healthz, /readyz, /status and /hooks/git.
-    #[arg(long, env = "GITOPS_LISTEN", default_value = "0.0.0.0:8080")]
-    listen: String,
+    /// A mounted Secret: files username, password or token, identity, known_hosts.
+    #[arg(long, env = "GITOPS_GIT_SECRET_DIR")]
+    git_secret_dir: Option<PathBuf>,
+}
+
+/// How revisions are applied.
+#[derive(clap::Args)]
+struct ApplyArgs {
     /// Delete objects removed from git.
     #[arg(long, env = "GITOPS_PRUNE", default_value_t = true, action = clap::ArgAction::Set)]
     prune: bool,
@@ -57,15 +88,39 @@ struct RunArgs {
     /// The agent's own namespace, where it keeps its inventory. In a pod: its own.
     #[arg(long, env = "GITOPS_NAMESPACE")]
     namespace: Option<String>,
-    /// A mounted Secret: files username, password or token, identity, known_hosts.
-    #[arg(long, env = "GITOPS_GIT_SECRET_DIR")]
-    git_secret_dir: Option<PathBuf>,
-    /// File holding the webhook's HMAC secret; unsigned pushes are refused when set.
-    #[arg(long, env = "GITOPS_WEBHOOK_SECRET_FILE")]
-    webhook_secret_file: Option<PathBuf>,
-    /// Where the mirror and checkouts live (default: a fresh temporary directory).
-    #[arg(long, env = "GITOPS_WORK_DIR")]
-    work_dir: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn git_source(&self) -> Result<GitSource> {
+        let credentials = match &self.git_secret_dir {
+            Some(dir) => Credentials::from_secret_dir(dir)?,
+            None => Credentials::none(),
+        };
+        Ok(GitSource::new(&self.repo, &self.branch, credentials))
+    }
+}
+
+impl ApplyArgs {
+    fn syncer(self, client: kube::Client) -> sync::Syncer {
+        let namespace = self.namespace.unwrap_or_else(|| {
+            std::fs::read_to_string(POD_NAMESPACE_FILE)
+                .map(|ns| ns.trim().to_owned())
+                .unwrap_or_else(|_| "gitops-system".to_owned())
+        });
+        sync::Syncer::new(
+            client,
+            sync::Options {
+                default_namespace: self.default_namespace,
+                prune: self.prune,
+                force_conflicts: self.force_conflicts,
+                inventory_namespace: namespace,
+            },
+        )
+    }
+}
+
+async fn cluster_client() -> Result<kube::Client> {
+    kube::Client::try_default().await.context("connecting to the cluster (KUBECONFIG or in-cluster)")
 }
 
 /// Where a pod's service account namespace is mounted.
@@ -80,7 +135,8 @@ fn main() -> ExitCode {
 
     let outcome = match cli.command {
         Cmd::Validate { dir } => validate(&dir),
-        Cmd::Run(args) => tokio::runtime::Runtime::new().context("starting the async runtime").and_then(|rt| rt.block_on(run(*args))),
+        Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
+        Cmd::Diff { source, apply } => runtime().and_then(|rt| rt.block_on(diff(source, apply))),
     };
     match outcome {
         Ok(code) => code,
@@ -89,6 +145,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
 fn validate(dir: &std::path::Path) -> Result<ExitCode> {
@@ -107,23 +167,14 @@ fn validate(dir: &std::path::Path) -> Result<ExitCode> {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
-    let credentials = match &args.git_secret_dir {
-        Some(dir) => Credentials::from_secret_dir(dir)?,
-        None => Credentials::none(),
-    };
+    let source = args.source.git_source()?;
     let webhook_secret = args
         .webhook_secret_file
         .as_deref()
         .map(WebhookSecret::from_file)
         .transpose()
         .context("reading --webhook-secret-file")?;
-    let namespace = match args.namespace {
-        Some(ns) => ns,
-        None => std::fs::read_to_string(POD_NAMESPACE_FILE)
-            .map(|ns| ns.trim().to_owned())
-            .unwrap_or_else(|_| "gitops-system".to_owned()),
-    };
-    let client = kube::Client::try_default().await.context("connecting to the cluster (KUBECONFIG or in-cluster)")?;
+    let syncer = args.apply.syncer(cluster_client().await?);
 
     let temporary;
     let work_dir = match args.work_dir {
@@ -133,27 +184,19 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             temporary.path().to_owned()
         }
     };
-    let local_repo = std::path::Path::new(args.repo.strip_prefix("file://").unwrap_or(&args.repo));
+    let repo = &args.source.repo;
+    let local_repo = std::path::Path::new(repo.strip_prefix("file://").unwrap_or(repo));
     let config = run::Config {
-        source: GitSource::new(&args.repo, &args.branch, credentials),
-        path: args.path,
+        source,
+        path: args.source.path.clone(),
         interval: args.interval,
         work_dir,
         local_repo: local_repo.exists().then(|| local_repo.to_owned()),
     };
-    let syncer = sync::Syncer::new(
-        client,
-        sync::Options {
-            default_namespace: args.default_namespace,
-            prune: args.prune,
-            force_conflicts: args.force_conflicts,
-            inventory_namespace: namespace,
-        },
-    );
 
-    let state = Arc::new(AppState::new(&args.branch, webhook_secret));
+    let state = Arc::new(AppState::new(&args.source.branch, webhook_secret));
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(&args.repo), branch = %args.branch, "gitops-agent started");
+    tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(server::serve(listener, state.clone(), {
@@ -170,6 +213,32 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     run::run(config, syncer, state, stop_rx).await;
     server.await.context("HTTP server task")?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn diff(source: SourceArgs, apply: ApplyArgs) -> Result<ExitCode> {
+    let git = source.git_source()?;
+    let syncer = apply.syncer(cluster_client().await?);
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let mirror = work.path().join("mirror");
+    let tree = work.path().join("tree");
+    let head = git.fetch(&mirror)?;
+    gitops_agent::source::checkout(&mirror, head, &tree)?;
+    let differences = syncer.diff(&tree.join(&source.path)).await?;
+    for d in &differences {
+        match d.action {
+            Action::Created => println!("+ {} ({}): created", d.id, d.origin),
+            Action::Deleted => println!("- {}: pruned", d.id),
+            _ => {
+                println!("~ {} ({}): configured", d.id, d.origin);
+                let pretty = |v: &Option<serde_json::Value>| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+                let (live, desired) = (pretty(&d.live), pretty(&d.desired));
+                let text = similar::TextDiff::from_lines(&live, &desired);
+                print!("{}", text.unified_diff().context_radius(3).header("live", &format!("git {head}")));
+            }
+        }
+    }
+    println!("{} objects would change at {head}", differences.len());
+    Ok(if differences.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn shutdown_signal() {

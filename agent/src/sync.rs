@@ -12,9 +12,9 @@ use std::path::Path;
 
 use kube::discovery::Discovery;
 
-use crate::apply::{ApplyError, Applier, ChangeSet, Planned, Preview};
-use crate::inventory::{InventoryError, Store};
-use crate::plan;
+use crate::apply::{Action, ApplyError, Applier, ChangeSet, Planned, Preview};
+use crate::inventory::{Inventory, InventoryError, ObjectId, Store};
+use crate::plan::{self, Plan};
 use crate::render::{self, RenderError};
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -81,11 +81,7 @@ impl Syncer {
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
     /// commit `revision`, and returns what changed.
     pub async fn sync(&self, root: &Path, revision: &str) -> Result<ChangeSet, SyncError> {
-        let manifests = render::render(root).map_err(SyncError::Render)?;
-        let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
-        let mut inventory = self.store.load().await?;
-        let plan = plan::plan(manifests, &discovery, &self.options.default_namespace, &inventory)
-            .map_err(SyncError::Render)?;
+        let (plan, mut inventory) = self.plan(root).await?;
         let owned = inventory.owned().len();
         if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
             return Err(SyncError::EmptyRevision(owned));
@@ -121,7 +117,72 @@ impl Syncer {
         Ok(changes)
     }
 
+    /// Renders the tree and plans it against the cluster and the stored inventory.
+    async fn plan(&self, root: &Path) -> Result<(Plan, Inventory), SyncError> {
+        let manifests = render::render(root).map_err(SyncError::Render)?;
+        let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
+        let inventory = self.store.load().await?;
+        let plan = plan::plan(manifests, &discovery, &self.options.default_namespace, &inventory)
+            .map_err(SyncError::Render)?;
+        Ok((plan, inventory))
+    }
+
+    /// What [`Self::sync`] would change, without writing anything: every object that
+    /// would be created, configured or pruned. Objects in a namespace, or of a kind,
+    /// that the revision itself adds cannot be dry-run before it is applied; they are
+    /// reported as created.
+    pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
+        let (plan, _) = self.plan(root).await?;
+        let objects: Vec<Planned> = plan.objects().cloned().collect();
+        let mut differences = Vec::new();
+        let mut rejected = Vec::new();
+        for (object, preview) in objects.iter().zip(self.applier.previews(&objects).await) {
+            let (action, live, desired) = match preview {
+                Ok(preview) => (preview.action(), preview.live.as_ref().map(shown), Some(shown(&preview.result))),
+                Err(e) if e.not_found => (Action::Created, None, Some(shown(&object.object))),
+                Err(e) => {
+                    rejected.push(e);
+                    continue;
+                }
+            };
+            if action != Action::Unchanged {
+                differences.push(Difference { id: object.id.clone(), origin: object.origin.clone(), action, live, desired });
+            }
+        }
+        if !rejected.is_empty() {
+            return Err(SyncError::Rejected(rejected));
+        }
+        if self.options.prune {
+            for object in plan.prune.iter().flatten() {
+                let action = Action::Deleted;
+                differences.push(Difference { id: object.id.clone(), origin: object.origin.clone(), action, live: None, desired: None });
+            }
+        }
+        Ok(differences)
+    }
+
     async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, SyncError> {
         self.applier.dry_run(objects).await.map_err(SyncError::Rejected)
     }
+}
+
+/// One object `sync` would change.
+#[derive(Debug, Clone)]
+pub struct Difference {
+    pub id: ObjectId,
+    /// `file:line`, or `inventory` for an object to prune.
+    pub origin: String,
+    pub action: Action,
+    /// The object now and as it would be, for created and configured objects.
+    pub live: Option<serde_json::Value>,
+    pub desired: Option<serde_json::Value>,
+}
+
+/// An object as a person reads it in a diff: without field-ownership bookkeeping.
+fn shown(object: &kube::api::DynamicObject) -> serde_json::Value {
+    let mut value = crate::apply::comparable(object);
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
+    value
 }

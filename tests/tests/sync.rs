@@ -313,3 +313,26 @@ async fn a_resync_of_the_same_commit_makes_no_write_request() {
     assert_eq!(again.counts().get(&Action::Unchanged), Some(&20));
     assert_eq!(configmap_writes(&client).await, before, "no write request, the inventory's included");
 }
+
+#[tokio::test]
+async fn diff_shows_what_a_sync_would_change_and_changes_nothing() {
+    let f = Fixture::new("diff").await;
+    f.repo.write("manifests/x.yaml", &f.config_map("cm-x", "a"));
+    f.repo.write("manifests/y.yaml", &f.config_map("cm-y", "a"));
+    f.repo.commit("A");
+    f.sync().await.unwrap();
+
+    f.repo.write("manifests/x.yaml", &f.config_map("cm-x", "b"));
+    f.repo.remove("manifests/y.yaml");
+    f.repo.write("manifests/z.yaml", &f.config_map("cm-z", "b"));
+    f.repo.commit("B");
+    let (_, tree) = f.checkout();
+    let mut diff: Vec<(String, Action)> =
+        f.syncer.diff(&tree).await.unwrap().into_iter().map(|d| (d.id.name, d.action)).collect();
+    diff.sort();
+    assert_eq!(
+        diff,
+        vec![("cm-x".into(), Action::Configured), ("cm-y".into(), Action::Deleted), ("cm-z".into(), Action::Created)]
+    );
+    assert_eq!(f.live().await, pairs(&[("cm-x", "a"), ("cm-y", "a")]), "diff writes nothing");
+}
