@@ -172,6 +172,14 @@ impl Leadership {
     }
 }
 
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("leader", &self.is_leader())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.published.stop();
@@ -186,11 +194,15 @@ impl Drop for Leadership {
 /// In a pod `HOSTNAME` is the pod name, unique among the replicas and what someone reading the
 /// Lease recognises. Outside a cluster several agents may share a host; the pid tells them apart.
 pub fn default_identity() -> String {
+    let non_empty = |name: String| Some(name.trim().to_owned()).filter(|name| !name.is_empty());
     let hostname = std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
+        .and_then(non_empty)
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .and_then(non_empty)
+        })
         .unwrap_or_else(|| "localhost".to_owned());
     // The kubelet sets this in every container, and nothing else usually does.
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
@@ -243,7 +255,7 @@ struct Election {
     identity: String,
     /// Whole seconds, as the Lease records them.
     duration: u64,
-    /// How long before expiry the holder renews; also the clock skew tolerated between replicas.
+    /// How long before expiry the holder renews.
     grace: u64,
 }
 
@@ -269,7 +281,8 @@ impl Election {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
-            // Renewing half-way leaves as much time for a slow renewal as for clock skew.
+            // Renewing half-way through leaves, of the second half, a quarter of the lease for a
+            // slow renewal to show up and a quarter for clock skew (see `valid_until`).
             grace: duration.div_ceil(2),
         })
     }
@@ -372,7 +385,12 @@ struct Driver {
     holds: bool,
     /// From the latest observation of the Lease; `None` unless it named this identity.
     valid_until: Option<SystemTime>,
+    /// Whether the latest observation of the Lease named another holder: the lease manager
+    /// then waits for that holding to expire, even if it is released.
+    others_held: bool,
+    /// When to try again to make a lease manager, after failing to.
     retry_at: Option<Instant>,
+    /// The wait after the next failure.
     backoff: Duration,
 }
 
@@ -386,6 +404,7 @@ impl Driver {
             manager: Some(manager),
             holds: false,
             valid_until: None,
+            others_held: false,
             retry_at: None,
             backoff: MIN_RETRY,
         }
@@ -488,14 +507,23 @@ impl Driver {
         let holder = lease
             .and_then(|lease| lease.spec.as_ref())
             .and_then(|spec| spec.holder_identity.as_deref());
-        if holder == Some(self.election.identity.as_str()) {
-            self.valid_until = lease.and_then(|lease| self.election.valid_until(lease));
-            false
-        } else {
-            self.valid_until = None;
-            // A standby's lease manager sleeps until the expiry it last saw; a new one sees the
-            // lease free and competes at once.
-            holder.is_none() && !self.holds
+        match holder {
+            Some(holder) if holder == self.election.identity => {
+                self.valid_until = lease.and_then(|lease| self.election.valid_until(lease));
+                self.others_held = false;
+                false
+            }
+            Some(_) => {
+                self.valid_until = None;
+                self.others_held = true;
+                false
+            }
+            None => {
+                self.valid_until = None;
+                // A standby's lease manager sleeps until the expiry of the holding it last saw;
+                // a new one sees the lease free and competes at once.
+                std::mem::take(&mut self.others_held) && !self.holds
+            }
         }
     }
 

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use gitops_agent::server::{self, AppState, WebhookSecret};
 use gitops_agent::source::{Credentials, GitSource};
 use gitops_agent::apply::Action;
+use gitops_agent::leader::{self, Leadership};
 use gitops_agent::{render, run, sync};
 
 #[derive(Parser)]
@@ -55,6 +56,10 @@ struct RunArgs {
     /// Where the mirror and checkouts live (default: a fresh temporary directory).
     #[arg(long, env = "GITOPS_WORK_DIR")]
     work_dir: Option<PathBuf>,
+    /// Apply only while holding the `gitops-agent` Lease in the agent's namespace
+    /// (default: on in a pod, off elsewhere).
+    #[arg(long, env = "GITOPS_LEADER_ELECTION", action = clap::ArgAction::Set)]
+    leader_election: Option<bool>,
 }
 
 /// Which repository, branch and directory to follow.
@@ -101,12 +106,17 @@ impl SourceArgs {
 }
 
 impl ApplyArgs {
-    fn syncer(self, client: kube::Client) -> sync::Syncer {
-        let namespace = self.namespace.unwrap_or_else(|| {
+    /// `--namespace`, else the pod's own, else `gitops-system`.
+    fn namespace(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| {
             std::fs::read_to_string(POD_NAMESPACE_FILE)
                 .map(|ns| ns.trim().to_owned())
                 .unwrap_or_else(|_| "gitops-system".to_owned())
-        });
+        })
+    }
+
+    fn syncer(self, client: kube::Client) -> sync::Syncer {
+        let namespace = self.namespace();
         sync::Syncer::new(
             client,
             sync::Options {
@@ -123,15 +133,25 @@ async fn cluster_client() -> Result<kube::Client> {
     kube::Client::try_default().await.context("connecting to the cluster (KUBECONFIG or in-cluster)")
 }
 
+/// The Lease replicas compete for, in the agent's namespace.
+const LEASE_NAME: &str = "gitops-agent";
+/// How long a leader's claim lasts without renewal: the longest a standby waits after
+/// the leader dies without releasing it.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// Whether the agent runs in a pod.
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
 /// Where a pod's service account namespace is mounted.
 const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if in_cluster { logs.json().init() } else { logs.init() }
+    if in_cluster() { logs.json().init() } else { logs.init() }
 
     let outcome = match cli.command {
         Cmd::Validate { dir } => validate(&dir),
@@ -174,7 +194,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .map(WebhookSecret::from_file)
         .transpose()
         .context("reading --webhook-secret-file")?;
-    let syncer = args.apply.syncer(cluster_client().await?);
+    let client = cluster_client().await?;
+    let namespace = args.apply.namespace();
+    let leadership = if args.leader_election.unwrap_or(in_cluster()) {
+        let identity = leader::default_identity();
+        tracing::info!(identity, namespace, lease = LEASE_NAME, "leader election on");
+        Leadership::start(client.clone(), &namespace, LEASE_NAME, &identity, LEASE_DURATION).await?
+    } else {
+        Leadership::always()
+    };
+    let syncer = args.apply.syncer(client);
 
     let temporary;
     let work_dir = match args.work_dir {
@@ -210,7 +239,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         tracing::info!("shutting down after the sync in flight");
         let _ = stop_tx.send(true);
     });
-    run::run(config, syncer, state, stop_rx).await;
+    run::run(config, syncer, state, leadership.changes(), stop_rx).await;
+    // After the loop, so the standby cannot start while this replica still applies.
+    leadership.release().await;
     server.await.context("HTTP server task")?;
     Ok(ExitCode::SUCCESS)
 }

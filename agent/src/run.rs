@@ -38,7 +38,16 @@ pub struct Config {
 }
 
 /// Runs until `shutdown` turns true; a sync in flight finishes first.
-pub async fn run(config: Config, syncer: Syncer, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+///
+/// Reconciles only while `leader` is true (always, without leader election), and
+/// abandons a reconcile the moment it turns false: another replica may apply now.
+pub async fn run(
+    config: Config,
+    syncer: Syncer,
+    state: Arc<AppState>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let config = Arc::new(config);
     let local_change = Arc::new(Notify::new());
     // Dropping the watcher stops it, so it lives as long as the loop.
@@ -47,12 +56,24 @@ pub async fn run(config: Config, syncer: Syncer, state: Arc<AppState>, mut shutd
     let mut applied: Option<Oid> = None;
     let mut failures = 0u32;
     loop {
-        match reconcile(&config, &syncer, &state, applied).await {
-            Ok(head) => {
-                applied = Some(head);
-                failures = 0;
+        tokio::select! {
+            led = leader.wait_for(|leading| *leading) => if led.is_err() { break },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+        tokio::select! {
+            outcome = reconcile(&config, &syncer, &state, applied) => match outcome {
+                Ok(head) => {
+                    applied = Some(head);
+                    failures = 0;
+                }
+                Err(()) => failures += 1,
+            },
+            _ = leader.wait_for(|leading| !*leading) => {
+                tracing::warn!("lost the leader lease: stopped applying");
+                // The new leader may have applied since: look at everything afresh.
+                applied = None;
+                continue;
             }
-            Err(()) => failures += 1,
         }
         let wait = match failures {
             0 => config.interval,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gitops_agent::leader::Leadership;
 use gitops_agent::run::{self, Config};
 use gitops_agent::server::{self, AppState, WebhookSecret};
 use gitops_agent::source::{Credentials, GitSource};
@@ -37,6 +38,8 @@ pub struct Agent {
     client: Client<HttpConnector, Full<Bytes>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Dropping it would end the loop's leadership.
+    _leadership: Leadership,
     _work: tempfile::TempDir,
 }
 
@@ -73,12 +76,14 @@ impl Agent {
             work_dir: work.path().to_owned(),
             local_repo: config.local_repo,
         };
-        let sync_loop = tokio::spawn(run::run(loop_config, syncer, state, stopped));
+        let leadership = Leadership::always();
+        let sync_loop = tokio::spawn(run::run(loop_config, syncer, state, leadership.changes(), stopped));
         Agent {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
             stop,
             tasks: vec![server, sync_loop],
+            _leadership: leadership,
             _work: work,
         }
     }
