@@ -249,7 +249,13 @@ impl Applier {
         let Some(live) = live else {
             return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }));
         };
-        if live.metadata.annotations.as_ref().and_then(|a| a.get(crate::PRUNE_ANNOTATION)).is_some_and(|v| v == "disabled") {
+        if live
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::PRUNE_ANNOTATION))
+            .is_some_and(|v| v == "disabled")
+        {
             tracing::info!(object = %object.id, "not pruned: annotated {}: disabled", crate::PRUNE_ANNOTATION);
             return Ok(None);
         }

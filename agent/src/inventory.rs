@@ -148,7 +148,12 @@ impl Store {
     }
 
     /// Step 2: `revision` now owns exactly `applied`.
-    pub async fn commit(&self, current: &mut Inventory, revision: &str, applied: Entries) -> Result<(), InventoryError> {
+    pub async fn commit(
+        &self,
+        current: &mut Inventory,
+        revision: &str,
+        applied: Entries,
+    ) -> Result<(), InventoryError> {
         let next = Inventory {
             revision: Some(revision.to_owned()),
             entries: applied,
@@ -170,10 +175,7 @@ impl Store {
                 name: Some(INVENTORY_NAME.to_owned()),
                 namespace: Some(self.namespace.clone()),
                 resource_version: current.resource_version.clone(),
-                labels: Some(BTreeMap::from([(
-                    crate::MANAGED_BY_LABEL.to_owned(),
-                    crate::FIELD_MANAGER.to_owned(),
-                )])),
+                labels: Some(BTreeMap::from([(crate::MANAGED_BY_LABEL.to_owned(), crate::FIELD_MANAGER.to_owned())])),
                 ..Default::default()
             },
             data: Some(BTreeMap::from([
@@ -193,9 +195,8 @@ impl Store {
     }
 
     fn parse(&self, data: &BTreeMap<String, String>, key: &str) -> Result<Entries, InventoryError> {
-        parse_entries(data.get(key).map(String::as_str).unwrap_or_default()).map_err(|(line, entry)| {
-            InventoryError::Malformed { namespace: self.namespace.clone(), line, entry }
-        })
+        parse_entries(data.get(key).map(String::as_str).unwrap_or_default())
+            .map_err(|(line, entry)| InventoryError::Malformed { namespace: self.namespace.clone(), line, entry })
     }
 }
 

@@ -80,19 +80,10 @@ pub enum LeaderError {
     EmptyIdentity,
     /// A holding of this identity's was left over, and could not be released.
     #[error("releasing Lease {namespace}/{name}, left held by {identity}: {source}")]
-    Stale {
-        namespace: String,
-        name: String,
-        identity: String,
-        source: Box<kube::Error>,
-    },
+    Stale { namespace: String, name: String, identity: String, source: Box<kube::Error> },
     /// The Lease could not be read or created.
     #[error("setting up Lease {namespace}/{name}: {source}")]
-    Lease {
-        namespace: String,
-        name: String,
-        source: Box<LeaseManagerError>,
-    },
+    Lease { namespace: String, name: String, source: Box<LeaseManagerError> },
 }
 
 /// This replica's candidacy for leadership, kept up in the background until it is released
@@ -127,21 +118,13 @@ impl Leadership {
         let (shutdown, stop) = oneshot::channel();
         let driver = Driver::new(election, manager, published.clone());
         let task = tokio::spawn(driver.run(stop));
-        Ok(Leadership {
-            published,
-            shutdown: Some(shutdown),
-            task: Some(task),
-        })
+        Ok(Leadership { published, shutdown: Some(shutdown), task: Some(task) })
     }
 
     /// Leadership without a Lease, for `--leader-election=false`: the operator runs a single
     /// replica and vouches that no other applies.
     pub fn always() -> Leadership {
-        Leadership {
-            published: Arc::new(Published::new(true)),
-            shutdown: None,
-            task: None,
-        }
+        Leadership { published: Arc::new(Published::new(true)), shutdown: None, task: None }
     }
 
     /// Whether this replica may apply now.
@@ -174,9 +157,7 @@ impl Leadership {
 
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leadership")
-            .field("leader", &self.is_leader())
-            .finish_non_exhaustive()
+        f.debug_struct("Leadership").field("leader", &self.is_leader()).finish_non_exhaustive()
     }
 }
 
@@ -198,11 +179,7 @@ pub fn default_identity() -> String {
     let hostname = std::env::var("HOSTNAME")
         .ok()
         .and_then(non_empty)
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .and_then(non_empty)
-        })
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().and_then(non_empty))
         .unwrap_or_else(|| "localhost".to_owned());
     // The kubelet sets this in every container, and nothing else usually does.
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
@@ -222,10 +199,7 @@ struct Published {
 
 impl Published {
     fn new(leader: bool) -> Published {
-        Published {
-            sender: watch::Sender::new(leader),
-            stopped: AtomicBool::new(false),
-        }
+        Published { sender: watch::Sender::new(leader), stopped: AtomicBool::new(false) }
     }
 
     /// Returns whether the value changed.
@@ -303,19 +277,13 @@ impl Election {
         })?;
         let params =
             LeaseParams::new(self.identity.clone(), self.duration, self.grace).with_field_manager(self.field_manager());
-        LeaseManager::new(
-            self.client.clone(),
-            &self.name,
-            &self.namespace,
-            params,
-            LeaseCreateMode::AutoCreate,
-        )
-        .await
-        .map_err(|source| LeaderError::Lease {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            source: Box::new(source),
-        })
+        LeaseManager::new(self.client.clone(), &self.name, &self.namespace, params, LeaseCreateMode::AutoCreate)
+            .await
+            .map_err(|source| LeaderError::Lease {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// Frees the lease if it names this identity, unless someone wrote it in the meantime.
@@ -324,10 +292,7 @@ impl Election {
             let Some(mut lease) = self.api.get_opt(&self.name).await? else {
                 return Ok(());
             };
-            let Some(spec) = lease
-                .spec
-                .as_mut()
-                .filter(|spec| spec.holder_identity.as_ref() == Some(&self.identity))
+            let Some(spec) = lease.spec.as_mut().filter(|spec| spec.holder_identity.as_ref() == Some(&self.identity))
             else {
                 return Ok(());
             };
@@ -336,10 +301,7 @@ impl Election {
             spec.acquire_time = None;
             spec.renew_time = None;
             spec.lease_duration_seconds = None;
-            let params = PostParams {
-                field_manager: Some(self.field_manager()),
-                ..PostParams::default()
-            };
+            let params = PostParams { field_manager: Some(self.field_manager()), ..PostParams::default() };
             // A replace carries the resourceVersion just read: a takeover since then wins.
             match self.api.replace(&self.name, &params, &lease).await {
                 Ok(_) => {
@@ -355,17 +317,12 @@ impl Election {
 
     /// Until when this identity may act as leader, by the Lease as the API server has it.
     fn valid_until(&self, lease: &Lease) -> Option<SystemTime> {
-        let spec = lease
-            .spec
-            .as_ref()
-            .filter(|spec| spec.holder_identity.as_ref() == Some(&self.identity))?;
+        let spec = lease.spec.as_ref().filter(|spec| spec.holder_identity.as_ref() == Some(&self.identity))?;
         let renewed = SystemTime::from(spec.renew_time.as_ref()?.0);
         let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds?).ok()?);
         // Others count the expiry on their own clocks; stop before theirs may be ahead of ours,
         // while leaving the renewal, due `grace` before expiry, time to show up.
-        renewed
-            .checked_add(duration)?
-            .checked_sub(Duration::from_secs(self.grace) / 2)
+        renewed.checked_add(duration)?.checked_sub(Duration::from_secs(self.grace) / 2)
     }
 }
 
@@ -413,9 +370,7 @@ impl Driver {
     /// Runs until `stop` says to release the lease, or until aborted.
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.election.name));
-        let mut events = watcher::watcher(self.election.api.clone(), config)
-            .default_backoff()
-            .boxed();
+        let mut events = watcher::watcher(self.election.api.clone(), config).default_backoff().boxed();
         loop {
             self.publish();
             let lapse = self.valid_until.filter(|_| self.holds).map(instant_at);
@@ -455,12 +410,7 @@ impl Driver {
     fn publish(&self) {
         let leader = self.holds && self.valid_until.is_some_and(|until| SystemTime::now() < until);
         if self.published.set(leader) {
-            let Election {
-                namespace,
-                name,
-                identity,
-                ..
-            } = &self.election;
+            let Election { namespace, name, identity, .. } = &self.election;
             if leader {
                 info!(%namespace, lease = %name, %identity, "became leader");
             } else {
@@ -504,9 +454,7 @@ impl Driver {
     /// Takes in the Lease as the API server has it (`None`: deleted); returns whether to start
     /// a new lease manager.
     fn observe(&mut self, lease: Option<&Lease>) -> bool {
-        let holder = lease
-            .and_then(|lease| lease.spec.as_ref())
-            .and_then(|spec| spec.holder_identity.as_deref());
+        let holder = lease.and_then(|lease| lease.spec.as_ref()).and_then(|spec| spec.holder_identity.as_deref());
         match holder {
             Some(holder) if holder == self.election.identity => {
                 self.valid_until = lease.and_then(|lease| self.election.valid_until(lease));
@@ -565,12 +513,7 @@ impl Driver {
             Some(manager) => manager.release().await.map_err(|e| e.to_string()),
             None => self.election.release_stale().await.map_err(|e| e.to_string()),
         };
-        let Election {
-            namespace,
-            name,
-            identity,
-            ..
-        } = &self.election;
+        let Election { namespace, name, identity, .. } = &self.election;
         match released {
             Ok(()) => info!(%namespace, lease = %name, %identity, "released the lease"),
             Err(error) => warn!(%namespace, lease = %name, %identity, %error,

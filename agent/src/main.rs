@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use gitops_agent::server::{self, AppState, WebhookSecret};
-use gitops_agent::source::{Credentials, GitSource};
 use gitops_agent::apply::Action;
 use gitops_agent::leader::{self, Leadership};
+use gitops_agent::server::{self, AppState, WebhookSecret};
+use gitops_agent::source::{Credentials, GitSource};
 use gitops_agent::{render, run, sync};
 
 #[derive(Parser)]
@@ -151,7 +151,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if in_cluster() { logs.json().init() } else { logs.init() }
+    if in_cluster() {
+        logs.json().init()
+    } else {
+        logs.init()
+    }
 
     let outcome = match cli.command {
         Cmd::Validate { dir } => validate(&dir),
@@ -224,7 +228,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     };
 
     let state = Arc::new(AppState::new(&args.source.branch, webhook_secret));
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -15,8 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use serde::Serialize;
 
@@ -24,14 +23,11 @@ use serde::Serialize;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// A sync usually takes seconds; a large first apply against a slow API server can take minutes.
-const SYNC_BUCKETS: &[f64] = &[
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-];
+const SYNC_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 /// Batch runs (Spark jobs and the like) take from seconds to several hours.
-const BATCH_RUN_BUCKETS: &[f64] = &[
-    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
-];
+const BATCH_RUN_BUCKETS: &[f64] =
+    &[10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0];
 
 /// How a sync ended: the `result` label of `gitops_sync_total`, and the `result` of the
 /// last sync in `/status`.
@@ -112,11 +108,8 @@ impl Metrics {
             sync_duration: register(
                 &registry,
                 Histogram::with_opts(
-                    HistogramOpts::new(
-                        "gitops_sync_duration_seconds",
-                        "Wall-clock time of a sync, successful or not.",
-                    )
-                    .buckets(SYNC_BUCKETS.to_vec()),
+                    HistogramOpts::new("gitops_sync_duration_seconds", "Wall-clock time of a sync, successful or not.")
+                        .buckets(SYNC_BUCKETS.to_vec()),
                 ),
             ),
             last_sync_success: register(
@@ -134,10 +127,7 @@ impl Metrics {
             current_revision: Mutex::new(None),
             source_fetch_errors: register(
                 &registry,
-                IntCounter::new(
-                    "gitops_source_fetch_errors_total",
-                    "Failed attempts to fetch the git repository.",
-                ),
+                IntCounter::new("gitops_source_fetch_errors_total", "Failed attempts to fetch the git repository."),
             ),
             managed_resources: gauges(
                 "gitops_managed_resources",
@@ -195,15 +185,9 @@ impl Metrics {
     pub fn sync_succeeded(&self, revision: &str, duration: Duration) {
         self.sync_finished(SyncResult::Success, duration);
         self.last_sync_success.set(unix_seconds(SystemTime::now()));
-        let mut current = self
-            .current_revision
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut current = self.current_revision.lock().unwrap_or_else(|e| e.into_inner());
         if current.as_deref() != Some(revision) {
-            replace_series(
-                &self.applied_revision,
-                BTreeMap::from([(vec![revision], 1)]),
-            );
+            replace_series(&self.applied_revision, BTreeMap::from([(vec![revision], 1)]));
             *current = Some(revision.to_owned());
         }
     }
@@ -225,18 +209,13 @@ impl Metrics {
 
     /// The objects now managed, one kind per object; replaces the previous count.
     pub fn set_managed<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {
-        replace_series(
-            &self.managed_resources,
-            count(kinds.into_iter().map(|kind| vec![kind])),
-        );
+        replace_series(&self.managed_resources, count(kinds.into_iter().map(|kind| vec![kind])));
     }
 
     /// The objects drifted now, one `(kind, namespace)` per object (namespace `""` for
     /// cluster-scoped ones); replaces the previous count.
     pub fn set_drifted<'a>(&self, objects: impl IntoIterator<Item = (&'a str, &'a str)>) {
-        let series = objects
-            .into_iter()
-            .map(|(kind, namespace)| vec![kind, namespace]);
+        let series = objects.into_iter().map(|(kind, namespace)| vec![kind, namespace]);
         replace_series(&self.drifted_resources, count(series));
     }
 
@@ -262,12 +241,8 @@ impl Metrics {
 
     /// A run of batch job `job` ended after `duration`.
     pub fn batch_run_finished(&self, job: &str, outcome: RunOutcome, duration: Duration) {
-        self.batch_runs
-            .with_label_values(&[job, outcome.label()])
-            .inc();
-        self.batch_run_duration
-            .with_label_values(&[job])
-            .observe(duration.as_secs_f64());
+        self.batch_runs.with_label_values(&[job, outcome.label()]).inc();
+        self.batch_run_duration.with_label_values(&[job]).observe(duration.as_secs_f64());
     }
 
     /// All metrics in the Prometheus text exposition format ([`CONTENT_TYPE`]).
@@ -282,14 +257,9 @@ impl Metrics {
 
 /// Registers `metric`. Definitions are constants, so an error is a programming mistake
 /// (a bad or duplicate name) that the unit tests catch.
-fn register<M: Collector + Clone + 'static>(
-    registry: &Registry,
-    metric: prometheus::Result<M>,
-) -> M {
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<M>) -> M {
     let metric = metric.expect("metric definition is valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
+    registry.register(Box::new(metric.clone())).expect("metric names are unique");
     metric
 }
 
@@ -313,11 +283,8 @@ fn replace_series(gauges: &IntGaugeVec, values: BTreeMap<Vec<&str>, i64>) {
     for family in gauges.collect() {
         for metric in family.get_metric() {
             // Collected label pairs are sorted by name, not in the vec's label order.
-            let by_name: HashMap<&str, &str> = metric
-                .get_label()
-                .iter()
-                .map(|pair| (pair.name(), pair.value()))
-                .collect();
+            let by_name: HashMap<&str, &str> =
+                metric.get_label().iter().map(|pair| (pair.name(), pair.value())).collect();
             let labels: Vec<&str> = names.iter().map(|name| by_name[name.as_str()]).collect();
             if !values.contains_key(&labels) {
                 // Only fails if the series is already gone, which is the goal.
@@ -329,9 +296,7 @@ fn replace_series(gauges: &IntGaugeVec, values: BTreeMap<Vec<&str>, i64>) {
 
 fn unix_seconds(time: SystemTime) -> f64 {
     // A clock before 1970 is broken anyway; 0 reads as "never" on dashboards.
-    time.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
+    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 #[cfg(test)]
@@ -367,10 +332,7 @@ mod tests {
     fn sync_results_exist_before_any_sync() {
         assert_eq!(
             series(&Metrics::new(), "gitops_sync_total"),
-            [
-                "gitops_sync_total{result=\"failure\"} 0",
-                "gitops_sync_total{result=\"success\"} 0"
-            ]
+            ["gitops_sync_total{result=\"failure\"} 0", "gitops_sync_total{result=\"success\"} 0"]
         );
     }
 
@@ -383,10 +345,7 @@ mod tests {
         metrics.set_drifted([("Deployment", "web"), ("Deployment", "web")]);
         assert_eq!(
             series(&metrics, "gitops_managed_resources"),
-            [
-                "gitops_managed_resources{kind=\"ConfigMap\"} 1",
-                "gitops_managed_resources{kind=\"Service\"} 1",
-            ]
+            ["gitops_managed_resources{kind=\"ConfigMap\"} 1", "gitops_managed_resources{kind=\"Service\"} 1",]
         );
         assert_eq!(
             series(&metrics, "gitops_drifted_resources"),

@@ -92,7 +92,11 @@ pub fn plan(
     inventory: &Inventory,
 ) -> Result<Plan, Vec<RenderError>> {
     let kinds = Kinds::new(discovery, &manifests);
-    render::resolve_scope(&mut manifests, |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced), default_namespace)?;
+    render::resolve_scope(
+        &mut manifests,
+        |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced),
+        default_namespace,
+    )?;
 
     let mut plan = Plan::default();
     let mut desired = BTreeSet::new();

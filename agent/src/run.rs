@@ -163,7 +163,9 @@ fn watch_local(repo: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedW
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Object writes come before the ref update; only refs say a commit landed.
-        if event.is_ok_and(|e| e.paths.iter().any(|p| p.components().any(|c| c.as_os_str() == "refs") || p.ends_with("packed-refs"))) {
+        if event.is_ok_and(|e| {
+            e.paths.iter().any(|p| p.components().any(|c| c.as_os_str() == "refs") || p.ends_with("packed-refs"))
+        }) {
             changed.notify_one();
         }
     })

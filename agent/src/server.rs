@@ -131,11 +131,7 @@ impl AppState {
 
     /// The objects drifted now (replaces the previous list and the drift gauge).
     pub fn set_drifted(&self, drifted: Vec<DriftedObject>) {
-        self.metrics.set_drifted(
-            drifted
-                .iter()
-                .map(|o| (o.kind.as_str(), o.namespace.as_deref().unwrap_or(""))),
-        );
+        self.metrics.set_drifted(drifted.iter().map(|o| (o.kind.as_str(), o.namespace.as_deref().unwrap_or(""))));
         self.status().drifted = drifted;
     }
 
@@ -157,19 +153,13 @@ impl AppState {
     fn status(&self) -> MutexGuard<'_, Status> {
         // A panic while holding the lock leaves a Status that is still well-formed, and
         // the status endpoint must keep answering.
-        self.status
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl LastSync {
     fn now(result: SyncResult, duration: Duration) -> Self {
-        Self {
-            time: SystemTime::now(),
-            result,
-            duration_seconds: duration.as_secs_f64(),
-        }
+        Self { time: SystemTime::now(), result, duration_seconds: duration.as_secs_f64() }
     }
 }
 
@@ -182,11 +172,7 @@ fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::
 
 /// Serves HTTP/1 on `listener` until `shutdown` completes, then lets in-flight requests
 /// finish (up to [`SHUTDOWN_GRACE`]) and returns.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = pin!(shutdown);
     loop {
@@ -210,9 +196,7 @@ pub async fn serve(
         });
         // The timer enables hyper's header read timeout, so idle or slow clients cannot
         // hold connections open forever.
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = http1::Builder::new().timer(TokioTimer::new()).serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -220,10 +204,7 @@ pub async fn serve(
             }
         });
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         warn!(grace = ?SHUTDOWN_GRACE, "dropping connections still open after shutdown");
     }
 }
@@ -232,17 +213,10 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Response<Full<By
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = match (&method, path.as_str()) {
-        (&Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
-            state.metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, state.metrics.encode()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/readyz") if state.is_ready() => text(StatusCode::OK, "ready"),
-        (&Method::GET, "/readyz") => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no successful sync yet",
-        ),
+        (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no successful sync yet"),
         (&Method::GET, "/status") => status_json(state),
         (&Method::POST, "/hooks/git") => git_hook(state, request).await,
         _ => text(StatusCode::NOT_FOUND, "not found"),
@@ -256,10 +230,7 @@ fn status_json(state: &AppState) -> Response<Full<Bytes>> {
         Ok(json) => respond(StatusCode::OK, "application/json", json),
         Err(error) => {
             warn!(%error, "serializing the status failed");
-            text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot serialize the status",
-            )
+            text(StatusCode::INTERNAL_SERVER_ERROR, "cannot serialize the status")
         }
     }
 }
@@ -287,9 +258,7 @@ async fn git_hook(state: &AppState, request: Request<Incoming>) -> Response<Full
     }
     let pushed = pushed_ref(&body);
     // Tags and other refs keep their full name, so they never equal the branch.
-    let pushed_branch = pushed
-        .as_deref()
-        .map(|r| r.strip_prefix("refs/heads/").unwrap_or(r));
+    let pushed_branch = pushed.as_deref().map(|r| r.strip_prefix("refs/heads/").unwrap_or(r));
     match pushed_branch {
         Some(other) if other != state.branch => {
             info!(pushed = other, branch = %state.branch, "ignored push to another branch");
@@ -321,9 +290,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -366,10 +333,7 @@ impl WebhookSecret {
     /// Reads the secret from `path`, without the trailing newline most editors and
     /// `echo` add (it is never part of the secret configured on the git server).
     pub fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let mut secret = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut secret = std::fs::read(path).map_err(|source| SecretError::Read { path: path.to_owned(), source })?;
         if secret.ends_with(b"\n") {
             secret.pop();
             if secret.ends_with(b"\r") {
@@ -377,9 +341,7 @@ impl WebhookSecret {
             }
         }
         if secret.is_empty() {
-            return Err(SecretError::Empty {
-                path: path.to_owned(),
-            });
+            return Err(SecretError::Empty { path: path.to_owned() });
         }
         Ok(Self(secret))
     }
@@ -392,9 +354,7 @@ impl WebhookSecret {
     fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), WebhookError> {
         let header = |name: &str| headers.get(name).map(|value| value.as_bytes());
         if let Some(signature) = header("x-hub-signature-256") {
-            let hex = signature
-                .strip_prefix(b"sha256=")
-                .ok_or(WebhookError::Malformed)?;
+            let hex = signature.strip_prefix(b"sha256=").ok_or(WebhookError::Malformed)?;
             self.verify_hmac(hex, body)
         } else if let Some(signature) = header("x-gitea-signature") {
             self.verify_hmac(signature, body)
@@ -402,9 +362,7 @@ impl WebhookSecret {
             // Comparing MACs of both tokens takes the same time whatever the token's
             // length or content, so timing reveals nothing about the secret.
             let expected = self.mac(&self.0).finalize().into_bytes();
-            self.mac(token)
-                .verify_slice(&expected)
-                .map_err(|_| WebhookError::Mismatch)
+            self.mac(token).verify_slice(&expected).map_err(|_| WebhookError::Mismatch)
         } else {
             Err(WebhookError::Missing)
         }
@@ -413,9 +371,7 @@ impl WebhookSecret {
     fn verify_hmac(&self, hex_signature: &[u8], body: &[u8]) -> Result<(), WebhookError> {
         let signature = hex::decode(hex_signature).map_err(|_| WebhookError::Malformed)?;
         // verify_slice compares in constant time.
-        self.mac(body)
-            .verify_slice(&signature)
-            .map_err(|_| WebhookError::Mismatch)
+        self.mac(body).verify_slice(&signature).map_err(|_| WebhookError::Mismatch)
     }
 
     fn mac(&self, message: &[u8]) -> HmacSha256 {
@@ -447,57 +403,30 @@ mod tests {
         let good = format!("sha256={BODY_HMAC}");
         assert_eq!(verify(&[("x-hub-signature-256", &good)]), Ok(()));
         let bad = format!("sha256={}", BODY_HMAC.replace('7', "8"));
-        assert_eq!(
-            verify(&[("x-hub-signature-256", &bad)]),
-            Err(WebhookError::Mismatch)
-        );
-        assert_eq!(
-            verify(&[("x-hub-signature-256", BODY_HMAC)]),
-            Err(WebhookError::Malformed)
-        );
-        assert_eq!(
-            verify(&[("x-hub-signature-256", "sha256=xyz")]),
-            Err(WebhookError::Malformed)
-        );
+        assert_eq!(verify(&[("x-hub-signature-256", &bad)]), Err(WebhookError::Mismatch));
+        assert_eq!(verify(&[("x-hub-signature-256", BODY_HMAC)]), Err(WebhookError::Malformed));
+        assert_eq!(verify(&[("x-hub-signature-256", "sha256=xyz")]), Err(WebhookError::Malformed));
     }
 
     #[test]
     fn gitea_signature() {
         assert_eq!(verify(&[("x-gitea-signature", BODY_HMAC)]), Ok(()));
         let truncated = &BODY_HMAC[..32];
-        assert_eq!(
-            verify(&[("x-gitea-signature", truncated)]),
-            Err(WebhookError::Mismatch)
-        );
-        assert_eq!(
-            verify(&[("x-gitea-signature", "not hex")]),
-            Err(WebhookError::Malformed)
-        );
+        assert_eq!(verify(&[("x-gitea-signature", truncated)]), Err(WebhookError::Mismatch));
+        assert_eq!(verify(&[("x-gitea-signature", "not hex")]), Err(WebhookError::Malformed));
     }
 
     #[test]
     fn gitlab_token() {
-        assert_eq!(
-            verify(&[("x-gitlab-token", "It's a Secret to Everybody")]),
-            Ok(())
-        );
-        assert_eq!(
-            verify(&[("x-gitlab-token", "It's a Secret")]),
-            Err(WebhookError::Mismatch)
-        );
-        assert_eq!(
-            verify(&[("x-gitlab-token", "")]),
-            Err(WebhookError::Mismatch)
-        );
+        assert_eq!(verify(&[("x-gitlab-token", "It's a Secret to Everybody")]), Ok(()));
+        assert_eq!(verify(&[("x-gitlab-token", "It's a Secret")]), Err(WebhookError::Mismatch));
+        assert_eq!(verify(&[("x-gitlab-token", "")]), Err(WebhookError::Mismatch));
     }
 
     #[test]
     fn missing_signature() {
         assert_eq!(verify(&[]), Err(WebhookError::Missing));
-        assert_eq!(
-            verify(&[("x-hub-signature", "sha1=00")]),
-            Err(WebhookError::Missing)
-        );
+        assert_eq!(verify(&[("x-hub-signature", "sha1=00")]), Err(WebhookError::Missing));
     }
 
     #[test]
@@ -507,30 +436,18 @@ mod tests {
         std::fs::write(&path, b" s3cret \r\n").unwrap();
         assert_eq!(WebhookSecret::from_file(&path).unwrap().0, b" s3cret ");
         std::fs::write(&path, b"\n").unwrap();
-        assert!(matches!(
-            WebhookSecret::from_file(&path),
-            Err(SecretError::Empty { .. })
-        ));
-        assert!(matches!(
-            WebhookSecret::from_file(&dir.path().join("absent")),
-            Err(SecretError::Read { .. })
-        ));
+        assert!(matches!(WebhookSecret::from_file(&path), Err(SecretError::Empty { .. })));
+        assert!(matches!(WebhookSecret::from_file(&dir.path().join("absent")), Err(SecretError::Read { .. })));
     }
 
     #[test]
     fn secret_debug_hides_the_secret() {
-        assert_eq!(
-            format!("{:?}", WebhookSecret(SECRET.to_vec())),
-            "WebhookSecret(..)"
-        );
+        assert_eq!(format!("{:?}", WebhookSecret(SECRET.to_vec())), "WebhookSecret(..)");
     }
 
     #[test]
     fn pushed_ref_from_payloads() {
-        assert_eq!(
-            pushed_ref(br#"{"ref":"refs/heads/main","after":"abc"}"#).as_deref(),
-            Some("refs/heads/main")
-        );
+        assert_eq!(pushed_ref(br#"{"ref":"refs/heads/main","after":"abc"}"#).as_deref(), Some("refs/heads/main"));
         assert_eq!(pushed_ref(br#"{"zen":"ping"}"#), None);
         assert_eq!(pushed_ref(b"payload=%7B%7D"), None);
     }

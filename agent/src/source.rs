@@ -21,8 +21,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use git2::cert::Cert;
 use git2::{
-    AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, ErrorCode,
-    FetchOptions, Oid, Remote, RemoteCallbacks, RemoteConnection, Repository,
+    AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, ErrorCode, FetchOptions, Oid, Remote,
+    RemoteCallbacks, RemoteConnection, Repository,
 };
 
 /// Why the source could not answer. Every variant names the repository by its
@@ -61,9 +61,7 @@ pub enum SourceError {
 
     /// An SSH URL without a `known_hosts` file: the agent never connects to an SSH
     /// server it cannot verify.
-    #[error(
-        "{url}: SSH needs a known_hosts file in the git secret to verify the server, and there is none"
-    )]
+    #[error("{url}: SSH needs a known_hosts file in the git secret to verify the server, and there is none")]
     NoKnownHosts {
         /// The remote, redacted.
         url: String,
@@ -137,10 +135,7 @@ impl Credentials {
     /// used, so a rotated Secret takes effect without a restart.
     pub fn from_secret_dir(dir: &Path) -> Result<Credentials, SourceError> {
         // A mistyped directory would otherwise silently mean "no credentials".
-        fs::read_dir(dir).map_err(|source| SourceError::SecretUnreadable {
-            path: dir.to_owned(),
-            source,
-        })?;
+        fs::read_dir(dir).map_err(|source| SourceError::SecretUnreadable { path: dir.to_owned(), source })?;
         let password = match read_secret_value(dir, "password")? {
             Some(password) => Some(password),
             None => read_secret_value(dir, "token")?,
@@ -208,12 +203,7 @@ impl GitSource {
     /// [`remote_head`](Self::remote_head) or [`fetch`](Self::fetch), where the agent
     /// reports and retries them.
     pub fn new(url: &str, branch: &str, credentials: Credentials) -> GitSource {
-        GitSource {
-            url: url.to_owned(),
-            branch: branch.to_owned(),
-            credentials,
-            transport: Transport::of(url),
-        }
+        GitSource { url: url.to_owned(), branch: branch.to_owned(), credentials, transport: Transport::of(url) }
     }
 
     /// The commit the branch points at on the remote. Costs one round trip and
@@ -221,8 +211,8 @@ impl GitSource {
     /// changes.
     pub fn remote_head(&self) -> Result<Oid, SourceError> {
         let session = Session::open(self)?;
-        let mut remote = Remote::create_detached(self.url.as_str())
-            .map_err(|error| session.error("reading the URL", error))?;
+        let mut remote =
+            Remote::create_detached(self.url.as_str()).map_err(|error| session.error("reading the URL", error))?;
         let connection = session.connect(&mut remote)?;
         session.branch_head(&connection)
     }
@@ -238,9 +228,7 @@ impl GitSource {
         let session = Session::open(self)?;
         let branch_ref = self.branch_ref();
         let repo = open_or_init_mirror(mirror)?;
-        let mut remote = repo
-            .remote_anonymous(&self.url)
-            .map_err(|error| session.error("reading the URL", error))?;
+        let mut remote = repo.remote_anonymous(&self.url).map_err(|error| session.error("reading the URL", error))?;
         let mut connection = session.connect(&mut remote)?;
         let head = session.branch_head(&connection)?;
         // A depth-1 fetch would download the snapshot again even when it is here.
@@ -251,12 +239,11 @@ impl GitSource {
                 .map_err(|error| session.error("downloading the branch", error))?;
         }
         // Forced: after a force-push the new head does not descend from the old one.
-        repo.reference(&branch_ref, head, true, "gitops-agent fetch")
-            .map_err(|source| SourceError::Mirror {
-                path: mirror.to_owned(),
-                action: "updating the branch",
-                source,
-            })?;
+        repo.reference(&branch_ref, head, true, "gitops-agent fetch").map_err(|source| SourceError::Mirror {
+            path: mirror.to_owned(),
+            action: "updating the branch",
+            source,
+        })?;
         Ok(head)
     }
 
@@ -266,19 +253,11 @@ impl GitSource {
 
     fn host_trust(&self, host: &str, port: u16) -> Result<HostTrust, SourceError> {
         let Some(path) = &self.credentials.known_hosts else {
-            return Err(SourceError::NoKnownHosts {
-                url: redact_url(&self.url),
-            });
+            return Err(SourceError::NoKnownHosts { url: redact_url(&self.url) });
         };
-        let listed = fs::read_to_string(path).map_err(|source| SourceError::SecretUnreadable {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(HostTrust {
-            entry_name: known_hosts::host_entry_name(host, port),
-            known_hosts: path.clone(),
-            listed,
-        })
+        let listed =
+            fs::read_to_string(path).map_err(|source| SourceError::SecretUnreadable { path: path.clone(), source })?;
+        Ok(HostTrust { entry_name: known_hosts::host_entry_name(host, port), known_hosts: path.clone(), listed })
     }
 
     /// libgit2 messages may quote the URL, userinfo included.
@@ -297,48 +276,27 @@ impl GitSource {
 /// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into
 /// `dir` (created if missing), the working tree the render stage reads.
 pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceError> {
-    let mirror_error = |action| {
-        move |source| SourceError::Mirror {
-            path: mirror.to_owned(),
-            action,
-            source,
-        }
-    };
+    let mirror_error = |action| move |source| SourceError::Mirror { path: mirror.to_owned(), action, source };
     let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
-    let tree = repo
-        .find_commit(commit)
-        .and_then(|commit| commit.tree())
-        .map_err(mirror_error("reading the commit"))?;
+    let tree = repo.find_commit(commit).and_then(|commit| commit.tree()).map_err(mirror_error("reading the commit"))?;
     let mut options = git2::build::CheckoutBuilder::new();
     options.target_dir(dir).force().recreate_missing(true);
-    repo.checkout_tree(tree.as_object(), Some(&mut options))
-        .map_err(mirror_error("checking out the commit"))
+    repo.checkout_tree(tree.as_object(), Some(&mut options)).map_err(mirror_error("checking out the commit"))
 }
 
 /// The content of the file at `path` in `commit` of a mirror written by
 /// [`GitSource::fetch`]; `None` when the commit has no such file.
 pub fn read_file(mirror: &Path, commit: Oid, path: &Path) -> Result<Option<Vec<u8>>, SourceError> {
-    let mirror_error = |action| {
-        move |source| SourceError::Mirror {
-            path: mirror.to_owned(),
-            action,
-            source,
-        }
-    };
+    let mirror_error = |action| move |source| SourceError::Mirror { path: mirror.to_owned(), action, source };
     let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
-    let tree = repo
-        .find_commit(commit)
-        .and_then(|commit| commit.tree())
-        .map_err(mirror_error("reading the commit"))?;
+    let tree = repo.find_commit(commit).and_then(|commit| commit.tree()).map_err(mirror_error("reading the commit"))?;
     let entry = match tree.get_path(path) {
         Ok(entry) => entry,
         Err(error) if error.code() == ErrorCode::NotFound => return Ok(None),
         Err(error) => return Err(mirror_error("looking up the file")(error)),
     };
-    let blob = entry
-        .to_object(&repo)
-        .and_then(|object| object.peel_to_blob())
-        .map_err(mirror_error("reading the file"))?;
+    let blob =
+        entry.to_object(&repo).and_then(|object| object.peel_to_blob()).map_err(mirror_error("reading the file"))?;
     Ok(Some(blob.content().to_vec()))
 }
 
@@ -367,11 +325,7 @@ fn open_or_init_mirror(mirror: &Path) -> Result<Repository, SourceError> {
             ErrorCode::NotFound => Repository::init_bare(mirror),
             _ => Err(error),
         })
-        .map_err(|source| SourceError::Mirror {
-            path: mirror.to_owned(),
-            action: "opening or creating",
-            source,
-        })
+        .map_err(|source| SourceError::Mirror { path: mirror.to_owned(), action: "opening or creating", source })
 }
 
 /// How libgit2 will reach the remote, as far as the agent's behaviour depends on it.
@@ -406,21 +360,14 @@ impl Transport {
 
     /// From `[user@]host[:port]`, where an IPv6 host is bracketed.
     fn ssh(authority: &str) -> Transport {
-        let host_port = authority
-            .rsplit_once('@')
-            .map_or(authority, |(_, rest)| rest);
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, rest)| rest);
         let (host, port) = match host_port.strip_prefix('[') {
-            Some(bracketed) => bracketed
-                .split_once(']')
-                .map_or((bracketed, ""), |(host, rest)| {
-                    (host, rest.trim_start_matches(':'))
-                }),
+            Some(bracketed) => {
+                bracketed.split_once(']').map_or((bracketed, ""), |(host, rest)| (host, rest.trim_start_matches(':')))
+            }
             None => host_port.split_once(':').unwrap_or((host_port, "")),
         };
-        Transport::Ssh {
-            host: host.to_owned(),
-            port: port.parse().unwrap_or(22),
-        }
+        Transport::Ssh { host: host.to_owned(), port: port.parse().unwrap_or(22) }
     }
 }
 
@@ -453,12 +400,7 @@ impl<'s> Session<'s> {
             Transport::Ssh { host, port } => Some(source.host_trust(host, *port)?),
             Transport::Local | Transport::Network => None,
         };
-        Ok(Session {
-            source,
-            host_trust,
-            secret_offered: Cell::new(false),
-            failure: Cell::new(None),
-        })
+        Ok(Session { source, host_trust, secret_offered: Cell::new(false), failure: Cell::new(None) })
     }
 
     fn connect<'r, 'repo>(
@@ -472,24 +414,15 @@ impl<'s> Session<'s> {
 
     fn branch_head(&self, connection: &RemoteConnection<'_, '_, '_>) -> Result<Oid, SourceError> {
         let branch_ref = self.source.branch_ref();
-        let heads = connection
-            .list()
-            .map_err(|error| self.error("listing branches", error))?;
-        heads
-            .iter()
-            .find(|head| head.name() == branch_ref)
-            .map(|head| head.oid())
-            .ok_or_else(|| SourceError::BranchNotFound {
-                url: redact_url(&self.source.url),
-                branch: self.source.branch.clone(),
-            })
+        let heads = connection.list().map_err(|error| self.error("listing branches", error))?;
+        heads.iter().find(|head| head.name() == branch_ref).map(|head| head.oid()).ok_or_else(|| {
+            SourceError::BranchNotFound { url: redact_url(&self.source.url), branch: self.source.branch.clone() }
+        })
     }
 
     fn fetch_options(&self) -> FetchOptions<'_> {
         let mut options = FetchOptions::new();
-        options
-            .remote_callbacks(self.callbacks())
-            .download_tags(AutotagOption::None);
+        options.remote_callbacks(self.callbacks()).download_tags(AutotagOption::None);
         if !matches!(self.source.transport, Transport::Local) {
             options.depth(1);
         }
@@ -498,64 +431,48 @@ impl<'s> Session<'s> {
 
     fn callbacks(&self) -> RemoteCallbacks<'_> {
         let mut callbacks = RemoteCallbacks::new();
-        callbacks.credentials(|_url, username_from_url, allowed| {
-            self.credentials(username_from_url, allowed)
-        });
+        callbacks.credentials(|_url, username_from_url, allowed| self.credentials(username_from_url, allowed));
         callbacks.certificate_check(|cert, _host| self.check_certificate(cert));
         callbacks
     }
 
-    fn credentials(
-        &self,
-        username_from_url: Option<&str>,
-        allowed: CredentialType,
-    ) -> Result<Cred, git2::Error> {
-        let username = username_from_url
-            .or(self.source.credentials.username.as_deref())
-            .unwrap_or("git");
+    fn credentials(&self, username_from_url: Option<&str>, allowed: CredentialType) -> Result<Cred, git2::Error> {
+        let username = username_from_url.or(self.source.credentials.username.as_deref()).unwrap_or("git");
         // SSH asks for the login name first; that is no attempt to authenticate yet.
         if allowed.contains(CredentialType::USERNAME) {
             return Cred::username(username);
         }
         if self.secret_offered.replace(true) {
-            return Err(self.fail(
-                self.authentication_failed(
-                    "the server refused the credentials from the git secret",
-                ),
-            ));
+            return Err(self.fail(self.authentication_failed("the server refused the credentials from the git secret")));
         }
         if allowed.contains(CredentialType::SSH_KEY) {
             self.ssh_key(username)
         } else if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
             self.password(username)
         } else {
-            Err(self.fail(self.authentication_failed(
-                "the server asks for a kind of credentials the agent does not support",
-            )))
+            Err(self.fail(
+                self.authentication_failed("the server asks for a kind of credentials the agent does not support"),
+            ))
         }
     }
 
     fn ssh_key(&self, username: &str) -> Result<Cred, git2::Error> {
         let Some(path) = &self.source.credentials.identity else {
-            return Err(self.fail(self.authentication_failed(
-                "the server wants an SSH key and the git secret has no identity file",
-            )));
+            return Err(self.fail(
+                self.authentication_failed("the server wants an SSH key and the git secret has no identity file"),
+            ));
         };
-        let key = fs::read_to_string(path).map_err(|source| {
-            self.fail(SourceError::SecretUnreadable {
-                path: path.clone(),
-                source,
-            })
-        })?;
+        let key = fs::read_to_string(path)
+            .map_err(|source| self.fail(SourceError::SecretUnreadable { path: path.clone(), source }))?;
         Cred::ssh_key_from_memory(username, None, &key, None)
     }
 
     fn password(&self, username: &str) -> Result<Cred, git2::Error> {
         match &self.source.credentials.password {
             Some(password) => Cred::userpass_plaintext(username, password),
-            None => Err(self.fail(self.authentication_failed(
-                "the server wants a password and the git secret has no password or token",
-            ))),
+            None => Err(self.fail(
+                self.authentication_failed("the server wants a password and the git secret has no password or token"),
+            )),
         }
     }
 
@@ -580,18 +497,13 @@ impl<'s> Session<'s> {
                 ),
                 known_hosts: trust.known_hosts.clone(),
             },
-            None => SourceError::NoKnownHosts {
-                url: redact_url(&self.source.url),
-            },
+            None => SourceError::NoKnownHosts { url: redact_url(&self.source.url) },
         };
         Err(self.fail(failure))
     }
 
     fn authentication_failed(&self, reason: &'static str) -> SourceError {
-        SourceError::AuthenticationFailed {
-            url: redact_url(&self.source.url),
-            reason,
-        }
+        SourceError::AuthenticationFailed { url: redact_url(&self.source.url), reason }
     }
 
     /// Keeps `failure` for [`Session::error`] and gives libgit2 an error to abort with.
@@ -618,30 +530,12 @@ mod tests {
     #[test]
     fn redact_url_drops_userinfo() {
         for (url, redacted) in [
-            (
-                "https://user:s3cret@git.example/org/repo.git",
-                "https://git.example/org/repo.git",
-            ),
-            (
-                "https://ghp_token@git.example/repo",
-                "https://git.example/repo",
-            ),
-            (
-                "ssh://git@git.example:2222/srv/repo",
-                "ssh://git.example:2222/srv/repo",
-            ),
-            (
-                "http://127.0.0.1:8080/repo.git",
-                "http://127.0.0.1:8080/repo.git",
-            ),
-            (
-                "https://git.example/a@b/repo",
-                "https://git.example/a@b/repo",
-            ),
-            (
-                "git@git.example:org/repo.git",
-                "git@git.example:org/repo.git",
-            ),
+            ("https://user:s3cret@git.example/org/repo.git", "https://git.example/org/repo.git"),
+            ("https://ghp_token@git.example/repo", "https://git.example/repo"),
+            ("ssh://git@git.example:2222/srv/repo", "ssh://git.example:2222/srv/repo"),
+            ("http://127.0.0.1:8080/repo.git", "http://127.0.0.1:8080/repo.git"),
+            ("https://git.example/a@b/repo", "https://git.example/a@b/repo"),
+            ("git@git.example:org/repo.git", "git@git.example:org/repo.git"),
             ("/srv/git/repo", "/srv/git/repo"),
         ] {
             assert_eq!(redact_url(url), redacted, "{url}");
@@ -650,10 +544,7 @@ mod tests {
 
     #[test]
     fn remote_errors_never_quote_secrets() {
-        let credentials = Credentials {
-            password: Some("hunter2".into()),
-            ..Credentials::none()
-        };
+        let credentials = Credentials { password: Some("hunter2".into()), ..Credentials::none() };
         let source = GitSource::new("https://me:pw@git.example/repo", "main", credentials);
         let text = source.without_secrets("GET https://me:pw@git.example/repo with hunter2");
         assert_eq!(text, "GET https://git.example/repo with <redacted>");
@@ -665,33 +556,15 @@ mod tests {
             Transport::Ssh { host, port } => Some((host, port)),
             Transport::Local | Transport::Network => None,
         };
-        assert_eq!(
-            ssh("ssh://git@127.0.0.1:2222/srv/repo"),
-            Some(("127.0.0.1".into(), 2222))
-        );
-        assert_eq!(
-            ssh("ssh://git.example/repo"),
-            Some(("git.example".into(), 22))
-        );
+        assert_eq!(ssh("ssh://git@127.0.0.1:2222/srv/repo"), Some(("127.0.0.1".into(), 2222)));
+        assert_eq!(ssh("ssh://git.example/repo"), Some(("git.example".into(), 22)));
         assert_eq!(ssh("ssh://[::1]:2222/repo"), Some(("::1".into(), 2222)));
-        assert_eq!(
-            ssh("git@git.example:org/repo.git"),
-            Some(("git.example".into(), 22))
-        );
+        assert_eq!(ssh("git@git.example:org/repo.git"), Some(("git.example".into(), 22)));
         assert_eq!(ssh("./dir:with/colon"), None);
         assert!(matches!(Transport::of("/srv/repo"), Transport::Local));
-        assert!(matches!(
-            Transport::of("file:///srv/repo"),
-            Transport::Local
-        ));
-        assert!(matches!(
-            Transport::of("https://git.example/r"),
-            Transport::Network
-        ));
-        assert!(matches!(
-            Transport::of("git://git.example/r"),
-            Transport::Network
-        ));
+        assert!(matches!(Transport::of("file:///srv/repo"), Transport::Local));
+        assert!(matches!(Transport::of("https://git.example/r"), Transport::Network));
+        assert!(matches!(Transport::of("git://git.example/r"), Transport::Network));
     }
 
     #[test]
@@ -704,10 +577,7 @@ mod tests {
         assert_eq!(credentials.username.as_deref(), Some("deploy"));
         assert_eq!(credentials.password.as_deref(), Some("t0ken"));
         assert_eq!(credentials.identity, None);
-        assert_eq!(
-            credentials.known_hosts,
-            Some(dir.path().join("known_hosts"))
-        );
+        assert_eq!(credentials.known_hosts, Some(dir.path().join("known_hosts")));
         assert!(!format!("{credentials:?}").contains("t0ken"));
         assert!(format!("{credentials:?}").contains("<redacted>"));
     }

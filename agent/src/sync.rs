@@ -12,7 +12,7 @@ use std::path::Path;
 
 use kube::discovery::Discovery;
 
-use crate::apply::{Action, ApplyError, Applier, ChangeSet, Planned, Preview};
+use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
 use crate::inventory::{Inventory, InventoryError, ObjectId, Store};
 use crate::plan::{self, Plan};
 use crate::render::{self, RenderError};
@@ -146,7 +146,13 @@ impl Syncer {
                 }
             };
             if action != Action::Unchanged {
-                differences.push(Difference { id: object.id.clone(), origin: object.origin.clone(), action, live, desired });
+                differences.push(Difference {
+                    id: object.id.clone(),
+                    origin: object.origin.clone(),
+                    action,
+                    live,
+                    desired,
+                });
             }
         }
         if !rejected.is_empty() {
@@ -155,7 +161,13 @@ impl Syncer {
         if self.options.prune {
             for object in plan.prune.iter().flatten() {
                 let action = Action::Deleted;
-                differences.push(Difference { id: object.id.clone(), origin: object.origin.clone(), action, live: None, desired: None });
+                differences.push(Difference {
+                    id: object.id.clone(),
+                    origin: object.origin.clone(),
+                    action,
+                    live: None,
+                    desired: None,
+                });
             }
         }
         Ok(differences)

@@ -51,31 +51,15 @@ impl Agent {
             let _ = stopped.await;
         }));
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self {
-            base,
-            state,
-            client,
-            stop,
-            server,
-        }
+        Self { base, state, client, stop, server }
     }
 
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> (StatusCode, String) {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
+    async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> (StatusCode, String) {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .unwrap();
+        let request = request.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
         let response = self.client.request(request).await.unwrap();
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -93,9 +77,7 @@ impl Agent {
     /// Whether the sync loop was woken. A webhook notifies before it responds, so a short
     /// wait is enough to tell "not notified".
     async fn fetch_was_requested(&self) -> bool {
-        timeout(Duration::from_millis(300), self.state.fetch_requested())
-            .await
-            .is_ok()
+        timeout(Duration::from_millis(300), self.state.fetch_requested()).await.is_ok()
     }
 }
 
@@ -108,41 +90,23 @@ fn hex_hmac(body: &str) -> String {
 #[tokio::test]
 async fn healthz_and_unknown_paths() {
     let agent = Agent::start(None).await;
-    assert_eq!(
-        agent.get("/healthz").await,
-        (StatusCode::OK, "ok".to_owned())
-    );
+    assert_eq!(agent.get("/healthz").await, (StatusCode::OK, "ok".to_owned()));
     assert_eq!(agent.get("/nope").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(
-        agent.send(Method::POST, "/metrics", &[], "").await.0,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(agent.send(Method::POST, "/metrics", &[], "").await.0, StatusCode::NOT_FOUND);
     assert_eq!(agent.get("/hooks/git").await.0, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn readyz_turns_ready_after_the_first_successful_sync() {
     let agent = Agent::start(None).await;
-    assert_eq!(
-        agent.get("/readyz").await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    agent
-        .state
-        .record_sync_failure(Duration::from_secs(1), vec!["clone failed".to_owned()]);
-    assert_eq!(
-        agent.get("/readyz").await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    agent
-        .state
-        .record_sync_success("0123abcd", Duration::from_secs(2));
+    assert_eq!(agent.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    agent.state.record_sync_failure(Duration::from_secs(1), vec!["clone failed".to_owned()]);
+    assert_eq!(agent.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    agent.state.record_sync_success("0123abcd", Duration::from_secs(2));
     assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
     // A later failure does not make a running agent unready: it still serves the last
     // applied revision.
-    agent
-        .state
-        .record_sync_failure(Duration::from_secs(1), vec!["apply failed".to_owned()]);
+    agent.state.record_sync_failure(Duration::from_secs(1), vec!["apply failed".to_owned()]);
     assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
 }
 
@@ -164,28 +128,21 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
 
 /// The label names of each sample line of family `name` (histogram samples without `le`).
 fn label_sets(exposition: &str, name: &str, kind: &str) -> Vec<BTreeSet<String>> {
-    let suffixes: &[&str] = if kind == "histogram" {
-        &["_bucket", "_sum", "_count"]
-    } else {
-        &[""]
-    };
+    let suffixes: &[&str] = if kind == "histogram" { &["_bucket", "_sum", "_count"] } else { &[""] };
     exposition
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let (sample, _value) = line.rsplit_once(' ')?;
             let (sample_name, labels) = sample.split_once('{').unwrap_or((sample, "}"));
-            suffixes
-                .iter()
-                .any(|s| sample_name == format!("{name}{s}"))
-                .then(|| {
-                    labels
-                        .trim_end_matches('}')
-                        .split(',')
-                        .filter_map(|pair| pair.split_once('=').map(|(label, _)| label.to_owned()))
-                        .filter(|label| label != "le")
-                        .collect()
-                })
+            suffixes.iter().any(|s| sample_name == format!("{name}{s}")).then(|| {
+                labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter_map(|pair| pair.split_once('=').map(|(label, _)| label.to_owned()))
+                    .filter(|label| label != "le")
+                    .collect()
+            })
         })
         .collect()
 }
@@ -213,36 +170,22 @@ async fn metrics_expose_every_contract_metric() {
     metrics.batch_run_triggered("nightly");
     metrics.batch_run_finished("nightly", RunOutcome::Failed, Duration::from_secs(20));
 
-    let request = Request::get(format!("{}/metrics", agent.base))
-        .body(Full::default())
-        .unwrap();
+    let request = Request::get(format!("{}/metrics", agent.base)).body(Full::default()).unwrap();
     let response = agent.client.request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()["content-type"],
-        "text/plain; version=0.0.4"
-    );
+    assert_eq!(response.headers()["content-type"], "text/plain; version=0.0.4");
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let exposition = String::from_utf8(body.to_vec()).unwrap();
 
     for (name, kind, labels) in CONTRACT {
         let type_line = format!("# TYPE {name} {kind}");
-        assert!(
-            exposition.lines().any(|line| line == type_line),
-            "{name} {kind} missing"
-        );
+        assert!(exposition.lines().any(|line| line == type_line), "{name} {kind} missing");
         let help = format!("# HELP {name} ");
-        assert!(
-            exposition.lines().any(|line| line.starts_with(&help)),
-            "{name} has no HELP"
-        );
+        assert!(exposition.lines().any(|line| line.starts_with(&help)), "{name} has no HELP");
         let expected: BTreeSet<String> = labels.iter().map(|label| label.to_string()).collect();
         let found = label_sets(&exposition, name, kind);
         assert!(!found.is_empty(), "{name} has no samples");
-        assert!(
-            found.iter().all(|set| *set == expected),
-            "{name}: labels {found:?}, want {expected:?}"
-        );
+        assert!(found.iter().all(|set| *set == expected), "{name}: labels {found:?}, want {expected:?}");
     }
     for sample in [
         "gitops_sync_total{result=\"success\"} 2",
@@ -262,24 +205,15 @@ async fn metrics_expose_every_contract_metric() {
         "gitops_batch_run_duration_seconds_bucket{job=\"nightly\",le=\"3600\"} 2",
         "gitops_batch_run_duration_seconds_count{job=\"nightly\"} 2",
     ] {
-        assert!(
-            exposition.lines().any(|line| line == sample),
-            "missing `{sample}` in\n{exposition}"
-        );
+        assert!(exposition.lines().any(|line| line == sample), "missing `{sample}` in\n{exposition}");
     }
-    assert!(
-        !exposition.contains("revision=\"aaaa\""),
-        "a replaced revision is still exposed"
-    );
+    assert!(!exposition.contains("revision=\"aaaa\""), "a replaced revision is still exposed");
     let timestamp = exposition
         .lines()
         .find_map(|line| line.strip_prefix("gitops_last_sync_success_timestamp_seconds "))
         .and_then(|value| value.parse::<f64>().ok())
         .unwrap();
-    assert!(
-        timestamp > 1.7e9,
-        "timestamp {timestamp} is not a recent unix time"
-    );
+    assert!(timestamp > 1.7e9, "timestamp {timestamp} is not a recent unix time");
 }
 
 #[tokio::test]
@@ -293,9 +227,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         json!({"revision": null, "last_sync": null, "errors": [], "drifted": [], "batch_runs": []})
     );
 
-    agent
-        .state
-        .record_sync_success("0123abcd", Duration::from_millis(1500));
+    agent.state.record_sync_success("0123abcd", Duration::from_millis(1500));
     agent.state.set_drifted(vec![DriftedObject {
         kind: "Namespace".to_owned(),
         namespace: None,
@@ -316,18 +248,12 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             result: None,
         },
     ]);
-    agent.state.record_sync_failure(
-        Duration::from_millis(250),
-        vec!["apply: forbidden".to_owned()],
-    );
+    agent.state.record_sync_failure(Duration::from_millis(250), vec!["apply: forbidden".to_owned()]);
 
     let mut status = parse(agent.get("/status").await.1);
     let time = status["last_sync"]["time"].take();
     let time = time.as_str().unwrap();
-    assert!(
-        time.len() == 20 && time.ends_with('Z'),
-        "not RFC 3339 UTC: {time}"
-    );
+    assert!(time.len() == 20 && time.ends_with('Z'), "not RFC 3339 UTC: {time}");
     assert_eq!(
         status,
         json!({
@@ -344,9 +270,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             ],
         })
     );
-    agent
-        .state
-        .record_sync_success("4567ef01", Duration::from_secs(1));
+    agent.state.record_sync_success("4567ef01", Duration::from_secs(1));
     let status = parse(agent.get("/status").await.1);
     assert_eq!(status["revision"], "4567ef01");
     assert_eq!(status["last_sync"]["result"], "success");
@@ -365,10 +289,7 @@ async fn signed_webhooks_trigger_a_fetch() {
     ] {
         let (code, _) = agent.hook(&headers, PUSH_TO_MAIN).await;
         assert_eq!(code, StatusCode::ACCEPTED, "{headers:?}");
-        assert!(
-            agent.fetch_was_requested().await,
-            "{headers:?} did not trigger a fetch"
-        );
+        assert!(agent.fetch_was_requested().await, "{headers:?} did not trigger a fetch");
     }
 }
 
@@ -385,31 +306,19 @@ async fn badly_signed_webhooks_are_refused_without_revealing_the_secret() {
     ] {
         let (code, body) = agent.hook(&headers, PUSH_TO_MAIN).await;
         assert_eq!(code, StatusCode::UNAUTHORIZED, "{headers:?}");
-        assert!(
-            !body.is_empty() && !body.contains(SECRET),
-            "{headers:?}: {body}"
-        );
-        assert!(
-            !agent.fetch_was_requested().await,
-            "{headers:?} triggered a fetch"
-        );
+        assert!(!body.is_empty() && !body.contains(SECRET), "{headers:?}: {body}");
+        assert!(!agent.fetch_was_requested().await, "{headers:?} triggered a fetch");
     }
 }
 
 #[tokio::test]
 async fn pushes_to_other_branches_are_ignored() {
     let agent = Agent::start(Some(SECRET)).await;
-    for (pushed, shown) in [
-        ("refs/heads/feature", "feature"),
-        ("refs/tags/main", "refs/tags/main"),
-    ] {
+    for (pushed, shown) in [("refs/heads/feature", "feature"), ("refs/tags/main", "refs/tags/main")] {
         let body = json!({"ref": pushed}).to_string();
         let github = format!("sha256={}", hex_hmac(&body));
         let response = agent.hook(&[("x-hub-signature-256", &github)], &body).await;
-        assert_eq!(
-            response,
-            (StatusCode::OK, format!("ignored: branch {shown}"))
-        );
+        assert_eq!(response, (StatusCode::OK, format!("ignored: branch {shown}")));
         assert!(!agent.fetch_was_requested().await);
     }
 }
@@ -420,10 +329,7 @@ async fn without_a_secret_any_webhook_triggers_a_fetch() {
     assert_eq!(agent.hook(&[], PUSH_TO_MAIN).await.0, StatusCode::ACCEPTED);
     assert!(agent.fetch_was_requested().await);
     // GitHub's ping has no ref; fetching is harmless.
-    assert_eq!(
-        agent.hook(&[], r#"{"zen":"Keep it simple."}"#).await.0,
-        StatusCode::ACCEPTED
-    );
+    assert_eq!(agent.hook(&[], r#"{"zen":"Keep it simple."}"#).await.0, StatusCode::ACCEPTED);
     assert!(agent.fetch_was_requested().await);
 }
 
@@ -431,10 +337,7 @@ async fn without_a_secret_any_webhook_triggers_a_fetch() {
 async fn oversized_webhooks_are_refused() {
     let agent = Agent::start(None).await;
     let body = "x".repeat(1024 * 1024 + 1);
-    assert_eq!(
-        agent.hook(&[], &body).await.0,
-        StatusCode::PAYLOAD_TOO_LARGE
-    );
+    assert_eq!(agent.hook(&[], &body).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(!agent.fetch_was_requested().await);
 }
 
@@ -443,8 +346,5 @@ async fn shutdown_stops_the_server() {
     let agent = Agent::start(None).await;
     assert_eq!(agent.get("/healthz").await.0, StatusCode::OK);
     agent.stop.send(()).unwrap();
-    timeout(Duration::from_secs(5), agent.server)
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(Duration::from_secs(5), agent.server).await.unwrap().unwrap();
 }

@@ -112,7 +112,17 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
 
     let state = dir.path().join("state");
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let args = ["up", "--provider", "local", "--state-dir", state.to_str().unwrap(), "--repo", repo.to_str().unwrap(), "--agent-listen", &listen];
+    let args = [
+        "up",
+        "--provider",
+        "local",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--repo",
+        repo.to_str().unwrap(),
+        "--agent-listen",
+        &listen,
+    ];
     let up = bootstrap(&args);
     assert!(stdout(&up).contains("has applied its head"), "{}", stdout(&up));
     let kubeconfig = state.join("kubeconfig");

@@ -94,7 +94,8 @@ impl Agent {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = self.client.request(request.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await.unwrap();
+        let response =
+            self.client.request(request.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await.unwrap();
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
@@ -113,9 +114,7 @@ impl Agent {
     /// `gitops_sync_total{result="failure"}`), 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics").await.1;
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
     }
 
     /// Stops the loop after its current sync, and the server.

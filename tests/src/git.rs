@@ -28,19 +28,11 @@ pub struct GitRepo {
 impl GitRepo {
     /// An empty repository; the branch exists after the first [`commit`](Self::commit).
     pub fn new() -> GitRepo {
-        let repo = GitRepo {
-            dir: tempfile::tempdir().expect("temp dir for a git repository"),
-        };
+        let repo = GitRepo { dir: tempfile::tempdir().expect("temp dir for a git repository") };
         let bare = repo.path();
-        git(
-            repo.dir.path(),
-            &["init", "-q", "--bare", "-b", BRANCH, path_str(&bare)],
-        );
+        git(repo.dir.path(), &["init", "-q", "--bare", "-b", BRANCH, path_str(&bare)]);
         git(repo.dir.path(), &["init", "-q", "-b", BRANCH, "work"]);
-        for (key, value) in [
-            ("user.name", "Test Author"),
-            ("user.email", "author@example.com"),
-        ] {
+        for (key, value) in [("user.name", "Test Author"), ("user.email", "author@example.com")] {
             repo.git(&["config", key, value]);
         }
         repo.git(&["remote", "add", "origin", path_str(&bare)]);
@@ -111,10 +103,7 @@ impl GitRepo {
     /// Deletes the branch on the remote.
     pub fn delete_branch(&self) {
         // A bare repository refuses to lose the branch its HEAD names unless told.
-        git(
-            &self.path(),
-            &["config", "receive.denyDeleteCurrent", "ignore"],
-        );
+        git(&self.path(), &["config", "receive.denyDeleteCurrent", "ignore"]);
         self.git(&["push", "-q", "origin", "--delete", BRANCH]);
     }
 
@@ -149,15 +138,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
         .expect("running git");
-    assert!(
-        output.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("git prints UTF-8")
-        .trim()
-        .to_owned()
+    assert!(output.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("git prints UTF-8").trim().to_owned()
 }
 
 /// `git daemon` exporting every repository under a root, anonymously.
@@ -184,16 +166,8 @@ impl GitDaemon {
             "--listen=127.0.0.1",
             &format!("--port={port}"),
         ]);
-        let daemon = ServerProcess::start(
-            command,
-            &Endpoint::Tcp(port),
-            &logs.path().join("daemon.log"),
-        );
-        GitDaemon {
-            _daemon: daemon,
-            port,
-            _logs: logs,
-        }
+        let daemon = ServerProcess::start(command, &Endpoint::Tcp(port), &logs.path().join("daemon.log"));
+        GitDaemon { _daemon: daemon, port, _logs: logs }
     }
 
     /// `git://` URL of the repository `name` under the served root.
@@ -218,33 +192,18 @@ impl HttpGitServer {
         let socket = dir.path().join("fcgiwrap.sock");
         let mut command = Command::new("fcgiwrap");
         command.arg("-s").arg(format!("unix:{}", socket.display()));
-        let fcgiwrap = ServerProcess::start(
-            command,
-            &Endpoint::Unix(socket.clone()),
-            &dir.path().join("fcgiwrap.log"),
-        );
+        let fcgiwrap = ServerProcess::start(command, &Endpoint::Unix(socket.clone()), &dir.path().join("fcgiwrap.log"));
 
         // nginx accepts plain-text passwords in this form, so no hashing tool is needed.
-        fs::write(
-            dir.path().join("htpasswd"),
-            format!("{user}:{{PLAIN}}{password}\n"),
-        )
-        .expect("writing htpasswd");
+        fs::write(dir.path().join("htpasswd"), format!("{user}:{{PLAIN}}{password}\n")).expect("writing htpasswd");
         let port = free_port();
         let config = dir.path().join("nginx.conf");
-        fs::write(&config, nginx_config(dir.path(), port, &socket, root))
-            .expect("writing nginx.conf");
+        fs::write(&config, nginx_config(dir.path(), port, &socket, root)).expect("writing nginx.conf");
         let mut command = Command::new("nginx");
         command.arg("-p").arg(dir.path()).arg("-c").arg(&config);
         command.arg("-e").arg(dir.path().join("error.log"));
-        let nginx =
-            ServerProcess::start(command, &Endpoint::Tcp(port), &dir.path().join("nginx.log"));
-        HttpGitServer {
-            _nginx: nginx,
-            _fcgiwrap: fcgiwrap,
-            port,
-            _dir: dir,
-        }
+        let nginx = ServerProcess::start(command, &Endpoint::Tcp(port), &dir.path().join("nginx.log"));
+        HttpGitServer { _nginx: nginx, _fcgiwrap: fcgiwrap, port, _dir: dir }
     }
 
     /// `http://` URL of the repository `name` under the served root.
@@ -257,11 +216,7 @@ impl HttpGitServer {
 fn nginx_config(prefix: &Path, port: u16, fcgi_socket: &Path, git_root: &Path) -> String {
     let prefix = prefix.display();
     // As root nginx would switch to "nobody", who cannot read the repositories.
-    let user = if geteuid().is_root() {
-        "user root;"
-    } else {
-        ""
-    };
+    let user = if geteuid().is_root() { "user root;" } else { "" };
     format!(
         r#"{user}
 daemon off;
@@ -313,11 +268,7 @@ impl SshGitServer {
         for key in ["host_key", "user_key", "stranger_key"] {
             generate_key(&dir.path().join(key));
         }
-        fs::copy(
-            dir.path().join("user_key.pub"),
-            dir.path().join("authorized_keys"),
-        )
-        .expect("writing authorized_keys");
+        fs::copy(dir.path().join("user_key.pub"), dir.path().join("authorized_keys")).expect("writing authorized_keys");
         // sshd refuses to start without its privilege separation directory.
         fs::create_dir_all("/run/sshd").expect("creating /run/sshd");
 
@@ -325,11 +276,7 @@ impl SshGitServer {
         let config = dir.path().join("sshd_config");
         fs::write(&config, sshd_config(dir.path(), port)).expect("writing sshd_config");
         let server = SshGitServer {
-            _sshd: ServerProcess::start(
-                sshd_command(&config),
-                &Endpoint::Tcp(port),
-                &dir.path().join("sshd.log"),
-            ),
+            _sshd: ServerProcess::start(sshd_command(&config), &Endpoint::Tcp(port), &dir.path().join("sshd.log")),
             port,
             user: current_user(),
             dir,
@@ -341,12 +288,7 @@ impl SshGitServer {
 
     /// `ssh://` URL of the repository at the absolute path `repo`.
     pub fn url(&self, repo: &Path) -> String {
-        format!(
-            "ssh://{}@127.0.0.1:{}{}",
-            self.user,
-            self.port,
-            repo.display()
-        )
+        format!("ssh://{}@127.0.0.1:{}{}", self.user, self.port, repo.display())
     }
 
     /// The private key the server accepts.
@@ -376,8 +318,7 @@ impl SshGitServer {
     }
 
     fn write_known_hosts(&self, file: &str, public_key: &str) {
-        let public_key =
-            fs::read_to_string(self.dir.path().join(public_key)).expect("reading a public key");
+        let public_key = fs::read_to_string(self.dir.path().join(public_key)).expect("reading a public key");
         // Drop the key's comment: "TYPE BASE64 COMMENT".
         let key: Vec<&str> = public_key.split_whitespace().take(2).collect();
         let line = format!("{} {}\n", self.known_hosts_name(), key.join(" "));
@@ -471,9 +412,7 @@ impl ServerProcess {
             .stdout(output.try_clone().expect("duplicating a log file handle"))
             .stderr(output)
             .process_group(0);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
         let mut server = ServerProcess { child };
         let deadline = Instant::now() + Self::STARTUP_TIMEOUT;
         while !endpoint.accepts() {

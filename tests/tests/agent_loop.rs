@@ -53,10 +53,10 @@ async fn a_signed_webhook_triggers_a_fetch_and_a_forged_one_does_not() {
     let repo = GitRepo::new();
     repo.write("manifests/app.yaml", &config_map("app", "1"));
     repo.commit("one");
-    let agent = Agent::start(client.clone(), AgentConfig {
-        webhook_secret: Some("s3cret".into()),
-        ..config(repo.file_url(), &ns)
-    })
+    let agent = Agent::start(
+        client.clone(),
+        AgentConfig { webhook_secret: Some("s3cret".into()), ..config(repo.file_url(), &ns) },
+    )
     .await;
     applied(&client, &ns, "app", "1").await;
     eventually("/readyz to answer 200", || async { (agent.get("/readyz").await.0 == 200).then_some(()) }).await;
@@ -86,10 +86,10 @@ async fn a_commit_to_a_local_repository_is_applied_without_waiting_for_the_poll(
     repo.write("manifests/app.yaml", &config_map("app", "1"));
     repo.commit("one");
     let path = repo.path();
-    let agent = Agent::start(client.clone(), AgentConfig {
-        local_repo: Some(path.clone()),
-        ..config(path.display().to_string(), &ns)
-    })
+    let agent = Agent::start(
+        client.clone(),
+        AgentConfig { local_repo: Some(path.clone()), ..config(path.display().to_string(), &ns) },
+    )
     .await;
     applied(&client, &ns, "app", "1").await;
 
@@ -109,20 +109,26 @@ async fn smart_http_with_basic_auth_deploys_and_a_wrong_password_is_reported() {
     let server = HttpGitServer::serve(&repo.root(), "deployer", "right-password");
 
     let secret = git_secret_dir(&[("username", "deployer"), ("password", "right-password")]);
-    let agent = Agent::start(client.clone(), AgentConfig {
-        credentials: Credentials::from_secret_dir(secret.path()).unwrap(),
-        ..config(server.url(repo.name()), &ns)
-    })
+    let agent = Agent::start(
+        client.clone(),
+        AgentConfig {
+            credentials: Credentials::from_secret_dir(secret.path()).unwrap(),
+            ..config(server.url(repo.name()), &ns)
+        },
+    )
     .await;
     applied(&client, &ns, "app", "1").await;
     agent.stop().await;
 
     let wrong = git_secret_dir(&[("username", "deployer"), ("password", "wrong-password")]);
     let other_ns = cluster::namespace(&client, "http-denied").await;
-    let agent = Agent::start(client.clone(), AgentConfig {
-        credentials: Credentials::from_secret_dir(wrong.path()).unwrap(),
-        ..config(server.url(repo.name()), &other_ns)
-    })
+    let agent = Agent::start(
+        client.clone(),
+        AgentConfig {
+            credentials: Credentials::from_secret_dir(wrong.path()).unwrap(),
+            ..config(server.url(repo.name()), &other_ns)
+        },
+    )
     .await;
     let errors = eventually("the fetch failure in /status", || async {
         let status = agent.status().await;
@@ -147,11 +153,7 @@ async fn an_unreachable_remote_keeps_the_last_good_revision_and_recovers() {
     repo.commit("one");
     let daemon = GitDaemon::serve(&repo.root());
     let url = daemon.url(repo.name());
-    let agent = Agent::start(client.clone(), AgentConfig {
-        webhook_secret: None,
-        ..config(url.clone(), &ns)
-    })
-    .await;
+    let agent = Agent::start(client.clone(), AgentConfig { webhook_secret: None, ..config(url.clone(), &ns) }).await;
     applied(&client, &ns, "app", "1").await;
 
     // The server goes away; a push (with the file deleted) cannot be fetched.

@@ -23,7 +23,6 @@ fn agent_binary() -> PathBuf {
 
 struct Replica {
     child: Child,
-    listen: String,
     log: PathBuf,
 }
 
@@ -43,7 +42,7 @@ impl Replica {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        Replica { child, listen, log }
+        Replica { child, log }
     }
 
     fn identity(&self) -> String {
@@ -75,7 +74,8 @@ async fn one_replica_applies_and_sigterm_hands_over_at_once() {
     repo.write("manifests/app.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\ndata:\n  value: one\n");
     repo.commit("one");
     let dir = tempfile::tempdir().unwrap();
-    let mut replicas = [Replica::start(&binary, &repo, &ns, dir.path(), "a"), Replica::start(&binary, &repo, &ns, dir.path(), "b")];
+    let mut replicas =
+        [Replica::start(&binary, &repo, &ns, dir.path(), "a"), Replica::start(&binary, &repo, &ns, dir.path(), "b")];
 
     let leader = eventually("one replica to hold the Lease", || async {
         let holder = holder(&client, &ns).await?;

@@ -57,8 +57,7 @@ async fn server_side_apply_creates_updates_and_reports_conflicts() {
         .await
         .unwrap();
     assert_eq!(forced.data.unwrap()["color"], "green");
-    let managers: Vec<String> =
-        forced.metadata.managed_fields.unwrap().into_iter().filter_map(|f| f.manager).collect();
+    let managers: Vec<String> = forced.metadata.managed_fields.unwrap().into_iter().filter_map(|f| f.manager).collect();
     assert_eq!(managers, vec!["bob".to_owned()], "a forced apply takes ownership of the field");
 }
 
@@ -100,10 +99,8 @@ async fn a_crd_becomes_established_and_its_objects_are_served() {
     }))
     .unwrap();
     // The discovery cache of a fresh CRD can lag Established by a moment.
-    eventually("the Widget to be created", || async {
-        widgets.create(&PostParams::default(), &widget).await.ok()
-    })
-    .await;
+    eventually("the Widget to be created", || async { widgets.create(&PostParams::default(), &widget).await.ok() })
+        .await;
     let served = widgets.get("w1").await.unwrap();
     assert_eq!(served.data["spec"]["size"], 3);
     crds.delete(&format!("widgets.{group}"), &DeleteParams::default()).await.unwrap();
@@ -154,9 +151,7 @@ async fn a_job_completes_when_its_pod_succeeds() {
             "state": { "terminated": { "exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now } }
         }]
     } });
-    pods.patch_status(&pod.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .unwrap();
+    pods.patch_status(&pod.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
 
     eventually("the Job to be Complete", || async {
         let conditions = jobs.get("once").await.ok()?.status?.conditions?;
@@ -220,7 +215,9 @@ async fn a_narrow_role_is_refused_outside_itself() {
     let own: Api<ConfigMap> = Api::namespaced(reader.clone(), &ns);
     own.list(&ListParams::default()).await.expect("the role grants list in its namespace");
     let forbidden = |result: Result<(), kube::Error>| matches!(result, Err(kube::Error::Api(s)) if s.code == 403);
-    assert!(forbidden(Api::<ConfigMap>::namespaced(reader.clone(), &other).list(&ListParams::default()).await.map(|_| ())));
+    assert!(forbidden(
+        Api::<ConfigMap>::namespaced(reader.clone(), &other).list(&ListParams::default()).await.map(|_| ())
+    ));
     let cm = serde_json::from_value(config_map(&ns, "new", json!({}))).unwrap();
     assert!(forbidden(own.create(&PostParams::default(), &cm).await.map(|_| ())));
     assert!(forbidden(Api::<Namespace>::all(reader).list(&ListParams::default()).await.map(|_| ())));
@@ -231,9 +228,12 @@ async fn a_restarted_api_server_serves_the_same_data() {
     let mut plane = cluster::private().await;
     let client = plane.client().await.unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    cms.create(&PostParams::default(), &serde_json::from_value(config_map("default", "kept", json!({"a": "1"}))).unwrap())
-        .await
-        .unwrap();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(config_map("default", "kept", json!({"a": "1"}))).unwrap(),
+    )
+    .await
+    .unwrap();
 
     plane.stop_component("kube-apiserver").unwrap();
     assert!(cms.get("kept").await.is_err(), "no API server, no answer");

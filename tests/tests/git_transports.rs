@@ -29,23 +29,15 @@ fn plain_local_path() {
 fn git_daemon() {
     let repo = GitRepo::new();
     let daemon = GitDaemon::serve(&repo.root());
-    assert_follows_commits(
-        &repo,
-        &daemon.url(repo.name()),
-        Credentials::none(),
-        Depth::Shallow,
-    );
+    assert_follows_commits(&repo, &daemon.url(repo.name()), Credentials::none(), Depth::Shallow);
 }
 
 #[test]
 fn smart_http_with_basic_auth() {
     let repo = GitRepo::new();
     let server = HttpGitServer::serve(&repo.root(), HTTP_USER, HTTP_PASSWORD);
-    let credentials = Credentials {
-        username: Some(HTTP_USER.into()),
-        password: Some(HTTP_PASSWORD.into()),
-        ..Credentials::none()
-    };
+    let credentials =
+        Credentials { username: Some(HTTP_USER.into()), password: Some(HTTP_PASSWORD.into()), ..Credentials::none() };
     assert_follows_commits(&repo, &server.url(repo.name()), credentials, Depth::Shallow);
 }
 
@@ -55,12 +47,7 @@ fn ssh_with_key_and_known_hosts_from_the_secret_dir() {
     let server = SshGitServer::serve();
     let secret = ssh_secret(&server.identity(), Some(&server.known_hosts()));
     let credentials = Credentials::from_secret_dir(secret.path()).unwrap();
-    assert_follows_commits(
-        &repo,
-        &server.url(&repo.path()),
-        credentials,
-        Depth::Shallow,
-    );
+    assert_follows_commits(&repo, &server.url(&repo.path()), credentials, Depth::Shallow);
 }
 
 #[test]
@@ -83,15 +70,9 @@ fn http_refuses_wrong_or_missing_credentials_without_leaking_them() {
         (url_with_password.as_str(), Credentials::none()),
     ] {
         let source = GitSource::new(url, BRANCH, credentials);
-        for error in [
-            source.remote_head().unwrap_err(),
-            fetch_into_new_mirror(&source).unwrap_err(),
-        ] {
+        for error in [source.remote_head().unwrap_err(), fetch_into_new_mirror(&source).unwrap_err()] {
             let message = error.to_string();
-            assert!(
-                matches!(error, SourceError::AuthenticationFailed { .. }),
-                "{message}"
-            );
+            assert!(matches!(error, SourceError::AuthenticationFailed { .. }), "{message}");
             assert!(message.contains(&server.url(repo.name())), "{message}");
             assert!(!message.contains("wrong-password"), "{message}");
         }
@@ -105,27 +86,18 @@ fn ssh_refuses_an_unknown_host_key() {
     repo.commit("first");
     let server = SshGitServer::serve();
     let secret = ssh_secret(&server.identity(), Some(&server.wrong_known_hosts()));
-    let source = GitSource::new(
-        &server.url(&repo.path()),
-        BRANCH,
-        Credentials::from_secret_dir(secret.path()).unwrap(),
-    );
+    let source =
+        GitSource::new(&server.url(&repo.path()), BRANCH, Credentials::from_secret_dir(secret.path()).unwrap());
 
     let error = source.remote_head().unwrap_err();
     let message = error.to_string();
-    let SourceError::UnknownHostKey {
-        host, known_hosts, ..
-    } = error
-    else {
+    let SourceError::UnknownHostKey { host, known_hosts, .. } = error else {
         panic!("expected UnknownHostKey, got: {message}");
     };
     assert_eq!(host, server.known_hosts_name());
     assert_eq!(known_hosts, secret.path().join("known_hosts"));
     assert!(message.contains(&server.known_hosts_name()), "{message}");
-    assert!(matches!(
-        fetch_into_new_mirror(&source),
-        Err(SourceError::UnknownHostKey { .. })
-    ));
+    assert!(matches!(fetch_into_new_mirror(&source), Err(SourceError::UnknownHostKey { .. })));
 }
 
 #[test]
@@ -133,19 +105,10 @@ fn ssh_without_known_hosts_does_not_connect() {
     let repo = GitRepo::new();
     let server = SshGitServer::serve();
     let secret = ssh_secret(&server.identity(), None);
-    let source = GitSource::new(
-        &server.url(&repo.path()),
-        BRANCH,
-        Credentials::from_secret_dir(secret.path()).unwrap(),
-    );
-    assert!(matches!(
-        source.remote_head(),
-        Err(SourceError::NoKnownHosts { .. })
-    ));
-    assert!(matches!(
-        fetch_into_new_mirror(&source),
-        Err(SourceError::NoKnownHosts { .. })
-    ));
+    let source =
+        GitSource::new(&server.url(&repo.path()), BRANCH, Credentials::from_secret_dir(secret.path()).unwrap());
+    assert!(matches!(source.remote_head(), Err(SourceError::NoKnownHosts { .. })));
+    assert!(matches!(fetch_into_new_mirror(&source), Err(SourceError::NoKnownHosts { .. })));
 }
 
 #[test]
@@ -155,16 +118,10 @@ fn ssh_gives_up_after_the_key_is_refused() {
     repo.commit("first");
     let server = SshGitServer::serve();
     let secret = ssh_secret(&server.stranger_identity(), Some(&server.known_hosts()));
-    let source = GitSource::new(
-        &server.url(&repo.path()),
-        BRANCH,
-        Credentials::from_secret_dir(secret.path()).unwrap(),
-    );
+    let source =
+        GitSource::new(&server.url(&repo.path()), BRANCH, Credentials::from_secret_dir(secret.path()).unwrap());
     let error = source.remote_head().unwrap_err();
-    assert!(
-        matches!(error, SourceError::AuthenticationFailed { .. }),
-        "{error}"
-    );
+    assert!(matches!(error, SourceError::AuthenticationFailed { .. }), "{error}");
 }
 
 #[test]
@@ -182,10 +139,7 @@ fn a_force_pushed_unrelated_history_is_followed() {
     assert_eq!(source.remote_head().unwrap().to_string(), rewritten);
     let fetched = source.fetch(mirror.path()).unwrap();
     assert_eq!(fetched.to_string(), rewritten);
-    assert_eq!(
-        read(&mirror, fetched, "manifests/other.yaml").as_deref(),
-        Some("kind: Other\n")
-    );
+    assert_eq!(read(&mirror, fetched, "manifests/other.yaml").as_deref(), Some("kind: Other\n"));
     assert_eq!(read(&mirror, fetched, MANIFEST), None);
 }
 
@@ -206,10 +160,7 @@ fn removed_files_and_reverts_are_followed() {
     let revert = repo.revert_head();
     let fetched = source.fetch(mirror.path()).unwrap();
     assert_eq!(fetched.to_string(), revert);
-    assert_eq!(
-        read(&mirror, fetched, MANIFEST).as_deref(),
-        Some("replicas: 1\n")
-    );
+    assert_eq!(read(&mirror, fetched, MANIFEST).as_deref(), Some("replicas: 1\n"));
 }
 
 #[test]
@@ -220,29 +171,18 @@ fn a_missing_branch_is_reported_as_such() {
     repo.commit("first");
     let url = daemon.url(repo.name());
     let mirror = TempDir::new().unwrap();
-    GitSource::new(&url, BRANCH, Credentials::none())
-        .fetch(mirror.path())
-        .unwrap();
+    GitSource::new(&url, BRANCH, Credentials::none()).fetch(mirror.path()).unwrap();
 
     let misspelled = GitSource::new(&url, "mian", Credentials::none());
-    assert!(matches!(
-        misspelled.remote_head(),
-        Err(SourceError::BranchNotFound { .. })
-    ));
+    assert!(matches!(misspelled.remote_head(), Err(SourceError::BranchNotFound { .. })));
 
     repo.delete_branch();
     let source = GitSource::new(&url, BRANCH, Credentials::none());
     let error = source.remote_head().unwrap_err();
-    assert!(
-        matches!(&error, SourceError::BranchNotFound { branch, .. } if branch == BRANCH),
-        "{error}"
-    );
+    assert!(matches!(&error, SourceError::BranchNotFound { branch, .. } if branch == BRANCH), "{error}");
     assert!(error.to_string().contains(&url), "{error}");
     // The mirror still holds the old commit; fetch must not pass it off as current.
-    assert!(matches!(
-        source.fetch(mirror.path()),
-        Err(SourceError::BranchNotFound { .. })
-    ));
+    assert!(matches!(source.fetch(mirror.path()), Err(SourceError::BranchNotFound { .. })));
 }
 
 /// Whether a fetch over this transport is expected to be shallow.
@@ -262,31 +202,17 @@ fn assert_follows_commits(repo: &GitRepo, url: &str, credentials: Credentials, d
         repo.write(MANIFEST, &contents);
         let commit = repo.commit(message);
 
-        assert_eq!(
-            source.remote_head().unwrap().to_string(),
-            commit,
-            "{url}: remote head"
-        );
+        assert_eq!(source.remote_head().unwrap().to_string(), commit, "{url}: remote head");
         let fetched = source.fetch(mirror.path()).unwrap();
         assert_eq!(fetched.to_string(), commit, "{url}: fetched commit");
-        assert_eq!(
-            read(&mirror, fetched, MANIFEST),
-            Some(contents),
-            "{url}: file content"
-        );
+        assert_eq!(read(&mirror, fetched, MANIFEST), Some(contents), "{url}: file content");
     }
     let mirror = Repository::open_bare(mirror.path()).unwrap();
-    assert_eq!(
-        mirror.is_shallow(),
-        depth == Depth::Shallow,
-        "{url}: mirror shallow"
-    );
+    assert_eq!(mirror.is_shallow(), depth == Depth::Shallow, "{url}: mirror shallow");
 }
 
 fn read(mirror: &TempDir, commit: git2::Oid, path: &str) -> Option<String> {
-    source::read_file(mirror.path(), commit, Path::new(path))
-        .unwrap()
-        .map(|bytes| String::from_utf8(bytes).unwrap())
+    source::read_file(mirror.path(), commit, Path::new(path)).unwrap().map(|bytes| String::from_utf8(bytes).unwrap())
 }
 
 fn fetch_into_new_mirror(source: &GitSource) -> Result<git2::Oid, SourceError> {

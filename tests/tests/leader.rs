@@ -26,10 +26,7 @@ async fn replica(client: &kube::Client, ns: &str, identity: &str, duration: Dura
 }
 
 async fn holder(client: &kube::Client, ns: &str) -> Option<String> {
-    let lease = Api::<Lease>::namespaced(client.clone(), ns)
-        .get_opt(LEASE)
-        .await
-        .expect("reading the lease")?;
+    let lease = Api::<Lease>::namespaced(client.clone(), ns).get_opt(LEASE).await.expect("reading the lease")?;
     lease.spec?.holder_identity
 }
 
@@ -81,10 +78,7 @@ async fn of_two_replicas_exactly_one_leads_across_renewals() {
     let renewals = RefCell::new(HashSet::new());
     eventually("four renewals of the lease", || async {
         assert!(!(a.is_leader() && b.is_leader()), "both replicas lead at once");
-        let lease = Api::<Lease>::namespaced(client.clone(), &ns)
-            .get(LEASE)
-            .await
-            .expect("reading the lease");
+        let lease = Api::<Lease>::namespaced(client.clone(), &ns).get(LEASE).await.expect("reading the lease");
         let mut renewals = renewals.borrow_mut();
         renewals.extend(lease.spec.and_then(|spec| spec.renew_time).map(|time| time.0));
         (renewals.len() >= 4).then_some(())
@@ -108,20 +102,13 @@ async fn the_standby_takes_over_from_a_leader_that_dies_without_releasing() {
     let a = replica(&client, &ns, names[0], SHORT).await;
     let b = replica(&client, &ns, names[1], SHORT).await;
     let leader = sole_leader([&a, &b]).await;
-    let (dead, standby, standby_name) = if leader == 0 {
-        (a, b, names[1])
-    } else {
-        (b, a, names[0])
-    };
+    let (dead, standby, standby_name) = if leader == 0 { (a, b, names[1]) } else { (b, a, names[0]) };
 
     // Dropping stops the renewals without touching the lease, as SIGKILL would: the standby
     // can take over only once the lease has expired.
     drop(dead);
 
-    eventually("the standby to become leader", || async {
-        standby.is_leader().then_some(())
-    })
-    .await;
+    eventually("the standby to become leader", || async { standby.is_leader().then_some(()) }).await;
     assert_eq!(holder(&client, &ns).await.as_deref(), Some(standby_name));
 }
 
@@ -134,27 +121,18 @@ async fn a_released_lease_passes_to_the_standby_before_it_would_expire() {
     // was released, not because it expired.
     let long = Duration::from_secs(600);
     let leader = replica(&client, &ns, names[0], long).await;
-    eventually("the first replica to become leader", || async {
-        leader.is_leader().then_some(())
-    })
-    .await;
+    eventually("the first replica to become leader", || async { leader.is_leader().then_some(()) }).await;
     let standby = replica(&client, &ns, names[1], long).await;
     // Not a bound on anything: it gives the standby time to see the lease held and go to sleep
     // until its expiry, as a standby usually has. Were it still awake, the test would prove less.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !standby.is_leader(),
-        "the standby does not lead while the lease is held"
-    );
+    assert!(!standby.is_leader(), "the standby does not lead while the lease is held");
 
     let changes = leader.changes();
     leader.release().await;
     assert!(!*changes.borrow(), "a released replica no longer leads");
 
-    eventually("the standby to become leader", || async {
-        standby.is_leader().then_some(())
-    })
-    .await;
+    eventually("the standby to become leader", || async { standby.is_leader().then_some(()) }).await;
     assert_eq!(holder(&client, &ns).await.as_deref(), Some(names[1]));
 }
 
@@ -164,25 +142,16 @@ async fn a_leader_cut_off_from_the_api_server_stops_leading_and_leads_again_once
     let mut plane = cluster::private().await;
     let client = plane.client().await.unwrap();
     let leader = replica(&client, "default", "replica-a", SHORT).await;
-    eventually("the replica to become leader", || async {
-        leader.is_leader().then_some(())
-    })
-    .await;
+    eventually("the replica to become leader", || async { leader.is_leader().then_some(()) }).await;
 
     // Nobody else could take the lease over now, but nor can the leader show that it still
     // holds it: it must stop before others would count the lease as expired.
     plane.stop_component("kube-apiserver").unwrap();
-    eventually("the cut-off replica to stop leading", || async {
-        (!leader.is_leader()).then_some(())
-    })
-    .await;
+    eventually("the cut-off replica to stop leading", || async { (!leader.is_leader()).then_some(()) }).await;
 
     plane.start_component("kube-apiserver").unwrap();
     plane.wait_ready().await.unwrap();
-    eventually("the replica to lead again", || async {
-        leader.is_leader().then_some(())
-    })
-    .await;
+    eventually("the replica to lead again", || async { leader.is_leader().then_some(()) }).await;
     let client = plane.client().await.unwrap();
     assert_eq!(holder(&client, "default").await.as_deref(), Some("replica-a"));
 }
@@ -195,10 +164,7 @@ async fn without_election_the_agent_always_leads_and_makes_no_lease() {
     assert!(leadership.is_leader());
     assert!(*leadership.changes().borrow());
 
-    let leases = Api::<Lease>::namespaced(client, &ns)
-        .list(&ListParams::default())
-        .await
-        .expect("listing leases");
+    let leases = Api::<Lease>::namespaced(client, &ns).list(&ListParams::default()).await.expect("listing leases");
     assert!(leases.items.is_empty(), "no Lease: {:?}", leases.items);
 
     let changes = leadership.changes();
@@ -211,14 +177,8 @@ async fn a_too_short_lease_or_an_empty_identity_is_refused() {
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "leader-invalid").await;
     let too_short = Leadership::start(client.clone(), &ns, LEASE, "replica-a", Duration::from_secs(1)).await;
-    assert!(
-        matches!(too_short, Err(LeaderError::Duration(_))),
-        "a 1s lease is refused"
-    );
+    assert!(matches!(too_short, Err(LeaderError::Duration(_))), "a 1s lease is refused");
     let anonymous = Leadership::start(client.clone(), &ns, LEASE, "", SHORT).await;
-    assert!(
-        matches!(anonymous, Err(LeaderError::EmptyIdentity)),
-        "an empty identity is refused"
-    );
+    assert!(matches!(anonymous, Err(LeaderError::EmptyIdentity)), "an empty identity is refused");
     assert!(!default_identity().is_empty());
 }

@@ -25,13 +25,7 @@ impl Fixture {
     async fn new(prefix: &str) -> Fixture {
         let client = cluster::client().await;
         let ns = cluster::namespace(&client, prefix).await;
-        Fixture {
-            repo: GitRepo::new(),
-            syncer: syncer(&client, &ns),
-            client,
-            ns,
-            work: tempfile::tempdir().unwrap(),
-        }
+        Fixture { repo: GitRepo::new(), syncer: syncer(&client, &ns), client, ns, work: tempfile::tempdir().unwrap() }
     }
 
     /// Fetches the repo's head as the agent does and syncs it.
@@ -209,7 +203,8 @@ async fn prune_keeps_annotated_objects_and_objects_the_agent_did_not_create() {
     f.repo.write("manifests/plain.yaml", &f.config_map("plain", "1"));
     f.repo.write(
         "manifests/kept.yaml",
-        &f.config_map("kept", "1").replace("  name: kept\n", "  name: kept\n  annotations:\n    gitops.scale.dev/prune: disabled\n"),
+        &f.config_map("kept", "1")
+            .replace("  name: kept\n", "  name: kept\n  annotations:\n    gitops.scale.dev/prune: disabled\n"),
     );
     f.repo.commit("three");
     f.sync().await.unwrap();
@@ -256,10 +251,8 @@ async fn a_sync_killed_half_way_leaves_no_orphan() {
         let syncer = syncer(&f.client, &f.ns);
         async move { syncer.sync(&tree, &head.to_string()).await }
     });
-    cluster::eventually("the sync to write its first objects", || async {
-        (!f.live().await.is_empty()).then_some(())
-    })
-    .await;
+    cluster::eventually("the sync to write its first objects", || async { (!f.live().await.is_empty()).then_some(()) })
+        .await;
     sync.abort();
     let _ = sync.await;
 
@@ -283,7 +276,11 @@ async fn configmap_writes(client: &kube::Client) -> u64 {
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("resource=\"configmaps\""))
         .filter(|l| !l.contains("dry_run=\"All\""))
-        .filter(|l| ["APPLY", "PATCH", "POST", "PUT", "DELETE", "CREATE", "UPDATE"].iter().any(|v| l.contains(&format!("verb=\"{v}\""))))
+        .filter(|l| {
+            ["APPLY", "PATCH", "POST", "PUT", "DELETE", "CREATE", "UPDATE"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
         .sum()
 }
@@ -296,7 +293,10 @@ async fn a_resync_of_the_same_commit_makes_no_write_request() {
     let ns = cluster::namespace(&client, "quiet").await;
     let repo = GitRepo::new();
     for i in 0..20 {
-        repo.write(&format!("manifests/cm-{i}.yaml"), &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i}\ndata:\n  value: \"{i}\"\n"));
+        repo.write(
+            &format!("manifests/cm-{i}.yaml"),
+            &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i}\ndata:\n  value: \"{i}\"\n"),
+        );
     }
     repo.commit("twenty");
     let work = tempfile::tempdir().unwrap();

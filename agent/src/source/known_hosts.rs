@@ -20,11 +20,7 @@ use sha1::Sha1;
 /// another.
 pub fn host_entry_name(host: &str, port: u16) -> String {
     let host = host.to_ascii_lowercase();
-    if port == 22 {
-        host
-    } else {
-        format!("[{host}]:{port}")
-    }
+    if port == 22 { host } else { format!("[{host}]:{port}") }
 }
 
 /// Whether `known_hosts` (the file's text) lists `key` (the key blob in SSH wire
@@ -32,10 +28,7 @@ pub fn host_entry_name(host: &str, port: u16) -> String {
 ///
 /// Comparing whole blobs also compares the key type, which the blob starts with.
 pub fn is_known(known_hosts: &str, entry_name: &str, key: &[u8]) -> bool {
-    known_hosts
-        .lines()
-        .filter_map(Entry::parse)
-        .any(|entry| entry.key == key && entry.names_host(entry_name))
+    known_hosts.lines().filter_map(Entry::parse).any(|entry| entry.key == key && entry.names_host(entry_name))
 }
 
 /// One usable line of a `known_hosts` file.
@@ -56,12 +49,10 @@ impl<'a> Entry<'a> {
     }
 
     fn names_host(&self, entry_name: &str) -> bool {
-        self.patterns
-            .split(',')
-            .any(|pattern| match pattern.strip_prefix("|1|") {
-                Some(hashed) => hashed_pattern_matches(hashed, entry_name),
-                None => pattern.eq_ignore_ascii_case(entry_name),
-            })
+        self.patterns.split(',').any(|pattern| match pattern.strip_prefix("|1|") {
+            Some(hashed) => hashed_pattern_matches(hashed, entry_name),
+            None => pattern.eq_ignore_ascii_case(entry_name),
+        })
     }
 }
 
@@ -86,8 +77,7 @@ mod tests {
     use super::*;
 
     const KEY_B64: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIEKdzNOGkLxYH3LA/fI5jdwwrqruSD8lLUqHKh6NhoRR";
-    const OTHER_KEY_B64: &str =
-        "AAAAC3NzaC1lZDI1NTE5AAAAIDYZ0LMhvKB1BC9RpHmPKKlAVpoCz1qWHLVvdwlujWRX";
+    const OTHER_KEY_B64: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIDYZ0LMhvKB1BC9RpHmPKKlAVpoCz1qWHLVvdwlujWRX";
 
     fn key() -> Vec<u8> {
         STANDARD.decode(KEY_B64).unwrap()
@@ -114,9 +104,7 @@ mod tests {
     #[test]
     fn matches_hashed_hosts() {
         // What `ssh-keygen -H` made of "[127.0.0.1]:2222 ssh-ed25519 KEY_B64".
-        let file = format!(
-            "|1|8+16y/3mNbpiHEvGy3fQ4CiJ//c=|W7H/oB1GCZWGT9lJ0KB/64PUn68= ssh-ed25519 {KEY_B64}\n"
-        );
+        let file = format!("|1|8+16y/3mNbpiHEvGy3fQ4CiJ//c=|W7H/oB1GCZWGT9lJ0KB/64PUn68= ssh-ed25519 {KEY_B64}\n");
         assert!(is_known(&file, "[127.0.0.1]:2222", &key()));
         assert!(!is_known(&file, "127.0.0.1", &key()));
         assert!(!is_known(&file, "[127.0.0.1]:2223", &key()));
@@ -124,9 +112,7 @@ mod tests {
 
     #[test]
     fn ignores_markers_and_wildcards() {
-        let file = format!(
-            "@cert-authority git.example ssh-ed25519 {KEY_B64}\n*.example ssh-ed25519 {KEY_B64}\n"
-        );
+        let file = format!("@cert-authority git.example ssh-ed25519 {KEY_B64}\n*.example ssh-ed25519 {KEY_B64}\n");
         assert!(!is_known(&file, "git.example", &key()));
         assert!(!is_known(&file, "a.example", &key()));
     }

@@ -48,7 +48,8 @@ pub fn repo_from_template(dir: &Path) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     REPO_TEMPLATE.extract(dir).map_err(|e| Error::io(dir, e))?;
     let git = |e: git2::Error| Error::Git { path: dir.to_owned(), message: e.message().to_owned() };
-    let repo = git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main")).map_err(git)?;
+    let repo =
+        git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main")).map_err(git)?;
     let mut index = repo.index().map_err(git)?;
     index.add_all(["*"], git2::IndexAddOption::DEFAULT, None).map_err(git)?;
     index.write().map_err(git)?;

@@ -137,11 +137,7 @@ impl LocalControlPlane {
         write_kubeconfig(&cm_kubeconfig, &server, &pki.ca_cert, &pki.controller_manager)?;
 
         let components = vec![
-            Component {
-                name: "etcd",
-                program: binaries.etcd.clone(),
-                args: etcd_args(&dir, etcd_client, etcd_peer),
-            },
+            Component { name: "etcd", program: binaries.etcd.clone(), args: etcd_args(&dir, etcd_client, etcd_peer) },
             Component {
                 name: "kube-apiserver",
                 program: binaries.kube.clone(),
@@ -206,11 +202,8 @@ impl LocalControlPlane {
     /// Stops one component (`etcd`, `kube-apiserver`, `kube-controller-manager`);
     /// the others keep running.
     pub fn stop_component(&mut self, name: &str) -> Result<(), Error> {
-        let index = self
-            .running
-            .iter()
-            .position(|p| p.name == name)
-            .ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
+        let index =
+            self.running.iter().position(|p| p.name == name).ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
         self.running.remove(index).stop();
         Ok(())
     }
@@ -218,11 +211,8 @@ impl LocalControlPlane {
     /// Starts a component stopped by [`Self::stop_component`] again, on the same ports
     /// and data. Returns without waiting: see [`Self::wait_ready`].
     pub fn start_component(&mut self, name: &str) -> Result<(), Error> {
-        let c = self
-            .components
-            .iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
+        let c =
+            self.components.iter().find(|c| c.name == name).ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
         let process = Process::spawn(&self.state_dir, c.name, &c.program, &c.args, self.lifetime)?;
         self.running.push(process);
         Ok(())
