@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use gitops_bootstrap::local::process::is_running;
+
 fn bootstrap(args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
     assert_success(args, output)
@@ -18,10 +20,24 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn running(pid: &str) -> bool {
-    // A zombie has exited; whoever inherited it reaps it.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+/// The pids `status` reports as running.
+fn running_pids(state: &Path) -> Vec<i32> {
+    let status = stdout(&bootstrap(&["status", "--provider", "local", "--state-dir", state.to_str().unwrap()]));
+    status
+        .lines()
+        .filter(|line| line.ends_with("running"))
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+/// `down`, then none of `pids` runs and the state is gone.
+fn down_leaves_nothing(state: &Path, pids: &[i32]) -> String {
+    let down = stdout(&bootstrap(&["down", "--provider", "local", "--state-dir", state.to_str().unwrap()]));
+    for pid in pids {
+        assert!(!is_running(*pid), "process {pid} survived `down`");
+    }
+    assert!(!state.exists(), "`down` removes the state directory");
+    down
 }
 
 #[test]
@@ -41,23 +57,14 @@ fn up_kubectl_status_down() {
     let namespaces = stdout(&kubectl);
     assert!(namespaces.contains("namespace/default") && namespaces.contains("namespace/kube-system"), "{namespaces}");
 
-    let status = stdout(&bootstrap(&[&["status"][..], &local].concat()));
-    let pids: Vec<String> = status
-        .lines()
-        .filter(|line| line.ends_with("running"))
-        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
-        .collect();
-    assert_eq!(pids.len(), 3, "etcd, kube-apiserver and kube-controller-manager run:\n{status}");
+    let pids = running_pids(&state);
+    assert_eq!(pids.len(), 3, "etcd, kube-apiserver and kube-controller-manager run: {pids:?}");
 
     let again = stdout(&bootstrap(&[&["up"][..], &local, &["--no-agent"]].concat()));
     assert!(again.contains("already running"), "a second `up` changes nothing: {again}");
 
-    let down = stdout(&bootstrap(&[&["down"][..], &local].concat()));
+    let down = down_leaves_nothing(&state, &pids);
     assert!(down.contains("stopped etcd, kube-apiserver, kube-controller-manager"), "{down}");
-    for pid in &pids {
-        assert!(!running(pid), "process {pid} survived `down`");
-    }
-    assert!(!Path::new(&state).exists(), "`down` removes the state directory");
 }
 
 /// `up` finds `gitops-agent` beside itself, where cargo builds it; a test run of this
@@ -135,15 +142,7 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
     git(&repo, &["revert", "--no-edit", "HEAD"]);
     wait_for_value(&kubeconfig, "first");
 
-    let status = stdout(&bootstrap(&["status", "--provider", "local", "--state-dir", state.to_str().unwrap()]));
-    let pids: Vec<String> = status
-        .lines()
-        .filter(|line| line.ends_with("running"))
-        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
-        .collect();
-    assert_eq!(pids.len(), 4, "the control plane and the agent run:\n{status}");
-    bootstrap(&["down", "--provider", "local", "--state-dir", state.to_str().unwrap()]);
-    for pid in &pids {
-        assert!(!running(pid), "process {pid} survived `down`");
-    }
+    let pids = running_pids(&state);
+    assert_eq!(pids.len(), 4, "the control plane and the agent run: {pids:?}");
+    down_leaves_nothing(&state, &pids);
 }

@@ -35,6 +35,17 @@ async fn value_of(client: &kube::Client, ns: &str, name: &str) -> Option<String>
     cm.data?.remove("value")
 }
 
+/// An admin client, a fresh namespace, and a repository whose first commit has
+/// ConfigMap `app` = 1.
+async fn setup(prefix: &str) -> (kube::Client, String, GitRepo) {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, prefix).await;
+    let repo = GitRepo::new();
+    repo.write("manifests/app.yaml", &config_map("app", "1"));
+    repo.commit("one");
+    (client, ns, repo)
+}
+
 fn config(repo: String, namespace: &str) -> AgentConfig {
     AgentConfig {
         repo,
@@ -48,11 +59,7 @@ fn config(repo: String, namespace: &str) -> AgentConfig {
 
 #[tokio::test]
 async fn a_signed_webhook_triggers_a_fetch_and_a_forged_one_does_not() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "webhook").await;
-    let repo = GitRepo::new();
-    repo.write("manifests/app.yaml", &config_map("app", "1"));
-    repo.commit("one");
+    let (client, ns, repo) = setup("webhook").await;
     let agent = Agent::start(
         client.clone(),
         AgentConfig { webhook_secret: Some("s3cret".into()), ..config(repo.file_url(), &ns) },
@@ -80,11 +87,7 @@ async fn a_signed_webhook_triggers_a_fetch_and_a_forged_one_does_not() {
 
 #[tokio::test]
 async fn a_commit_to_a_local_repository_is_applied_without_waiting_for_the_poll() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "notify").await;
-    let repo = GitRepo::new();
-    repo.write("manifests/app.yaml", &config_map("app", "1"));
-    repo.commit("one");
+    let (client, ns, repo) = setup("notify").await;
     let path = repo.path();
     let agent = Agent::start(
         client.clone(),
@@ -101,11 +104,7 @@ async fn a_commit_to_a_local_repository_is_applied_without_waiting_for_the_poll(
 
 #[tokio::test]
 async fn smart_http_with_basic_auth_deploys_and_a_wrong_password_is_reported() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "http").await;
-    let repo = GitRepo::new();
-    repo.write("manifests/app.yaml", &config_map("app", "1"));
-    repo.commit("one");
+    let (client, ns, repo) = setup("http").await;
     let server = HttpGitServer::serve(&repo.root(), "deployer", "right-password");
 
     let secret = git_secret_dir(&[("username", "deployer"), ("password", "right-password")]);
@@ -146,11 +145,7 @@ async fn smart_http_with_basic_auth_deploys_and_a_wrong_password_is_reported() {
 
 #[tokio::test]
 async fn an_unreachable_remote_keeps_the_last_good_revision_and_recovers() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "unreachable").await;
-    let repo = GitRepo::new();
-    repo.write("manifests/app.yaml", &config_map("app", "1"));
-    repo.commit("one");
+    let (client, ns, repo) = setup("unreachable").await;
     let daemon = GitDaemon::serve(&repo.root());
     let url = daemon.url(repo.name());
     let agent = Agent::start(client.clone(), AgentConfig { webhook_secret: None, ..config(url.clone(), &ns) }).await;

@@ -282,13 +282,7 @@ async fn components_die_with_a_killed_test_process() {
     child.wait().unwrap();
     eventually("every component to be gone", || async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        pids.iter().all(|pid| !process_running(*pid)).then_some(())
+        pids.iter().all(|pid| !gitops_bootstrap::local::process::is_running(*pid)).then_some(())
     })
     .await;
-}
-
-/// Zombies count as gone: init reaps them.
-fn process_running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }

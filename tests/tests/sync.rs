@@ -28,6 +28,15 @@ impl Fixture {
         Fixture { repo: GitRepo::new(), syncer: syncer(&client, &ns), client, ns, work: tempfile::tempdir().unwrap() }
     }
 
+    /// A fixture whose cluster holds ConfigMap `a` = 1 from a first, good commit.
+    async fn with_a_good_revision(prefix: &str) -> Fixture {
+        let f = Fixture::new(prefix).await;
+        f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+        f.repo.commit("good");
+        f.sync().await.unwrap();
+        f
+    }
+
     /// Fetches the repo's head as the agent does and syncs it.
     async fn sync(&self) -> Result<gitops_agent::apply::ChangeSet, SyncError> {
         let (head, tree) = self.checkout();
@@ -129,10 +138,7 @@ async fn an_unchanged_revision_writes_nothing() {
 
 #[tokio::test]
 async fn a_broken_file_applies_nothing_and_prunes_nothing() {
-    let f = Fixture::new("broken").await;
-    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
-    f.repo.commit("good");
-    f.sync().await.unwrap();
+    let f = Fixture::with_a_good_revision("broken").await;
 
     // One new object that is fine, one file that is not YAML, and `a` removed.
     f.repo.remove("manifests/a.yaml");
@@ -147,10 +153,7 @@ async fn a_broken_file_applies_nothing_and_prunes_nothing() {
 
 #[tokio::test]
 async fn an_object_the_api_server_rejects_applies_nothing_and_prunes_nothing() {
-    let f = Fixture::new("rejected").await;
-    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
-    f.repo.commit("good");
-    f.sync().await.unwrap();
+    let f = Fixture::with_a_good_revision("rejected").await;
 
     f.repo.remove("manifests/a.yaml");
     f.repo.write("manifests/b.yaml", &f.config_map("b", "1"));
@@ -169,10 +172,7 @@ async fn an_object_the_api_server_rejects_applies_nothing_and_prunes_nothing() {
 
 #[tokio::test]
 async fn an_empty_revision_does_not_prune_everything_unless_allowed() {
-    let f = Fixture::new("empty").await;
-    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
-    f.repo.commit("good");
-    f.sync().await.unwrap();
+    let f = Fixture::with_a_good_revision("empty").await;
 
     f.repo.remove("manifests/a.yaml");
     f.repo.write("README.md", "nothing here\n");

@@ -102,7 +102,7 @@ impl Process {
                 Ok(None) => None,
                 Err(e) => Some(e.to_string()),
             },
-            None => (!is_alive(self.pid)).then(|| "exited".to_owned()),
+            None => (!is_running(self.pid.as_raw())).then(|| "exited".to_owned()),
         }
     }
 
@@ -126,7 +126,7 @@ impl Process {
 pub fn stop_all(state_dir: &Path) -> Vec<String> {
     let mut stopped = Vec::new();
     for (name, pid) in pid_files(state_dir) {
-        if is_alive(pid) {
+        if is_running(pid.as_raw()) {
             stop_group(pid);
             stopped.push(name);
         }
@@ -137,7 +137,7 @@ pub fn stop_all(state_dir: &Path) -> Vec<String> {
 
 /// Each recorded component with whether it still runs.
 pub fn status(state_dir: &Path) -> Vec<(String, Pid, bool)> {
-    pid_files(state_dir).into_iter().map(|(name, pid)| (name, pid, is_alive(pid))).collect()
+    pid_files(state_dir).into_iter().map(|(name, pid)| (name, pid, is_running(pid.as_raw()))).collect()
 }
 
 fn pid_files(state_dir: &Path) -> Vec<(String, Pid)> {
@@ -175,7 +175,8 @@ fn group_alive(pgid: Pid) -> bool {
     killpg(pgid, None) != Err(Errno::ESRCH) && group_has_live_member(pgid)
 }
 
-fn is_alive(pid: Pid) -> bool {
+/// Whether process `pid` runs. A zombie has exited: its parent, or init, reaps it.
+pub fn is_running(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state letter follows the parenthesised command name.
         Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
