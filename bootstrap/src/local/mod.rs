@@ -159,9 +159,10 @@ impl LocalControlPlane {
             running: Vec::new(),
         };
         let started = async {
-            for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
-                plane.start_component(name)?;
-            }
+            plane.start_component("etcd")?;
+            plane.start_component("kube-apiserver")?;
+            plane.wait_api_ready().await?;
+            plane.start_component("kube-controller-manager")?;
             plane.wait_ready().await
         };
         match started.await {
@@ -222,46 +223,61 @@ impl LocalControlPlane {
     /// created the `default` service account; fails early, with the component's log,
     /// if one exits.
     pub async fn wait_ready(&self) -> Result<(), Error> {
-        let started = Instant::now();
+        self.wait_api_ready().await?;
+        let client = self.client().await?;
+        let service_accounts: Api<ServiceAccount> = Api::namespaced(client, "default");
+        self.wait_for("kube-controller-manager", async || match service_accounts.get_opt("default").await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("no default service account yet".to_owned()),
+            Err(e) => Err(e.to_string()),
+        })
+        .await
+    }
+
+    /// Waits until the API server answers `/readyz`. The controller manager starts only
+    /// then: it gives up by itself if the API server is slow to become healthy.
+    async fn wait_api_ready(&self) -> Result<(), Error> {
         // Until the API server listens, the client would log every refused connection.
         let address = self.server.trim_start_matches("https://").to_owned();
-        while tokio::net::TcpStream::connect(&address).await.is_err() && started.elapsed() < READY_TIMEOUT {
+        self.wait_for("kube-apiserver", async || {
+            tokio::net::TcpStream::connect(&address).await.map(drop).map_err(|e| e.to_string())
+        })
+        .await?;
+        let client = self.client().await?;
+        self.wait_for("kube-apiserver", async || {
+            let request = http::Request::get("/readyz").body(Vec::new()).expect("static request");
+            match client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => Ok(()),
+                Ok(body) => Err(body),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// Polls `probe` until it succeeds, a component exits, or [`READY_TIMEOUT`] passes.
+    async fn wait_for(&self, component: &str, probe: impl AsyncFn() -> Result<(), String>) -> Result<(), Error> {
+        let started = Instant::now();
+        loop {
             if let Some(err) = self.check_running() {
                 return Err(err);
+            }
+            let last_error = match probe().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if started.elapsed() > READY_TIMEOUT {
+                let log = self.state_dir.join("logs").join(format!("{component}.log"));
+                return Err(Error::NotReady {
+                    component: component.to_owned(),
+                    waited: READY_TIMEOUT,
+                    last_error,
+                    tail: process::tail(&log, LOG_TAIL_LINES),
+                    log,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let client = self.client().await?;
-        let mut last_error = String::from("no answer yet");
-        let mut waiting_for = "kube-apiserver";
-        while started.elapsed() < READY_TIMEOUT {
-            if let Some(err) = self.check_running() {
-                return Err(err);
-            }
-            let request = http::Request::get("/readyz").body(Vec::new()).expect("static request");
-            match client.request_text(request).await {
-                Ok(body) if body.trim() == "ok" => {
-                    waiting_for = "kube-controller-manager";
-                    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-                    match service_accounts.get_opt("default").await {
-                        Ok(Some(_)) => return Ok(()),
-                        Ok(None) => last_error = "no default service account yet".into(),
-                        Err(e) => last_error = e.to_string(),
-                    }
-                }
-                Ok(body) => last_error = body,
-                Err(e) => last_error = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let log = self.state_dir.join("logs").join(format!("{waiting_for}.log"));
-        Err(Error::NotReady {
-            component: waiting_for.to_owned(),
-            waited: READY_TIMEOUT,
-            last_error,
-            tail: process::tail(&log, LOG_TAIL_LINES),
-            log,
-        })
     }
 
     fn check_running(&self) -> Option<Error> {
