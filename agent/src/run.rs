@@ -16,9 +16,10 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, watch};
 
 use crate::apply::Action;
+use crate::drift::DriftWatch;
 use crate::server::AppState;
 use crate::source::{self, GitSource};
-use crate::sync::Syncer;
+use crate::sync::{Synced, Syncer};
 
 /// The first retry after a failure; doubled on each further failure, up to the poll
 /// interval (and never beyond five minutes).
@@ -44,6 +45,7 @@ pub struct Config {
 pub async fn run(
     config: Config,
     syncer: Syncer,
+    drift: DriftWatch,
     state: Arc<AppState>,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
@@ -61,7 +63,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
-            outcome = reconcile(&config, &syncer, &state, applied) => match outcome {
+            outcome = reconcile(&config, &syncer, &drift, &state, applied) => match outcome {
                 Ok(head) => {
                     applied = Some(head);
                     failures = 0;
@@ -91,7 +93,13 @@ pub async fn run(
 
 /// One look at the source. Returns the head now applied, or `Err` after recording
 /// the failure in metrics and `/status` (the cluster stays at the last good revision).
-async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, applied: Option<Oid>) -> Result<Oid, ()> {
+async fn reconcile(
+    config: &Arc<Config>,
+    syncer: &Syncer,
+    drift: &DriftWatch,
+    state: &AppState,
+    applied: Option<Oid>,
+) -> Result<Oid, ()> {
     let started = Instant::now();
     let fail = |stage: &str, message: String| {
         tracing::error!(stage, error = %message, "sync failed");
@@ -106,7 +114,13 @@ async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, appl
     .expect("fetch does not panic");
     let (head, tree) = match fetched {
         Ok(Some(fetched)) => fetched,
-        Ok(None) => return Ok(applied.expect("unchanged means applied before")),
+        Ok(None) => {
+            // The source answered and the cluster holds its head: that is a successful
+            // sync, and what `GitOpsSourceStale` watches for.
+            let head = applied.expect("unchanged means applied before");
+            state.record_sync_success(&head.to_string(), started.elapsed());
+            return Ok(head);
+        }
         Err(e) => {
             state.metrics.fetch_failed();
             fail("fetch", e.to_string());
@@ -119,7 +133,7 @@ async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, appl
     let result = syncer.sync(&root, &revision).await;
     let _ = std::fs::remove_dir_all(&tree);
     match result {
-        Ok(changes) => {
+        Ok(Synced { changes, objects }) => {
             tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
             let managed = changes.changes.iter().filter(|c| c.action != Action::Deleted);
             state.metrics.set_managed(managed.map(|c| c.id.kind.as_str()));
@@ -127,6 +141,7 @@ async fn reconcile(config: &Arc<Config>, syncer: &Syncer, state: &AppState, appl
                 state.metrics.pruned(&pruned.id.kind);
             }
             state.record_sync_success(&revision, started.elapsed());
+            drift.track(objects);
             Ok(head)
         }
         Err(e) => {
