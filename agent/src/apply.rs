@@ -142,12 +142,20 @@ impl Preview {
     }
 }
 
-/// An object without what changes on every write or every dry run and means nothing
-/// for its content: the resourceVersion, and the timestamps of field ownership.
+/// An object as far as git is concerned: without what the API server changes on every
+/// write or dry run (resourceVersion, generation, the timestamps of field ownership),
+/// without its status (which no one applies from git), and without apiVersion and kind
+/// (objects from a list or watch carry none).
 pub fn comparable(object: &DynamicObject) -> serde_json::Value {
     let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for volatile in ["apiVersion", "kind", "status"] {
+            fields.remove(volatile);
+        }
+    }
     if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("resourceVersion");
+        meta.remove("generation");
         if let Some(fields) = meta.get_mut("managedFields").and_then(|m| m.as_array_mut()) {
             for entry in fields.iter_mut().filter_map(|e| e.as_object_mut()) {
                 entry.remove("time");

@@ -7,9 +7,11 @@
 //! - [`apply`] dry-runs, applies and deletes them with server-side apply;
 //! - [`inventory`] keeps, in the cluster, what the agent owns;
 //! - [`sync`] runs those stages for one revision; [`run`] is the loop around it;
+//! - [`drift`] watches the applied objects between commits;
 //! - [`metrics`] and [`server`] report it all over HTTP.
 
 pub mod apply;
+pub mod drift;
 pub mod inventory;
 pub mod metrics;
 pub mod plan;

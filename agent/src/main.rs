@@ -11,7 +11,7 @@ use gitops_agent::apply::Action;
 use gitops_agent::leader::{self, Leadership};
 use gitops_agent::server::{self, AppState, WebhookSecret};
 use gitops_agent::source::{Credentials, GitSource};
-use gitops_agent::{render, run, sync};
+use gitops_agent::{drift, render, run, sync};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -60,6 +60,9 @@ struct RunArgs {
     /// (default: on in a pod, off elsewhere).
     #[arg(long, env = "GITOPS_LEADER_ELECTION", action = clap::ArgAction::Set)]
     leader_election: Option<bool>,
+    /// What to do when the cluster drifts from git: re-apply, or report only.
+    #[arg(long, env = "GITOPS_DRIFT", value_enum, default_value = "correct")]
+    drift: drift::Policy,
 }
 
 /// Which repository, branch and directory to follow.
@@ -207,7 +210,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         Leadership::always()
     };
-    let syncer = args.apply.syncer(client);
+    let force = args.apply.force_conflicts;
+    let syncer = args.apply.syncer(client.clone());
 
     let temporary;
     let work_dir = match args.work_dir {
@@ -228,6 +232,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     };
 
     let state = Arc::new(AppState::new(&args.source.branch, webhook_secret));
+    let drift = drift::DriftWatch::new(client, args.drift, force, state.clone());
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
@@ -244,7 +249,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         tracing::info!("shutting down after the sync in flight");
         let _ = stop_tx.send(true);
     });
-    run::run(config, syncer, state, leadership.changes(), stop_rx).await;
+    run::run(config, syncer, drift, state, leadership.changes(), stop_rx).await;
     // After the loop, so the standby cannot start while this replica still applies.
     leadership.release().await;
     server.await.context("HTTP server task")?;

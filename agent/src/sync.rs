@@ -80,7 +80,7 @@ impl Syncer {
 
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
     /// commit `revision`, and returns what changed.
-    pub async fn sync(&self, root: &Path, revision: &str) -> Result<ChangeSet, SyncError> {
+    pub async fn sync(&self, root: &Path, revision: &str) -> Result<Synced, SyncError> {
         let (plan, mut inventory) = self.plan(root).await?;
         let owned = inventory.owned().len();
         if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
@@ -114,7 +114,7 @@ impl Syncer {
             owned.extend(plan.prune.iter().flatten().map(|p| (p.id.clone(), crate::inventory::Origin::Created)));
         }
         self.store.commit(&mut inventory, revision, owned).await?;
-        Ok(changes)
+        Ok(Synced { changes, objects: all })
     }
 
     /// Renders the tree and plans it against the cluster and the stored inventory.
@@ -176,6 +176,14 @@ impl Syncer {
     async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, SyncError> {
         self.applier.dry_run(objects).await.map_err(SyncError::Rejected)
     }
+}
+
+/// What a sync did, and the objects the revision holds now (what drift is measured
+/// against).
+#[derive(Debug)]
+pub struct Synced {
+    pub changes: ChangeSet,
+    pub objects: Vec<Planned>,
 }
 
 /// One object `sync` would change.

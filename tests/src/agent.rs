@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gitops_agent::drift::{DriftWatch, Policy};
 use gitops_agent::leader::Leadership;
 use gitops_agent::run::{self, Config};
 use gitops_agent::server::{self, AppState, WebhookSecret};
@@ -30,6 +31,7 @@ pub struct AgentConfig {
     pub webhook_secret: Option<String>,
     /// Watch this local repository for commits.
     pub local_repo: Option<PathBuf>,
+    pub drift: Policy,
 }
 
 /// A running agent; stopped when dropped.
@@ -61,7 +63,7 @@ impl Agent {
             let _ = until_stopped.wait_for(|s| *s).await;
         }));
         let syncer = Syncer::new(
-            client,
+            client.clone(),
             Options {
                 default_namespace: config.namespace.clone(),
                 prune: true,
@@ -77,7 +79,8 @@ impl Agent {
             local_repo: config.local_repo,
         };
         let leadership = Leadership::always();
-        let sync_loop = tokio::spawn(run::run(loop_config, syncer, state, leadership.changes(), stopped));
+        let drift = DriftWatch::new(client, config.drift, true, state.clone());
+        let sync_loop = tokio::spawn(run::run(loop_config, syncer, drift, state, leadership.changes(), stopped));
         Agent {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),

@@ -54,6 +54,7 @@ fn config(repo: String, namespace: &str) -> AgentConfig {
         interval: NEVER,
         webhook_secret: None,
         local_repo: None,
+        drift: gitops_agent::drift::Policy::Correct,
     }
 }
 

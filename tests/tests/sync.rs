@@ -40,7 +40,7 @@ impl Fixture {
     /// Fetches the repo's head as the agent does and syncs it.
     async fn sync(&self) -> Result<gitops_agent::apply::ChangeSet, SyncError> {
         let (head, tree) = self.checkout();
-        self.syncer.sync(&tree, &head.to_string()).await
+        self.syncer.sync(&tree, &head.to_string()).await.map(|synced| synced.changes)
     }
 
     fn checkout(&self) -> (git2::Oid, std::path::PathBuf) {
@@ -232,7 +232,7 @@ async fn a_restart_remembers_what_was_applied() {
     f.repo.remove("manifests/b.yaml");
     f.repo.commit("one");
     let (head, tree) = f.checkout();
-    let changes = syncer(&f.client, &f.ns).sync(&tree, &head.to_string()).await.unwrap();
+    let changes = syncer(&f.client, &f.ns).sync(&tree, &head.to_string()).await.unwrap().changes;
     assert_eq!(changes.to_string(), "1 unchanged, 1 deleted");
     assert_eq!(f.live().await, pairs(&[("a", "1")]));
 }
@@ -304,12 +304,12 @@ async fn a_resync_of_the_same_commit_makes_no_write_request() {
     let head = GitSource::new(&repo.file_url(), "main", Credentials::none()).fetch(&mirror).unwrap();
     source::checkout(&mirror, head, work.path()).unwrap();
     let syncer = syncer(&client, &ns);
-    let first = syncer.sync(work.path(), &head.to_string()).await.unwrap();
+    let first = syncer.sync(work.path(), &head.to_string()).await.unwrap().changes;
     assert_eq!(first.counts().get(&Action::Created), Some(&20));
 
     let before = configmap_writes(&client).await;
     assert!(before >= 20, "the first sync's writes are counted: {before}");
-    let again = syncer.sync(work.path(), &head.to_string()).await.unwrap();
+    let again = syncer.sync(work.path(), &head.to_string()).await.unwrap().changes;
     assert_eq!(again.counts().get(&Action::Unchanged), Some(&20));
     assert_eq!(configmap_writes(&client).await, before, "no write request, the inventory's included");
 }

@@ -1,0 +1,359 @@
+//! Drift: the live cluster differs from git between commits. Detected from watches, as
+//! it happens; reported in `/status` and `gitops_drifted_resources`; corrected or left
+//! alone by policy.
+//!
+//! After each successful sync the loop hands [`DriftWatch::track`] the revision's
+//! objects. One kube-runtime watcher per kind, selecting the managed-by label, reports
+//! every change; nothing is re-listed or polled at steady state. Each changed object is
+//! checked in two steps:
+//!
+//! 1. suspicion, with no request: the object was deleted (or left the label selector), a
+//!    value git sets differs in the live object, or another field manager wrote after
+//!    the agent. Status updates and the agent's own applies raise none;
+//! 2. confirmation, with one server-side dry-run apply of that object (without force):
+//!    if the API server would store exactly the live object, defaulting, quantities
+//!    (`1000m` is `1`) and int-or-string made the difference, not a person. A conflict
+//!    means another manager took a field git sets.
+//!
+//! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use tokio::task::JoinHandle;
+
+use crate::apply::{Planned, comparable};
+use crate::inventory::ObjectId;
+use crate::server::{AppState, DriftedObject};
+
+/// Annotation that exempts an object from drift detection (`ignore`).
+pub const DRIFT_ANNOTATION: &str = "gitops.scale.dev/drift";
+
+/// What to do about drift (`--drift`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Re-apply the object from git.
+    Correct,
+    /// Report it until git or the cluster agree again.
+    Report,
+}
+
+/// Watches the objects of the applied revision.
+pub struct DriftWatch {
+    shared: Arc<Shared>,
+    watchers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Shared {
+    client: kube::Client,
+    policy: Policy,
+    /// Take fields back from other managers when correcting (`--force-conflicts`).
+    force: bool,
+    state: Arc<AppState>,
+    /// The applied revision's objects, by identity.
+    desired: Mutex<BTreeMap<ObjectId, Planned>>,
+    drifted: Mutex<BTreeMap<ObjectId, DriftedObject>>,
+}
+
+impl DriftWatch {
+    pub fn new(client: kube::Client, policy: Policy, force: bool, state: Arc<AppState>) -> DriftWatch {
+        let shared = Shared { client, policy, force, state, desired: Mutex::default(), drifted: Mutex::default() };
+        DriftWatch { shared: Arc::new(shared), watchers: Mutex::default() }
+    }
+
+    /// Tracks a newly applied revision's objects, replacing the previous ones. Each
+    /// watcher starts with a list, so drift that happened meanwhile is found too.
+    pub fn track(&self, objects: Vec<Planned>) {
+        let mut kinds: BTreeMap<(String, String, String), ApiResource> = BTreeMap::new();
+        for object in &objects {
+            let r = &object.resource;
+            kinds.insert((r.group.clone(), r.version.clone(), r.kind.clone()), r.clone());
+        }
+        *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), p)).collect();
+        // The sync just applied git: what was drifted is in line again, or is found anew.
+        self.shared.drifted.lock().unwrap().clear();
+        self.shared.publish();
+
+        let mut watchers = self.watchers.lock().unwrap();
+        for old in watchers.drain(..) {
+            old.abort();
+        }
+        for resource in kinds.into_values() {
+            watchers.push(tokio::spawn(self.shared.clone().watch(resource)));
+        }
+    }
+}
+
+impl Drop for DriftWatch {
+    fn drop(&mut self) {
+        for watcher in self.watchers.lock().unwrap().drain(..) {
+            watcher.abort();
+        }
+    }
+}
+
+impl Shared {
+    /// Follows one kind, cluster-wide, through the managed-by label.
+    async fn watch(self: Arc<Self>, resource: ApiResource) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        let selector = format!("{}={}", crate::MANAGED_BY_LABEL, crate::FIELD_MANAGER);
+        let config = watcher::Config::default().labels(&selector);
+        let mut events = watcher::watcher(api, config).boxed();
+        let mut listed = Vec::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                    if let Some(id) = self.identify(&resource, &object) {
+                        listed.push(id.clone());
+                        self.check(&id, Some(object)).await;
+                    }
+                }
+                Ok(Event::Delete(object)) => {
+                    if let Some(id) = self.identify(&resource, &object) {
+                        self.check(&id, None).await;
+                    }
+                }
+                Ok(Event::Init) => listed.clear(),
+                // Objects of this kind that git has but the list did not show were
+                // deleted (or lost the label) while nobody watched.
+                Ok(Event::InitDone) => {
+                    let missing: Vec<ObjectId> = self
+                        .desired
+                        .lock()
+                        .unwrap()
+                        .keys()
+                        .filter(|id| id.kind == resource.kind && id.group == resource.group && !listed.contains(id))
+                        .cloned()
+                        .collect();
+                    for id in missing {
+                        self.check(&id, None).await;
+                    }
+                }
+                // The watcher retries with backoff by itself; say why it had to.
+                Err(e) => tracing::warn!(kind = %resource.kind, error = %e, "drift watch interrupted"),
+            }
+        }
+    }
+
+    fn identify(&self, resource: &ApiResource, object: &DynamicObject) -> Option<ObjectId> {
+        let id = ObjectId {
+            group: resource.group.clone(),
+            kind: resource.kind.clone(),
+            namespace: object.metadata.namespace.clone().unwrap_or_default(),
+            name: object.metadata.name.clone()?,
+        };
+        self.desired.lock().unwrap().contains_key(&id).then_some(id)
+    }
+
+    /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
+    async fn check(&self, id: &ObjectId, seen: Option<DynamicObject>) {
+        let Some(planned) = self.desired.lock().unwrap().get(id).cloned() else { return };
+        let api = match id.namespace.as_str() {
+            "" => Api::<DynamicObject>::all_with(self.client.clone(), &planned.resource),
+            ns => Api::namespaced_with(self.client.clone(), ns, &planned.resource),
+        };
+        // A Delete event may only mean the label was removed: look.
+        let live = match seen {
+            Some(object) => Some(object),
+            None => match api.get_opt(&id.name).await {
+                Ok(live) => live,
+                Err(e) => return tracing::warn!(object = %id, error = %e, "drift check: cannot read"),
+            },
+        };
+        if ignored(&planned.object) || live.as_ref().is_some_and(ignored) {
+            return self.settle(id);
+        }
+        let finding = match &live {
+            None => Some(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
+            Some(live) if !suspicious(&planned.object, live) => None,
+            Some(live) => self.confirm(&api, &planned, live).await,
+        };
+        match finding {
+            None => self.settle(id),
+            Some(finding) => self.drifted(&api, &planned, finding).await,
+        }
+    }
+
+    /// The dry run that tells real drift from the API server's own normalisation.
+    /// Without force first: a conflict means another manager took a field git sets,
+    /// and a forced dry run then shows which values differ.
+    async fn confirm(&self, api: &Api<DynamicObject>, planned: &Planned, live: &DynamicObject) -> Option<Finding> {
+        let by = other_writers(live);
+        let dry_run = |params: PatchParams| async move {
+            api.patch(&planned.id.name, &params.dry_run(), &Patch::Apply(&planned.object)).await
+        };
+        let result = match dry_run(PatchParams::apply(crate::FIELD_MANAGER)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                dry_run(PatchParams::apply(crate::FIELD_MANAGER).force()).await
+            }
+            other => other,
+        };
+        match result {
+            // The object changed since the event: its newer version has an event of its
+            // own, and comparing across versions would see a controller's write as drift.
+            Ok(result) if result.metadata.resource_version != live.metadata.resource_version => None,
+            Ok(result) => {
+                let (live, result) = (comparable(live), comparable(&result));
+                (live != result).then(|| Finding { fields: differing_paths(&live, &result), by })
+            }
+            Err(e) => {
+                tracing::warn!(object = %planned.id, error = %e, "drift check: dry run failed");
+                None
+            }
+        }
+    }
+
+    async fn drifted(&self, api: &Api<DynamicObject>, planned: &Planned, finding: Finding) {
+        let id = &planned.id;
+        let newly = !self.drifted.lock().unwrap().contains_key(id);
+        if newly {
+            self.state.metrics.drift_detected(&id.kind);
+            tracing::warn!(object = %id, fields = ?finding.fields, changed_by = ?finding.by, policy = ?self.policy, "drift");
+        }
+        if self.policy == Policy::Correct {
+            let params = PatchParams::apply(crate::FIELD_MANAGER);
+            let params = if self.force { params.force() } else { params };
+            match api.patch(&id.name, &params, &Patch::Apply(&planned.object)).await {
+                Ok(_) => {
+                    self.state.metrics.drift_corrected(&id.kind);
+                    tracing::info!(object = %id, "drift corrected from git");
+                    return self.settle(id);
+                }
+                Err(e) => tracing::error!(object = %id, error = %e, "drift correction failed"),
+            }
+        }
+        let entry = DriftedObject {
+            kind: id.kind.clone(),
+            namespace: (!id.namespace.is_empty()).then(|| id.namespace.clone()),
+            name: id.name.clone(),
+            fields: finding.fields,
+        };
+        self.drifted.lock().unwrap().insert(id.clone(), entry);
+        self.publish();
+    }
+
+    /// The object agrees with git (again).
+    fn settle(&self, id: &ObjectId) {
+        if self.drifted.lock().unwrap().remove(id).is_some() {
+            tracing::info!(object = %id, "no longer drifted");
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let drifted: Vec<DriftedObject> = self.drifted.lock().unwrap().values().cloned().collect();
+        self.state.set_drifted(drifted);
+    }
+}
+
+/// What a confirmed drift is: the differing field paths and who wrote last.
+struct Finding {
+    fields: Vec<String>,
+    by: Vec<String>,
+}
+
+fn ignored(object: &DynamicObject) -> bool {
+    object.metadata.annotations.as_ref().and_then(|a| a.get(DRIFT_ANNOTATION)).is_some_and(|v| v == "ignore")
+}
+
+/// Whether the live object may differ from git: a value git sets differs as written,
+/// or a manager other than the agent wrote after it (outside the status subresource).
+fn suspicious(desired: &DynamicObject, live: &DynamicObject) -> bool {
+    let mut desired = serde_json::to_value(desired).unwrap_or_default();
+    // Objects from a list carry no apiVersion and kind; the watch knows them anyway.
+    if let Some(fields) = desired.as_object_mut() {
+        fields.remove("apiVersion");
+        fields.remove("kind");
+    }
+    let live_value = serde_json::to_value(live).unwrap_or_default();
+    if !contains(&live_value, &desired) {
+        return true;
+    }
+    let fields = live.metadata.managed_fields.as_deref().unwrap_or_default();
+    let ours = fields
+        .iter()
+        .filter(|f| f.manager.as_deref() == Some(crate::FIELD_MANAGER))
+        .filter_map(|f| f.time.as_ref())
+        .max();
+    fields.iter().any(|f| {
+        f.manager.as_deref() != Some(crate::FIELD_MANAGER)
+            && f.subresource.as_deref() != Some("status")
+            && f.time.as_ref().zip(ours).is_some_and(|(theirs, ours)| theirs.0 > ours.0)
+    })
+}
+
+/// Whether every value set in `wanted` is in `actual` (lists compared whole).
+fn contains(actual: &serde_json::Value, wanted: &serde_json::Value) -> bool {
+    match (actual, wanted) {
+        (serde_json::Value::Object(actual), serde_json::Value::Object(wanted)) => {
+            wanted.iter().all(|(k, w)| actual.get(k).is_some_and(|a| contains(a, w)))
+        }
+        (actual, wanted) => actual == wanted,
+    }
+}
+
+/// The dotted paths where two objects differ, for `/status` (managedFields left out).
+fn differing_paths(live: &serde_json::Value, desired: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    let null = serde_json::Value::Null;
+                    let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    if child == "metadata.managedFields" {
+                        continue;
+                    }
+                    walk(&child, a.get(key.as_str()).unwrap_or(&null), b.get(key.as_str()).unwrap_or(&null), out);
+                }
+            }
+            (a, b) if a != b => out.push(path.to_owned()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", live, desired, &mut out);
+    if out.is_empty() {
+        // Only field ownership differs.
+        out.push("metadata.managedFields".to_owned());
+    }
+    out
+}
+
+/// Managers other than the agent that wrote the object, newest first, for the log line
+/// that says who changed what.
+fn other_writers(live: &DynamicObject) -> Vec<String> {
+    let mut fields: Vec<_> = live
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.manager.as_deref() != Some(crate::FIELD_MANAGER))
+        .collect();
+    fields.sort_by(|a, b| b.time.as_ref().map(|t| t.0).cmp(&a.time.as_ref().map(|t| t.0)));
+    fields.into_iter().filter_map(|f| f.manager.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn containment_compares_what_git_sets_only() {
+        let live = json!({ "metadata": { "name": "a", "uid": "x" }, "spec": { "replicas": 3, "paused": false } });
+        assert!(contains(&live, &json!({ "metadata": { "name": "a" }, "spec": { "replicas": 3 } })));
+        assert!(!contains(&live, &json!({ "spec": { "replicas": 2 } })));
+        assert!(!contains(&live, &json!({ "spec": { "minReadySeconds": 5 } })));
+    }
+
+    #[test]
+    fn differing_paths_name_the_leaves() {
+        let live = json!({ "data": { "a": "1", "b": "2" }, "metadata": { "labels": { "x": "y" } } });
+        let git = json!({ "data": { "a": "1", "b": "3" }, "metadata": {} });
+        assert_eq!(differing_paths(&live, &git), vec!["data.b", "metadata.labels"]);
+    }
+}
