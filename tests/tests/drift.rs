@@ -209,3 +209,99 @@ async fn an_object_annotated_drift_ignore_is_left_alone() {
     assert_eq!(live.data.unwrap()["value"], "mine");
     assert_eq!(f.metric("gitops_drift_detected_total{kind=\"ConfigMap\"}").await, 0.0);
 }
+
+/// `kubectl` against the shared control plane.
+fn kubectl(args: &[&str]) {
+    let output = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster::shared().kubeconfig())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test]
+async fn kubectl_drift_fires_the_shipped_alert_and_a_commit_resolves_it() {
+    let f = Fixture::start("drift-alert", Policy::Report).await;
+    // The shipped rules, with `for: 1s` instead of 5 minutes.
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/alerts/gitops-agent.rules.yaml"))
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let quick = dir.path().join("quick.rules.yaml");
+    std::fs::write(&quick, rules.replace("for: 5m", "for: 1s")).unwrap();
+    let target = f.agent.base.trim_start_matches("http://").to_owned();
+    let prometheus = gitops_tests::prometheus::Prometheus::start(&[target], &[quick]).await;
+    prometheus.wait_for_targets_up().await;
+
+    kubectl(&["-n", &f.ns, "patch", "configmap", "settings", "--type=merge", "-p", r#"{"data":{"value":"by hand"}}"#]);
+    kubectl(&["-n", &f.ns, "delete", "service", "web"]);
+    let firing = eventually("GitOpsDriftDetected to fire for the ConfigMap and the Service", || async {
+        let alerts: Vec<String> = prometheus
+            .alerts()
+            .await
+            .into_iter()
+            .filter(|(name, state, labels)| {
+                name == "GitOpsDriftDetected" && state == "firing" && labels.get("namespace") == Some(&f.ns)
+            })
+            .map(|(_, _, labels)| labels["kind"].clone())
+            .collect();
+        (alerts.len() == 2).then_some(alerts)
+    })
+    .await;
+    assert_eq!(firing, ["ConfigMap", "Service"]);
+
+    f.repo.write("manifests/settings.yaml", &manifests("by hand")[0].1);
+    f.repo.remove("manifests/web.yaml");
+    f.repo.commit("agree with the cluster");
+    eventually("the alert to resolve", || async {
+        let alerts = prometheus.alerts().await;
+        (!alerts
+            .iter()
+            .any(|(name, _, labels)| name == "GitOpsDriftDetected" && labels.get("namespace") == Some(&f.ns)))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_custom_object_with_schema_defaults_is_no_drift() {
+    let f = Fixture::start("drift-crd", Policy::Report).await;
+    // CRDs are cluster-scoped: a group of this test's own.
+    let group = format!("{}.drift.test", f.ns);
+    f.repo.write(
+        "manifests/crd.yaml",
+        &format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\n\
+             spec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n\
+             \x20 versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n\
+             \x20       type: object\n        properties:\n          spec:\n            type: object\n            properties:\n\
+             \x20             size: {{type: integer, default: 3}}\n              port: {{x-kubernetes-int-or-string: true}}\n\
+             \x20             color: {{type: string}}\n"
+        ),
+    );
+    f.repo.write(
+        "manifests/widget.yaml",
+        &format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w\nspec:\n  port: \"8080\"\n  color: red\n"),
+    );
+    f.repo.commit("a CRD and a widget");
+    let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(&group, "v1", "Widget"));
+    let widgets: Api<kube::api::DynamicObject> = Api::namespaced_with(f.client.clone(), &f.ns, &resource);
+    let widget = eventually("the widget, defaulted", || async { widgets.get_opt("w").await.ok()? }).await;
+    assert_eq!(widget.data["spec"]["size"], 3, "the API server defaulted spec.size");
+
+    let params = PatchParams { field_manager: Some("kubectl-edit".into()), ..Default::default() };
+    widgets
+        .patch("w", &params, &Patch::Merge(json!({ "metadata": { "labels": { "touched": "yes" } } })))
+        .await
+        .unwrap();
+    widgets.patch("w", &params, &Patch::Merge(json!({ "spec": { "color": "blue" } }))).await.unwrap();
+    let drifted = eventually("the real edit", || async {
+        let drifted = f.drifted().await;
+        drifted.iter().any(|(kind, _, _)| kind == "Widget").then_some(drifted)
+    })
+    .await;
+    assert_eq!(drifted, vec![("Widget".into(), "w".into(), vec!["spec.color".into()])]);
+    assert_eq!(f.metric("gitops_drift_detected_total{kind=\"Widget\"}").await, 1.0, "the touch was no drift");
+}
