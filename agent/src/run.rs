@@ -177,10 +177,14 @@ fn watch_local(repo: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedW
         }
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Object writes come before the ref update; only refs say a commit landed.
-        if event.is_ok_and(|e| {
-            e.paths.iter().any(|p| p.components().any(|c| c.as_os_str() == "refs") || p.ends_with("packed-refs"))
-        }) {
+        // Object writes come before the ref update; only refs say a commit landed. Reads
+        // are events too (inotify reports opens), and the agent's own fetch reads refs:
+        // waking on those would spin the loop.
+        let Ok(event) = event else { return };
+        let written = event.kind.is_create() || event.kind.is_modify() || event.kind.is_remove();
+        let refs =
+            event.paths.iter().any(|p| p.components().any(|c| c.as_os_str() == "refs") || p.ends_with("packed-refs"));
+        if written && refs {
             changed.notify_one();
         }
     })

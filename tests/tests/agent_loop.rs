@@ -100,6 +100,13 @@ async fn a_commit_to_a_local_repository_is_applied_without_waiting_for_the_poll(
     repo.write("manifests/app.yaml", &config_map("app", "2"));
     repo.commit("two");
     applied(&client, &ns, "app", "2").await;
+
+    // Only writes wake the loop: the agent's own reads of the repository must not, or
+    // it would spin. Half a second is hundreds of syncs for a spinning loop, none here.
+    let syncs = "gitops_sync_total{result=\"success\"}";
+    let before = agent.metric(syncs).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent.metric(syncs).await <= before + 1.0, "the loop runs only when woken");
     agent.stop().await;
 }
 
