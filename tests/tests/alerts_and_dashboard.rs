@@ -520,3 +520,19 @@ async fn drift_fires_the_drift_alert_and_its_end_resolves_it() {
     })
     .await;
 }
+
+#[test]
+fn the_dashboard_configmap_holds_the_dashboard_for_grafanas_sidecar() {
+    // Rendered as the agent renders a repository, so it is also a valid object.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("manifests")).unwrap();
+    std::fs::copy(repo_root().join("manifests/dashboards/gitops-agent.yaml"), root.path().join("manifests/d.yaml"))
+        .unwrap();
+    let objects = gitops_agent::render::render(root.path()).unwrap_or_else(|e| panic!("{e:?}"));
+    let [configmap] = objects.as_slice() else { panic!("one object, got {}", objects.len()) };
+    assert_eq!(configmap.kind(), "ConfigMap");
+    assert_eq!(configmap.object["metadata"]["labels"]["grafana_dashboard"], "1");
+    let embedded: Value =
+        serde_json::from_str(configmap.object["data"]["gitops-agent.json"].as_str().unwrap()).unwrap();
+    assert_eq!(embedded, dashboard(), "regenerate manifests/dashboards/gitops-agent.yaml from the JSON");
+}
