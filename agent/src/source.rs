@@ -284,22 +284,6 @@ pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceErro
     repo.checkout_tree(tree.as_object(), Some(&mut options)).map_err(mirror_error("checking out the commit"))
 }
 
-/// The content of the file at `path` in `commit` of a mirror written by
-/// [`GitSource::fetch`]; `None` when the commit has no such file.
-pub fn read_file(mirror: &Path, commit: Oid, path: &Path) -> Result<Option<Vec<u8>>, SourceError> {
-    let mirror_error = |action| move |source| SourceError::Mirror { path: mirror.to_owned(), action, source };
-    let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
-    let tree = repo.find_commit(commit).and_then(|commit| commit.tree()).map_err(mirror_error("reading the commit"))?;
-    let entry = match tree.get_path(path) {
-        Ok(entry) => entry,
-        Err(error) if error.code() == ErrorCode::NotFound => return Ok(None),
-        Err(error) => return Err(mirror_error("looking up the file")(error)),
-    };
-    let blob =
-        entry.to_object(&repo).and_then(|object| object.peel_to_blob()).map_err(mirror_error("reading the file"))?;
-    Ok(Some(blob.content().to_vec()))
-}
-
 /// `url` without its userinfo (`user:password@` or `token@`), fit for logs and
 /// errors. Local paths and scp-like SSH addresses carry no secret and come back as
 /// they are.

@@ -211,8 +211,11 @@ fn assert_follows_commits(repo: &GitRepo, url: &str, credentials: Credentials, d
     assert_eq!(mirror.is_shallow(), depth == Depth::Shallow, "{url}: mirror shallow");
 }
 
+/// The file at `path` in `commit`, checked out as the agent checks out a revision.
 fn read(mirror: &TempDir, commit: git2::Oid, path: &str) -> Option<String> {
-    source::read_file(mirror.path(), commit, Path::new(path)).unwrap().map(|bytes| String::from_utf8(bytes).unwrap())
+    let tree = TempDir::new().unwrap();
+    source::checkout(mirror.path(), commit, tree.path()).unwrap();
+    std::fs::read_to_string(tree.path().join(path)).ok()
 }
 
 fn fetch_into_new_mirror(source: &GitSource) -> Result<git2::Oid, SourceError> {
