@@ -67,20 +67,31 @@ impl DriftWatch {
     /// Tracks a newly applied revision's objects, replacing the previous ones. Each
     /// watcher starts with a list, so drift that happened meanwhile is found too.
     pub fn track(&self, objects: Vec<Planned>) {
-        let mut kinds: BTreeMap<(String, String, String), ApiResource> = BTreeMap::new();
-        for object in &objects {
-            let r = &object.resource;
-            kinds.insert((r.group.clone(), r.version.clone(), r.kind.clone()), r.clone());
-        }
         *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), p)).collect();
         // The sync just applied git: what was drifted is in line again, or is found anew.
         self.shared.drifted.lock().unwrap().clear();
         self.shared.publish();
+        self.resume();
+    }
 
-        let mut watchers = self.watchers.lock().unwrap();
-        for old in watchers.drain(..) {
-            old.abort();
+    /// Stops watching while a sync applies and prunes: the old revision's watchers
+    /// would take the new revision's writes and prunes for drift, and undo them.
+    pub fn pause(&self) {
+        for watcher in self.watchers.lock().unwrap().drain(..) {
+            watcher.abort();
         }
+    }
+
+    /// Watches the tracked objects again (after a sync that failed, they are still
+    /// what the cluster should hold).
+    pub fn resume(&self) {
+        self.pause();
+        let mut kinds: BTreeMap<(String, String, String), ApiResource> = BTreeMap::new();
+        for object in self.shared.desired.lock().unwrap().values() {
+            let r = &object.resource;
+            kinds.insert((r.group.clone(), r.version.clone(), r.kind.clone()), r.clone());
+        }
+        let mut watchers = self.watchers.lock().unwrap();
         for resource in kinds.into_values() {
             watchers.push(tokio::spawn(self.shared.clone().watch(resource)));
         }
@@ -89,9 +100,7 @@ impl DriftWatch {
 
 impl Drop for DriftWatch {
     fn drop(&mut self) {
-        for watcher in self.watchers.lock().unwrap().drain(..) {
-            watcher.abort();
-        }
+        self.pause();
     }
 }
 

@@ -130,6 +130,7 @@ async fn reconcile(
 
     let revision = head.to_string();
     let root = tree.join(&config.path);
+    drift.pause();
     let result = syncer.sync(&root, &revision).await;
     let _ = std::fs::remove_dir_all(&tree);
     match result {
@@ -146,6 +147,7 @@ async fn reconcile(
         }
         Err(e) => {
             fail("sync", e.to_string());
+            drift.resume();
             Err(())
         }
     }
