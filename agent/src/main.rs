@@ -260,10 +260,7 @@ async fn diff(source: SourceArgs, apply: ApplyArgs) -> Result<ExitCode> {
     let git = source.git_source()?;
     let syncer = apply.syncer(cluster_client().await?);
     let work = tempfile::tempdir().context("creating a work directory")?;
-    let mirror = work.path().join("mirror");
-    let tree = work.path().join("tree");
-    let head = git.fetch(&mirror)?;
-    gitops_agent::source::checkout(&mirror, head, &tree)?;
+    let (head, tree) = gitops_agent::source::fetch_tree(&git, work.path())?;
     let differences = syncer.diff(&tree.join(&source.path)).await?;
     for d in &differences {
         match d.action {

@@ -160,12 +160,7 @@ fn fetch_and_checkout(config: &Config, applied: Option<Oid>) -> Result<Option<(O
     if Some(head) == applied {
         return Ok(None);
     }
-    let mirror = config.work_dir.join("mirror");
-    let head = config.source.fetch(&mirror)?;
-    let tree = config.work_dir.join(format!("tree-{head}"));
-    let _ = std::fs::remove_dir_all(&tree);
-    source::checkout(&mirror, head, &tree)?;
-    Ok(Some((head, tree)))
+    source::fetch_tree(&config.source, &config.work_dir).map(Some)
 }
 
 /// Watches a local repository's git directory (refs, packed-refs) and wakes the loop

@@ -273,6 +273,18 @@ impl GitSource {
     }
 }
 
+/// Fetches the branch into `work_dir/mirror` and checks its commit out into
+/// `work_dir/tree-<commit>` (replacing an earlier checkout there): the commit and the
+/// tree the render stage reads.
+pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf), SourceError> {
+    let mirror = work_dir.join("mirror");
+    let head = source.fetch(&mirror)?;
+    let tree = work_dir.join(format!("tree-{head}"));
+    let _ = fs::remove_dir_all(&tree);
+    checkout(&mirror, head, &tree)?;
+    Ok((head, tree))
+}
+
 /// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into
 /// `dir` (created if missing), the working tree the render stage reads.
 pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceError> {

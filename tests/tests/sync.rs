@@ -44,11 +44,8 @@ impl Fixture {
     }
 
     fn checkout(&self) -> (git2::Oid, std::path::PathBuf) {
-        let mirror = self.work.path().join("mirror");
-        let head = GitSource::new(&self.repo.file_url(), "main", Credentials::none()).fetch(&mirror).unwrap();
-        let tree = self.work.path().join(format!("tree-{head}"));
-        source::checkout(&mirror, head, &tree).unwrap();
-        (head, tree)
+        let source = GitSource::new(&self.repo.file_url(), "main", Credentials::none());
+        source::fetch_tree(&source, self.work.path()).unwrap()
     }
 
     fn config_map(&self, name: &str, value: &str) -> String {
@@ -300,16 +297,15 @@ async fn a_resync_of_the_same_commit_makes_no_write_request() {
     }
     repo.commit("twenty");
     let work = tempfile::tempdir().unwrap();
-    let mirror = work.path().join("mirror");
-    let head = GitSource::new(&repo.file_url(), "main", Credentials::none()).fetch(&mirror).unwrap();
-    source::checkout(&mirror, head, work.path()).unwrap();
+    let source = GitSource::new(&repo.file_url(), "main", Credentials::none());
+    let (head, tree) = source::fetch_tree(&source, work.path()).unwrap();
     let syncer = syncer(&client, &ns);
-    let first = syncer.sync(work.path(), &head.to_string()).await.unwrap().changes;
+    let first = syncer.sync(&tree, &head.to_string()).await.unwrap().changes;
     assert_eq!(first.counts().get(&Action::Created), Some(&20));
 
     let before = configmap_writes(&client).await;
     assert!(before >= 20, "the first sync's writes are counted: {before}");
-    let again = syncer.sync(work.path(), &head.to_string()).await.unwrap().changes;
+    let again = syncer.sync(&tree, &head.to_string()).await.unwrap().changes;
     assert_eq!(again.counts().get(&Action::Unchanged), Some(&20));
     assert_eq!(configmap_writes(&client).await, before, "no write request, the inventory's included");
 }
