@@ -29,12 +29,12 @@ pub const INVENTORY_NAME: &str = "gitops-inventory";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("reading inventory ConfigMap {namespace}/{INVENTORY_NAME}: {source}")]
-    Read { namespace: String, source: kube::Error },
-    #[error("writing inventory ConfigMap {namespace}/{INVENTORY_NAME}: {source}")]
-    Write { namespace: String, source: kube::Error },
-    #[error("inventory ConfigMap {namespace}/{INVENTORY_NAME}, line {line}: malformed entry {entry:?}")]
-    Malformed { namespace: String, line: usize, entry: String },
+    #[error("reading inventory ConfigMap {namespace}/{name}: {source}")]
+    Read { namespace: String, name: String, source: kube::Error },
+    #[error("writing inventory ConfigMap {namespace}/{name}: {source}")]
+    Write { namespace: String, name: String, source: kube::Error },
+    #[error("inventory ConfigMap {namespace}/{name}, line {line}: malformed entry {entry:?}")]
+    Malformed { namespace: String, name: String, line: usize, entry: String },
 }
 
 /// An object's identity across versions of its API.
@@ -113,16 +113,24 @@ impl Inventory {
 pub struct Store {
     api: Api<ConfigMap>,
     namespace: String,
+    name: String,
 }
 
 impl Store {
+    /// The agent's inventory, [`INVENTORY_NAME`].
     pub fn new(client: kube::Client, namespace: &str) -> Store {
-        Store { api: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
+        Store::named(client, namespace, INVENTORY_NAME)
+    }
+
+    /// An inventory of another name: one applier's objects must never be pruned by
+    /// another's (gitops-bootstrap installs the agent under an inventory of its own).
+    pub fn named(client: kube::Client, namespace: &str, name: &str) -> Store {
+        Store { api: Api::namespaced(client, namespace), namespace: namespace.to_owned(), name: name.to_owned() }
     }
 
     pub async fn load(&self) -> Result<Inventory, InventoryError> {
-        let read = |source| InventoryError::Read { namespace: self.namespace.clone(), source };
-        let Some(cm) = self.api.get_opt(INVENTORY_NAME).await.map_err(read)? else {
+        let read = |source| InventoryError::Read { namespace: self.namespace.clone(), name: self.name.clone(), source };
+        let Some(cm) = self.api.get_opt(&self.name).await.map_err(read)? else {
             return Ok(Inventory::default());
         };
         let data = cm.data.unwrap_or_default();
@@ -169,10 +177,11 @@ impl Store {
     /// Writes `next` if nobody changed the ConfigMap since `current` was read, and
     /// makes `current` the stored state.
     async fn save(&self, current: &mut Inventory, next: Inventory) -> Result<(), InventoryError> {
-        let write = |source| InventoryError::Write { namespace: self.namespace.clone(), source };
+        let write =
+            |source| InventoryError::Write { namespace: self.namespace.clone(), name: self.name.clone(), source };
         let mut cm = ConfigMap {
             metadata: ObjectMeta {
-                name: Some(INVENTORY_NAME.to_owned()),
+                name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
                 resource_version: current.resource_version.clone(),
                 labels: Some(BTreeMap::from([(crate::MANAGED_BY_LABEL.to_owned(), crate::FIELD_MANAGER.to_owned())])),
@@ -187,7 +196,7 @@ impl Store {
         };
         let stored = match &current.resource_version {
             None => self.api.create(&PostParams::default(), &cm).await.map_err(write)?,
-            Some(_) => self.api.replace(INVENTORY_NAME, &PostParams::default(), &cm).await.map_err(write)?,
+            Some(_) => self.api.replace(&self.name, &PostParams::default(), &cm).await.map_err(write)?,
         };
         cm.metadata.resource_version = stored.metadata.resource_version;
         *current = Inventory { resource_version: cm.metadata.resource_version, ..next };
@@ -195,8 +204,9 @@ impl Store {
     }
 
     fn parse(&self, data: &BTreeMap<String, String>, key: &str) -> Result<Entries, InventoryError> {
-        parse_entries(data.get(key).map(String::as_str).unwrap_or_default())
-            .map_err(|(line, entry)| InventoryError::Malformed { namespace: self.namespace.clone(), line, entry })
+        parse_entries(data.get(key).map(String::as_str).unwrap_or_default()).map_err(|(line, entry)| {
+            InventoryError::Malformed { namespace: self.namespace.clone(), name: self.name.clone(), line, entry }
+        })
     }
 }
 

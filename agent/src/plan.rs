@@ -15,6 +15,7 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::core::GroupVersionKind;
 use kube::discovery::{Discovery, Scope};
 
+use crate::access::Access;
 use crate::apply::Planned;
 use crate::inventory::{Entries, Inventory, ObjectId, Origin};
 use crate::render::{self, Manifest, RenderError};
@@ -83,12 +84,13 @@ impl<'a> Kinds<'a> {
     }
 }
 
-/// Plans a revision. Fails with every object whose kind is unknown or whose scope is
-/// wrong, each as `file:line: message`.
+/// Plans a revision. Fails with every object whose kind is unknown, whose scope is
+/// wrong or that `access` refuses, each as `file:line: message`.
 pub fn plan(
     mut manifests: Vec<Manifest>,
     discovery: &Discovery,
     default_namespace: &str,
+    access: &Access,
     inventory: &Inventory,
 ) -> Result<Plan, Vec<RenderError>> {
     let kinds = Kinds::new(discovery, &manifests);
@@ -96,6 +98,7 @@ pub fn plan(
         &mut manifests,
         |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced),
         default_namespace,
+        access,
     )?;
 
     let mut plan = Plan::default();

@@ -19,7 +19,7 @@ const GOOD: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: good\n";
 fn a_valid_repository_passes() {
     let (ok, out) = validate(&[("manifests/good.yaml", GOOD)]);
     assert!(ok, "{out}");
-    assert!(out.contains("1 objects, no errors"), "{out}");
+    assert!(out.contains("1 objects, 0 batch jobs, no errors"), "{out}");
 }
 
 #[test]
@@ -33,4 +33,13 @@ fn every_error_is_reported_as_file_and_line_with_exit_1() {
     assert!(out.lines().any(|l| l.starts_with("manifests/nameless.yaml:2: ")), "{out}");
     let duplicate = out.lines().find(|l| l.contains("defined twice")).unwrap_or_default();
     assert!(duplicate.contains("manifests/good.yaml:1") && duplicate.contains("manifests/twice.yaml"), "{out}");
+}
+
+#[test]
+fn the_repo_template_passes() {
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
+    let output = Command::new(env!("CARGO_BIN_EXE_gitops-agent")).arg("validate").arg(&template).output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    assert!(out.contains(" 1 batch jobs, no errors"), "the midi batch job spec: {out}");
 }

@@ -1,10 +1,16 @@
-//! Render: the repository's `manifests/` files → validated Kubernetes objects.
+//! Render: the repository's files → validated Kubernetes objects.
 //!
-//! In: the directory holding `manifests/` (the checkout's `--path`). Out: every object
-//! of `manifests/**.{yaml,yml,json}` as a [`Manifest`], the JSON the apply stage sends,
-//! with the [`Location`] (file and line) it came from, in sorted path order and then
-//! document order; or every problem found in any file, each a [`RenderError`] that
-//! displays as `file:line: message`.
+//! In: the directory holding `manifests/`, `dashboards/` and `jobs/` (the checkout's
+//! `--path`). Out: a [`Rendered`] revision, or every problem found in any file, each a
+//! [`RenderError`] that displays as `file:line: message`:
+//! - every object of `manifests/**.{yaml,yml,json}` as a [`Manifest`], the JSON the
+//!   apply stage sends, with the [`Location`] (file and line) it came from, in sorted
+//!   path order and then document order;
+//! - every Grafana dashboard of `dashboards/**.json` as the ConfigMap that delivers it
+//!   ([`dashboards`]), among the manifests, so that it is applied, pruned and watched
+//!   for drift like any object;
+//! - every batch job spec of `jobs/**.{yaml,yml}` as a [`JobSpec`] ([`jobs`]): a run
+//!   template, never applied as itself.
 //!
 //! Files decode as `kubectl create -f FILE` decodes them ([`decode`]: YAML 1.1 scalars,
 //! multi-document streams, JSON streams), so a file means here what it means to kubectl;
@@ -16,7 +22,9 @@
 //! Which kinds exist and which are namespaced only the API server knows: [`resolve_scope`]
 //! takes that from discovery, fills in default namespaces and checks scopes.
 
+mod dashboards;
 mod decode;
+mod jobs;
 mod libyaml;
 mod scalar;
 mod scope;
@@ -32,7 +40,9 @@ use std::path::{Path, PathBuf};
 use kube::core::{GroupVersionKind, ObjectMeta};
 use serde_json::{Map, Value};
 
+pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
 pub use decode::DecodeError;
+pub use jobs::{CONCURRENCY_ANNOTATION, ConcurrencyPolicy, HISTORY_LIMIT_ANNOTATION, JobSpec};
 pub use scalar::ScalarError;
 pub use scope::resolve_scope;
 
@@ -142,20 +152,75 @@ pub enum Problem {
     NamespaceOnClusterScoped { kind: String },
     #[error("unknown kind {kind} in group/version {api_version}")]
     UnknownKind { kind: String, api_version: String },
+    #[error("the file is {0} bytes; files over {MAX_FILE_BYTES} bytes (32 MiB) are not read")]
+    FileTooLarge(u64),
+    #[error("the object is {0} bytes as JSON; the API server stores at most {MAX_OBJECT_BYTES} (1.5 MiB)")]
+    ObjectTooLarge(usize),
+    #[error("{object} is refused: {refusal}")]
+    Refused { object: String, refusal: crate::access::Refusal },
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("{0}")]
+    Dashboard(#[from] dashboards::DashboardProblem),
+    #[error("{0}")]
+    Job(#[from] jobs::JobProblem),
 }
 
-/// Renders `root/manifests/**.{yaml,yml,json}`.
-pub fn render(root: &Path) -> Result<Vec<Manifest>, Vec<RenderError>> {
+/// The largest file read: larger ones are refused unread, so a stray dump or a
+/// generated monster in the repository cannot exhaust the agent's memory.
+const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// The largest object etcd stores by default (`--max-request-bytes`, 1.5 MiB); the
+/// API server would refuse a larger one, so it is refused here, offline, with its place.
+const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+
+/// A revision's objects and batch job specs.
+#[derive(Debug, Default, PartialEq)]
+pub struct Rendered {
+    /// The objects of `manifests/`, then the ConfigMaps of `dashboards/`.
+    pub manifests: Vec<Manifest>,
+    pub jobs: Vec<JobSpec>,
+}
+
+/// Renders the repository at `root`; dashboards' ConfigMaps go to `dashboards_namespace`.
+pub fn render(root: &Path, dashboards_namespace: &str) -> Result<Rendered, Vec<RenderError>> {
     let mut findings = Findings::default();
-    for file in findings.manifest_files(root) {
-        let Some(text) = findings.read(root, &file) else { continue };
-        for document in decode::documents(&text) {
-            match document {
-                Ok(document) => findings.document(document, &file),
-                Err(e) => findings.error(Location { file: file.clone(), line: e.line }, e.error.into()),
-            }
+    for file in findings.files(root, "manifests", &["yaml", "yml", "json"]) {
+        findings.objects(root, &file);
+    }
+    let manifests = std::mem::take(&mut findings.manifests);
+    for file in findings.files(root, "jobs", &["yaml", "yml"]) {
+        findings.objects(root, &file);
+    }
+    let job_manifests = std::mem::replace(&mut findings.manifests, manifests);
+    let jobs_duplicates = duplicates(&job_manifests);
+    findings.errors.extend(jobs_duplicates);
+    let mut jobs = Vec::new();
+    for manifest in job_manifests {
+        match JobSpec::new(manifest) {
+            Ok(spec) => jobs.push(spec),
+            Err((at, problem)) => findings.error(at, problem.into()),
         }
     }
+
+    let mut uids = dashboards::Uids::default();
+    for file in findings.files(root, "dashboards", &["json"]) {
+        let Some(text) = findings.read(root, &file) else { continue };
+        match dashboards::config_map(&file, &text, dashboards_namespace, &mut uids) {
+            Ok(manifest) => findings.manifests.push(manifest),
+            Err((line, problem)) => findings.error(Location { file, line }, problem),
+        }
+    }
+    let duplicates = duplicates(&findings.manifests);
+    findings.errors.extend(duplicates);
+    findings.into_result().map(|manifests| Rendered { manifests, jobs })
+}
+
+/// The objects of one file's `text`, checked as [`render`] checks a file of
+/// `manifests/` (`file` only names it in errors). The fuzz target's entry point
+/// (`agent/fuzz/`).
+pub fn render_text(file: &Path, text: &str) -> Result<Vec<Manifest>, Vec<RenderError>> {
+    let mut findings = Findings::default();
+    findings.text_objects(file, text);
     let duplicates = duplicates(&findings.manifests);
     findings.errors.extend(duplicates);
     findings.into_result()
@@ -181,24 +246,51 @@ impl Findings {
         Err(self.errors)
     }
 
-    /// The manifest files, relative to `root`, in sorted path order. Symlinks are
-    /// followed as long as they stay inside `root`.
-    fn manifest_files(&mut self, root: &Path) -> Vec<PathBuf> {
+    /// The files under `root/dir` with one of `extensions`, relative to `root`, in
+    /// sorted path order. Symlinks are followed as long as they stay inside `root`.
+    fn files(&mut self, root: &Path, dir: &str, extensions: &[&str]) -> Vec<PathBuf> {
         let real_root = match root.canonicalize() {
             Ok(real_root) => real_root,
             Err(e) => {
-                self.error(Location { file: root.to_owned(), line: 1 }, Problem::Read(e));
+                // Said once, for the first directory.
+                if dir == "manifests" {
+                    self.error(Location { file: root.to_owned(), line: 1 }, Problem::Read(e));
+                }
                 return Vec::new();
             }
         };
-        let mut walk = Walk { root, real_root, seen_dirs: HashSet::new(), files: Vec::new() };
-        walk.visit(PathBuf::from("manifests"), self);
+        let mut walk = Walk { root, real_root, extensions, seen_dirs: HashSet::new(), files: Vec::new() };
+        walk.visit(PathBuf::from(dir), self);
         walk.files.sort();
         walk.files
     }
 
+    /// The objects of a YAML or JSON file, added to the manifests.
+    fn objects(&mut self, root: &Path, file: &Path) {
+        if let Some(text) = self.read(root, file) {
+            self.text_objects(file, &text);
+        }
+    }
+
+    fn text_objects(&mut self, file: &Path, text: &str) {
+        for document in decode::documents(text) {
+            match document {
+                Ok(document) => self.document(document, file),
+                Err(e) => self.error(Location { file: file.to_owned(), line: e.line }, e.error.into()),
+            }
+        }
+    }
+
     fn read(&mut self, root: &Path, file: &Path) -> Option<String> {
         let at = |line| Location { file: file.to_owned(), line };
+        // Checked before reading, so a huge file costs no memory.
+        match fs::metadata(root.join(file)) {
+            Ok(metadata) if metadata.len() > MAX_FILE_BYTES => {
+                self.error(at(1), Problem::FileTooLarge(metadata.len()));
+                return None;
+            }
+            _ => {}
+        }
         match fs::read(root.join(file)).map(String::from_utf8) {
             Ok(Ok(text)) => Some(text),
             Ok(Err(e)) => {
@@ -253,7 +345,11 @@ impl Findings {
     }
 
     fn object(&mut self, object: Map<String, Value>, at: Location) {
-        let problems = object_problems(&object);
+        let mut problems = object_problems(&object);
+        let bytes = serde_json::to_vec(&object).map_or(0, |json| json.len());
+        if bytes > MAX_OBJECT_BYTES {
+            problems.push(Problem::ObjectTooLarge(bytes));
+        }
         if problems.is_empty() {
             return self.manifests.push(Manifest { object: Value::Object(object), location: at });
         }
@@ -263,10 +359,12 @@ impl Findings {
     }
 }
 
-/// Walks `manifests/`, collecting manifest files and reporting problems to `findings`.
+/// Walks a directory, collecting the files with one of `extensions` and reporting
+/// problems to `findings`.
 struct Walk<'a> {
     root: &'a Path,
     real_root: PathBuf,
+    extensions: &'a [&'a str],
     /// Directories already walked, so that a symlink to one does not walk it again (or
     /// forever, if it points to an ancestor).
     seen_dirs: HashSet<PathBuf>,
@@ -276,7 +374,7 @@ struct Walk<'a> {
 impl Walk<'_> {
     fn visit(&mut self, relative: PathBuf, findings: &mut Findings) {
         let is_manifest =
-            relative.extension().and_then(OsStr::to_str).is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
+            relative.extension().and_then(OsStr::to_str).is_some_and(|ext| self.extensions.contains(&ext));
         let at = |relative: &Path| Location { file: relative.to_owned(), line: 1 };
         let path = self.root.join(&relative);
         // Follows symlinks, and so fails for a broken one.
@@ -284,7 +382,7 @@ impl Walk<'_> {
             Ok(metadata) if metadata.is_dir() || is_manifest => metadata,
             Ok(_) => return,
             Err(e) if is_manifest => return findings.error(at(&relative), Problem::Read(e)),
-            Err(_) => return, // not ours, or no manifests/ at all
+            Err(_) => return, // not ours, or no such directory at all
         };
         match path.canonicalize() {
             Ok(real) if !real.starts_with(&self.real_root) => findings.error(at(&relative), Problem::OutsideRoot(real)),
@@ -394,9 +492,16 @@ mod tests {
 
     /// A repository with `files` (path under `manifests/`, content).
     fn repo(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let files: Vec<(String, &str)> =
+            files.iter().map(|(path, text)| (format!("manifests/{path}"), *text)).collect();
+        repo_at_root(&files)
+    }
+
+    /// A repository with `files` (path from the root, content).
+    fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
-            let path = dir.path().join("manifests").join(path);
+            let path = dir.path().join(path);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, content).unwrap();
         }
@@ -405,12 +510,12 @@ mod tests {
 
     fn render_ok(files: &[(&str, &str)]) -> Vec<Manifest> {
         let dir = repo(files);
-        render(dir.path()).unwrap_or_else(|errors| panic!("{errors:#?}"))
+        render(dir.path(), "monitoring").unwrap_or_else(|errors| panic!("{errors:#?}")).manifests
     }
 
     fn render_errors(files: &[(&str, &str)]) -> Vec<String> {
         let dir = repo(files);
-        render(dir.path()).expect_err("errors").iter().map(ToString::to_string).collect()
+        render(dir.path(), "monitoring").expect_err("errors").iter().map(ToString::to_string).collect()
     }
 
     fn summary(manifests: &[Manifest]) -> Vec<(String, String)> {
@@ -516,7 +621,7 @@ mod tests {
     #[test]
     fn a_repository_without_manifests_renders_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(render(dir.path()).unwrap(), []);
+        assert_eq!(render(dir.path(), "monitoring").unwrap(), Rendered::default());
     }
 
     #[test]
@@ -546,6 +651,125 @@ mod tests {
         assert_eq!(errors, ["manifests/a.yaml:1: unknown field metadata.lables"]);
     }
 
+    fn dashboard(uid: &str, title: &str) -> String {
+        format!("{{\n  \"title\": \"{title}\",\n  \"panels\": [],\n  \"uid\": \"{uid}\"\n}}\n")
+    }
+
+    #[test]
+    fn dashboards_become_configmaps_named_from_the_uid_in_the_folder_of_their_directory() {
+        let top = dashboard("Top_Level", "Top");
+        let nested = dashboard("scale-pipeline", "Scale");
+        let dir = repo_at_root(&[
+            ("dashboards/top.json", top.as_str()),
+            ("dashboards/scale/pipeline.json", nested.as_str()),
+            ("dashboards/README.md", "not a dashboard"),
+        ]);
+        let rendered = render(dir.path(), "grafana").unwrap_or_else(|e| panic!("{e:#?}"));
+        let objects: Vec<&Value> = rendered.manifests.iter().map(|m| &m.object).collect();
+        assert_eq!(
+            objects,
+            [
+                &json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {
+                        "name": "dashboard-scale-pipeline", "namespace": "grafana",
+                        "labels": { "grafana_dashboard": "1" },
+                        "annotations": { "grafana_folder": "scale" },
+                    },
+                    "data": { "scale-pipeline.json": nested },
+                }),
+                &json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {
+                        "name": "dashboard-top-level", "namespace": "grafana",
+                        "labels": { "grafana_dashboard": "1" },
+                    },
+                    "data": { "Top_Level.json": top },
+                }),
+            ]
+        );
+        assert_eq!(rendered.manifests[0].location.to_string(), "dashboards/scale/pipeline.json:1");
+    }
+
+    #[test]
+    fn bad_dashboards_name_their_file() {
+        let big = format!("{{\"uid\": \"big\", \"title\": \"Big\", \"pad\": \"{}\"}}", "x".repeat(1024 * 1024));
+        let errors = {
+            let dir = repo_at_root(&[
+                ("dashboards/a.json", dashboard("same", "A").as_str()),
+                ("dashboards/b/a.json", dashboard("Same", "Also A").as_str()),
+                ("dashboards/big.json", big.as_str()),
+                ("dashboards/broken.json", "{\n  \"uid\": \"x\",\n  \"title\": }\n"),
+                ("dashboards/list.json", "[]"),
+                ("dashboards/no-title.json", "{\"uid\": \"t\"}"),
+                ("dashboards/slash.json", dashboard("a/b", "Slash").as_str()),
+            ]);
+            render(dir.path(), "monitoring").unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(errors.len(), 6, "{errors:#?}");
+        assert_eq!(
+            errors[0],
+            "dashboards/b/a.json:1: uid \"Same\" gives ConfigMap dashboard-same, as does the dashboard at dashboards/a.json:1"
+        );
+        assert_eq!(
+            errors[1],
+            format!(
+                "dashboards/big.json:1: the dashboard is {} bytes; a ConfigMap holds at most 1048576 (1 MiB)",
+                big.len()
+            )
+        );
+        assert!(errors[2].starts_with("dashboards/broken.json:3: invalid JSON: "), "{errors:#?}");
+        assert_eq!(errors[3], "dashboards/list.json:1: the dashboard must be a JSON object, found a sequence");
+        assert_eq!(errors[4], "dashboards/no-title.json:1: missing title");
+        assert_eq!(errors[5], "dashboards/slash.json:1: uid \"a/b\" must be 1 to 40 letters, digits, '-', '_' or '.'");
+    }
+
+    const JOB: &str = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: midi\n  annotations:\n    gitops.scale.dev/history-limit: \"2\"\n    gitops.scale.dev/concurrency-policy: Forbid\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: batch, image: busybox}]\n";
+
+    #[test]
+    fn job_specs_are_templates_with_settings_and_a_hash() {
+        let dir = repo_at_root(&[("jobs/midi.yaml", JOB)]);
+        let rendered = render(dir.path(), "monitoring").unwrap_or_else(|e| panic!("{e:#?}"));
+        assert_eq!(rendered.manifests, [], "a job spec is not applied as an object");
+        let [spec] = rendered.jobs.as_slice() else { panic!("one job: {:?}", rendered.jobs) };
+        assert_eq!((spec.name(), spec.history_limit, spec.concurrency), ("midi", 2, ConcurrencyPolicy::Forbid));
+        assert_eq!(spec.template.location.to_string(), "jobs/midi.yaml:1");
+
+        // The settings are not part of what runs; key order in the file is not either.
+        let reordered = "kind: Job\napiVersion: batch/v1\nspec:\n  template:\n    spec:\n      containers: [{image: busybox, name: batch}]\n      restartPolicy: Never\nmetadata:\n  name: midi\n";
+        let dir = repo_at_root(&[("jobs/midi.yaml", reordered)]);
+        let same = render(dir.path(), "monitoring").unwrap().jobs.remove(0);
+        assert_eq!(
+            (same.hash.as_str(), same.history_limit, same.concurrency),
+            (spec.hash.as_str(), 5, ConcurrencyPolicy::Allow)
+        );
+        let changed = JOB.replace("busybox", "busybox:1.37");
+        let dir = repo_at_root(&[("jobs/midi.yaml", changed.as_str())]);
+        assert_ne!(render(dir.path(), "monitoring").unwrap().jobs[0].hash, spec.hash);
+    }
+
+    #[test]
+    fn bad_job_specs_name_their_file_and_line() {
+        let dir = repo_at_root(&[
+            ("jobs/a.yaml", format!("{}---\n{}", config_map("x"), JOB.replace("\"2\"", "\"0\"")).as_str()),
+            ("jobs/b.yaml", JOB.replace("Forbid", "Sometimes").replace("name: midi", "name: b").as_str()),
+            ("jobs/c.yml", JOB.replace("name: midi", &format!("name: {}", "m".repeat(53))).as_str()),
+            ("jobs/d.yaml", JOB),
+        ]);
+        let errors: Vec<String> =
+            render(dir.path(), "monitoring").unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "jobs/a.yaml:1: a job spec must be a batch/v1 Job or a sparkoperator.k8s.io/v1beta2 SparkApplication, found v1 ConfigMap".to_owned(),
+                "jobs/a.yaml:6: annotation gitops.scale.dev/history-limit must be a whole number of at least 1, found \"0\"".to_owned(),
+                "jobs/b.yaml:1: annotation gitops.scale.dev/concurrency-policy must be Allow, Forbid or Replace, found \"Sometimes\"".to_owned(),
+                format!("jobs/c.yml:1: the job name \"{}\" is longer than 52 characters, too long for its runs' names", "m".repeat(53)),
+                "jobs/d.yaml:1: Job.batch midi is defined twice: here and at jobs/a.yaml:6".to_owned(),
+            ]
+        );
+    }
+
     #[test]
     fn non_utf8_files_and_symlinks_out_of_the_repository_are_errors() {
         let dir = repo(&[("ok.yaml", &config_map("a"))]);
@@ -559,7 +783,8 @@ mod tests {
         // Back up to the root: walked once, not forever, and manifests/ not twice.
         std::os::unix::fs::symlink("..", manifests.join("loop")).unwrap();
 
-        let errors: Vec<String> = render(dir.path()).unwrap_err().iter().map(ToString::to_string).collect();
+        let errors: Vec<String> =
+            render(dir.path(), "monitoring").unwrap_err().iter().map(ToString::to_string).collect();
         let real_outside = outside.path().canonicalize().unwrap();
         assert_eq!(
             errors,

@@ -5,33 +5,41 @@ use kube::core::GroupVersionKind;
 use serde_json::Value;
 
 use super::{Manifest, Problem, RenderError, duplicates};
+use crate::access::Access;
 
 /// Checks every manifest's kind against `namespaced` (filled from API discovery: `None`
 /// for a kind the server does not serve, else whether it is namespaced), gives
 /// namespaced objects without a namespace `default_namespace`, and then finds the
 /// objects defined twice, which only now compare equal (an object in the default
-/// namespace written with and without `namespace:`). Every problem is reported; on
-/// error the manifests may be partly defaulted.
+/// namespace written with and without `namespace:`), and those `access` refuses.
+/// Every problem is reported; on error the manifests may be partly defaulted.
 pub fn resolve_scope(
     manifests: &mut [Manifest],
     namespaced: impl Fn(&GroupVersionKind) -> Option<bool>,
     default_namespace: &str,
+    access: &Access,
 ) -> Result<(), Vec<RenderError>> {
     let mut errors = Vec::new();
     for manifest in manifests.iter_mut() {
         let problem = match (namespaced(&manifest.gvk()), manifest.namespace()) {
-            (None, _) => Problem::UnknownKind {
+            (None, _) => Some(Problem::UnknownKind {
                 kind: manifest.kind().to_owned(),
                 api_version: manifest.api_version().to_owned(),
-            },
-            (Some(false), Some(_)) => Problem::NamespaceOnClusterScoped { kind: manifest.kind().to_owned() },
-            (Some(false), None) | (Some(true), Some(_)) => continue,
+            }),
+            (Some(false), Some(_)) => Some(Problem::NamespaceOnClusterScoped { kind: manifest.kind().to_owned() }),
+            (Some(false), None) | (Some(true), Some(_)) => None,
             (Some(true), None) => {
                 manifest.object["metadata"]["namespace"] = Value::from(default_namespace);
-                continue;
+                None
             }
-        };
-        errors.push(RenderError { at: manifest.location.clone(), problem });
+        }
+        .or_else(|| {
+            let refusal = access.refusal(manifest.namespace())?;
+            Some(Problem::Refused { object: manifest.describe(), refusal })
+        });
+        if let Some(problem) = problem {
+            errors.push(RenderError { at: manifest.location.clone(), problem });
+        }
     }
     errors.extend(duplicates(manifests));
     if errors.is_empty() {
@@ -71,7 +79,7 @@ mod tests {
             manifest(5, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "x"}})),
             manifest(9, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})),
         ];
-        resolve_scope(&mut manifests, discovery, "team").unwrap();
+        resolve_scope(&mut manifests, discovery, "team", &Access::Cluster).unwrap();
         let namespaces: Vec<_> = manifests.iter().map(Manifest::namespace).collect();
         assert_eq!(namespaces, [Some("team"), Some("x"), None]);
     }
@@ -83,7 +91,7 @@ mod tests {
             manifest(4, json!({"apiVersion": "example.com/v2", "kind": "Widget", "metadata": {"name": "w"}})),
         ];
         assert_eq!(
-            messages(resolve_scope(&mut manifests, discovery, "default")),
+            messages(resolve_scope(&mut manifests, discovery, "default", &Access::Cluster)),
             [
                 "manifests/a.yaml:1: Namespace is cluster-scoped; remove metadata.namespace",
                 "manifests/a.yaml:4: unknown kind Widget in group/version example.com/v2",
@@ -101,7 +109,7 @@ mod tests {
             manifest(7, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})),
         ];
         assert_eq!(
-            messages(resolve_scope(&mut manifests, discovery, "default")),
+            messages(resolve_scope(&mut manifests, discovery, "default", &Access::Cluster)),
             ["manifests/a.yaml:7: ConfigMap default/a is defined twice: here and at manifests/a.yaml:1"]
         );
     }

@@ -1,0 +1,99 @@
+//! The agent's sync status, written into the cluster where anyone with `kubectl get`
+//! (and gitops-bootstrap, which waits for the first successful sync) can read it
+//! without reaching the agent's HTTP port: ConfigMap `gitops-agent-status` in the
+//! agent's namespace, with
+//!
+//! - `revision`: the commit last applied (or attempted, when `phase` is `failed`);
+//! - `phase`: `synced` or `failed`;
+//! - `message`: empty when synced, else the error;
+//! - `lastSyncTime`: RFC 3339 time at which this status was first reached.
+//!
+//! It is written only when revision, phase or message change: a resync of the same
+//! commit makes no write request (the project counts them), so `lastSyncTime` is the
+//! time of the change, not of the last poll; `/status` and the metrics have the latter.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use tokio::sync::Mutex;
+
+/// The ConfigMap's name in the agent's namespace.
+pub const STATUS_NAME: &str = "gitops-agent-status";
+
+/// The outcome of one reconcile, as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Synced,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Synced => "synced",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Writes the status ConfigMap when the status changes.
+pub struct StatusReport {
+    api: Api<ConfigMap>,
+    namespace: String,
+    /// What the ConfigMap holds now, as far as this agent knows: `None` until read once,
+    /// so a restarted agent that finds its own last status in place writes nothing.
+    last: Mutex<Option<(String, Phase, String)>>,
+}
+
+impl StatusReport {
+    pub fn new(client: kube::Client, namespace: &str) -> StatusReport {
+        StatusReport {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Records `phase` for `revision`. A failure to write is logged, not returned: the
+    /// report is for people, and must never fail a sync.
+    pub async fn report(&self, revision: &str, phase: Phase, message: &str) {
+        let next = (revision.to_owned(), phase, message.to_owned());
+        let mut last = self.last.lock().await;
+        if last.is_none() {
+            *last = self.read().await;
+        }
+        if last.as_ref() == Some(&next) {
+            return;
+        }
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": STATUS_NAME,
+                "namespace": self.namespace,
+                "labels": { crate::MANAGED_BY_LABEL: crate::FIELD_MANAGER },
+            },
+            "data": { "revision": revision, "phase": phase.as_str(), "message": message, "lastSyncTime": now },
+        });
+        let params = PatchParams::apply(crate::FIELD_MANAGER).force();
+        match self.api.patch(STATUS_NAME, &params, &Patch::Apply(status)).await {
+            Ok(_) => *last = Some(next),
+            Err(e) => {
+                tracing::warn!(namespace = %self.namespace, name = STATUS_NAME, error = %e, "writing the status ConfigMap failed")
+            }
+        }
+    }
+
+    async fn read(&self) -> Option<(String, Phase, String)> {
+        let data: BTreeMap<String, String> = self.api.get_opt(STATUS_NAME).await.ok()??.data?;
+        let phase = match data.get("phase")?.as_str() {
+            "synced" => Phase::Synced,
+            "failed" => Phase::Failed,
+            _ => return None,
+        };
+        Some((data.get("revision")?.clone(), phase, data.get("message").cloned().unwrap_or_default()))
+    }
+}
