@@ -65,6 +65,8 @@ pub struct Status {
     pub errors: Vec<String>,
     pub drifted: Vec<DriftedObject>,
     pub batch_runs: Vec<BatchRun>,
+    /// Jobs whose runs could not be made, each as `file:line: job NAME: why`.
+    pub batch_errors: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -138,6 +140,11 @@ impl AppState {
     /// The batch runs to show in `/status` (replaces the previous list).
     pub fn set_batch_runs(&self, runs: Vec<BatchRun>) {
         self.status().batch_runs = runs;
+    }
+
+    /// Why jobs' runs could not be made (replaces the previous list; empty when all could).
+    pub fn set_batch_errors(&self, errors: Vec<String>) {
+        self.status().batch_errors = errors;
     }
 
     /// Completes when a webhook asked for a fetch. A request that arrives while nobody
@@ -219,6 +226,8 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Response<Full<By
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no successful sync yet"),
         (&Method::GET, "/status") => status_json(state),
         (&Method::POST, "/hooks/git") => git_hook(state, request).await,
+        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => method_not_allowed("GET"),
+        (_, "/hooks/git") => method_not_allowed("POST"),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     };
     debug!(%method, path, status = response.status().as_u16(), "request");
@@ -281,6 +290,12 @@ fn pushed_ref(body: &[u8]) -> Option<String> {
         pushed: Option<String>,
     }
     serde_json::from_slice::<Push>(body).ok()?.pushed
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, &format!("method not allowed: use {allowed}"));
+    response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -9,6 +9,7 @@
 //! `[user@]host:path`, `git://`, `file://` and plain local paths.
 
 mod known_hosts;
+mod signatures;
 
 use std::cell::Cell;
 use std::fmt;
@@ -20,6 +21,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use git2::cert::Cert;
+pub use signatures::{AllowedSigners, SignatureError};
+
 use git2::{
     AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, ErrorCode, FetchOptions, Oid, Remote,
     RemoteCallbacks, RemoteConnection, Repository,
@@ -107,6 +110,11 @@ pub enum SourceError {
         /// libgit2's error.
         source: git2::Error,
     },
+
+    /// `--verify-signatures` is on and the head is unsigned, or not signed by an
+    /// allowed key: it is not checked out, so it is never applied.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 /// How to authenticate to the remote and how to recognise it: the files of the git
@@ -196,6 +204,8 @@ pub struct GitSource {
     branch: String,
     credentials: Credentials,
     transport: Transport,
+    /// `--verify-signatures`: who may sign the heads the agent applies.
+    signers: Option<AllowedSigners>,
 }
 
 impl GitSource {
@@ -203,7 +213,13 @@ impl GitSource {
     /// [`remote_head`](Self::remote_head) or [`fetch`](Self::fetch), where the agent
     /// reports and retries them.
     pub fn new(url: &str, branch: &str, credentials: Credentials) -> GitSource {
-        GitSource { url: url.to_owned(), branch: branch.to_owned(), credentials, transport: Transport::of(url) }
+        let transport = Transport::of(url);
+        GitSource { url: url.to_owned(), branch: branch.to_owned(), credentials, transport, signers: None }
+    }
+
+    /// Checks out only heads signed by one of `signers` (see [`fetch_tree`]).
+    pub fn verify_signatures(self, signers: AllowedSigners) -> GitSource {
+        GitSource { signers: Some(signers), ..self }
     }
 
     /// The commit the branch points at on the remote. Costs one round trip and
@@ -273,12 +289,39 @@ impl GitSource {
     }
 }
 
+/// Bounds every network operation of libgit2 (all sources, process-wide): connecting
+/// may take `timeout`, and so may each read or write after that, so a remote that stops
+/// answering fails the fetch instead of hanging the agent's loop.
+///
+/// # Safety
+///
+/// Sets libgit2 globals without synchronisation: call it before any thread that may
+/// use libgit2 exists (in `main`, before the async runtime starts).
+pub unsafe fn set_network_timeout(timeout: std::time::Duration) -> Result<(), git2::Error> {
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the caller guarantees no other thread uses libgit2 yet.
+    unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(millis)?;
+        git2::opts::set_server_timeout_in_milliseconds(millis)
+    }
+}
+
 /// Fetches the branch into `work_dir/mirror` and checks its commit out into
 /// `work_dir/tree-<commit>` (replacing an earlier checkout there): the commit and the
-/// tree the render stage reads.
+/// tree the render stage reads. With [`GitSource::verify_signatures`], a head that is
+/// not signed by an allowed key is refused before it is checked out.
 pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf), SourceError> {
     let mirror = work_dir.join("mirror");
     let head = source.fetch(&mirror)?;
+    if let Some(signers) = &source.signers {
+        let repo = Repository::open_bare(&mirror).map_err(|source| SourceError::Mirror {
+            path: mirror.clone(),
+            action: "opening",
+            source,
+        })?;
+        let signer = signers.verify(&repo, head)?;
+        tracing::info!(commit = %head, signer, "verified the head's signature");
+    }
     let tree = work_dir.join(format!("tree-{head}"));
     let _ = fs::remove_dir_all(&tree);
     checkout(&mirror, head, &tree)?;

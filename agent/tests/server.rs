@@ -88,12 +88,14 @@ fn hex_hmac(body: &str) -> String {
 }
 
 #[tokio::test]
-async fn healthz_and_unknown_paths() {
+async fn healthz_unknown_paths_and_wrong_methods() {
     let agent = Agent::start(None).await;
     assert_eq!(agent.get("/healthz").await, (StatusCode::OK, "ok".to_owned()));
     assert_eq!(agent.get("/nope").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(agent.send(Method::POST, "/metrics", &[], "").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(agent.get("/hooks/git").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(agent.send(Method::POST, "/metrics", &[], "").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(agent.send(Method::DELETE, "/status", &[], "").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    let (code, body) = agent.get("/hooks/git").await;
+    assert_eq!((code, body.as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST"));
 }
 
 #[tokio::test]
@@ -224,7 +226,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
         parse(body),
-        json!({"revision": null, "last_sync": null, "errors": [], "drifted": [], "batch_runs": []})
+        json!({"revision": null, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": []})
     );
 
     agent.state.record_sync_success("0123abcd", Duration::from_millis(1500));
@@ -248,6 +250,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             result: None,
         },
     ]);
+    agent.state.set_batch_errors(vec!["jobs/spark.yaml:1: job spark: no CRD".to_owned()]);
     agent.state.record_sync_failure(Duration::from_millis(250), vec!["apply: forbidden".to_owned()]);
 
     let mut status = parse(agent.get("/status").await.1);
@@ -268,6 +271,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
                 {"job": "nightly", "run": "nightly-3", "revision": "0123abcd", "result": "succeeded"},
                 {"job": "nightly", "run": "nightly-4", "revision": "0123abcd", "result": null},
             ],
+            "batch_errors": ["jobs/spark.yaml:1: job spark: no CRD"],
         })
     );
     agent.state.record_sync_success("4567ef01", Duration::from_secs(1));
