@@ -6,25 +6,32 @@
 //! returns either every outcome or every failure (so a user sees all rejected objects
 //! of a revision at once, each with its `file:line`):
 //! - [`Applier::dry_run`]: what the API server would make of each object (admission,
-//!   defaulting, validation, field ownership), without writing anything;
+//!   defaulting, validation, field ownership), without writing anything; the live
+//!   objects it compares with are listed per kind and namespace when there are many;
 //! - [`Applier::apply`]: writes the objects whose dry run differs from the live object,
 //!   and nothing else, so an unchanged revision makes no write request;
 //! - [`Applier::delete`] prunes;
 //! - [`Applier::wait_established`]: waits until new CRDs serve their kinds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
 
 use crate::inventory::ObjectId;
 
 /// Requests in flight at once per stage: enough to keep the API server busy, few
 /// enough not to trip its priority-and-fairness limits for one client.
-const CONCURRENCY: usize = 16;
+pub const CONCURRENCY: usize = 16;
+
+/// From this many objects of one kind in one namespace on, their live state is read
+/// with one list instead of one read each: a cold or unchanged revision of thousands of
+/// objects then costs a handful of lists, while one Secret in a crowded namespace does
+/// not pull all its neighbours.
+const LIST_FROM: usize = 16;
 
 /// How long new CRDs get to become Established before the revision fails.
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -193,26 +200,75 @@ impl Applier {
 
     /// Reads each object and dry-runs its apply. Fails with every rejection when any
     /// object is rejected; nothing is written either way.
-    pub async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, Vec<ApplyError>> {
+    pub async fn dry_run(&self, objects: &[&Planned]) -> Result<Vec<Preview>, Vec<ApplyError>> {
         split(self.previews(objects).await)
     }
 
     /// Each object's dry run on its own, for `diff`, which shows what it can.
-    pub async fn previews(&self, objects: &[Planned]) -> Vec<Result<Preview, ApplyError>> {
+    pub async fn previews(&self, objects: &[&Planned]) -> Vec<Result<Preview, ApplyError>> {
+        let mut listed = self.list_live(objects).await;
         // Built in a loop, not a closure: a closure here makes the future not Send
         // (rust-lang/rust#102211), and the sync loop runs on a multi-threaded runtime.
         let mut requests = Vec::with_capacity(objects.len());
         for object in objects {
-            requests.push(self.dry_run_one(object));
+            requests.push(self.dry_run_one(object, listed.remove(&object.id)));
         }
         concurrently(requests).await
     }
 
-    /// Applies the objects whose preview differs from the live object.
-    pub async fn apply(&self, objects: &[Planned], previews: &[Preview]) -> Result<Vec<Change>, Vec<ApplyError>> {
+    /// The live state of the objects that come [`LIST_FROM`] or more of a kind to a
+    /// namespace, by one paged list per kind and namespace: `Ok(None)` for one that
+    /// does not exist. The others are left out, to be read one by one.
+    async fn list_live(&self, objects: &[&Planned]) -> HashMap<ObjectId, Result<Option<DynamicObject>, ApplyError>> {
+        let mut groups: BTreeMap<(&str, &str, &str, Option<&str>), Vec<&Planned>> = BTreeMap::new();
+        for &object in objects {
+            let r = &object.resource;
+            let key =
+                (r.group.as_str(), r.version.as_str(), r.kind.as_str(), object.object.metadata.namespace.as_deref());
+            groups.entry(key).or_default().push(object);
+        }
+        let mut live = HashMap::new();
+        for members in groups.into_values().filter(|members| members.len() >= LIST_FROM) {
+            match self.list(members[0]).await {
+                Ok(mut listed) => {
+                    live.extend(members.iter().map(|m| (m.id.clone(), Ok(listed.remove(&m.id.name)))));
+                }
+                Err(e) => {
+                    let error = ApplyError::new(members[0], "list", e);
+                    live.extend(members.iter().map(|m| {
+                        (m.id.clone(), Err(ApplyError { origin: m.origin.clone(), id: m.id.clone(), ..error.clone() }))
+                    }));
+                }
+            }
+        }
+        live
+    }
+
+    /// Every object of `like`'s kind in its namespace, by name.
+    async fn list(&self, like: &Planned) -> Result<HashMap<String, DynamicObject>, kube::Error> {
+        let api = self.api(like);
+        let mut objects = HashMap::new();
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let page = api.list(&params).await?;
+            objects.extend(page.items.into_iter().filter_map(|o| Some((o.metadata.name.clone()?, o))));
+            match page.metadata.continue_.filter(|token| !token.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(objects),
+            }
+        }
+    }
+
+    /// Applies the objects whose preview differs from the live object. No preview: the
+    /// caller knows the object is in line, unchanged without a request.
+    pub async fn apply(
+        &self,
+        objects: &[Planned],
+        previews: &[Option<Preview>],
+    ) -> Result<Vec<Change>, Vec<ApplyError>> {
         let mut requests = Vec::with_capacity(objects.len());
         for (object, preview) in objects.iter().zip(previews) {
-            requests.push(self.apply_one(object, preview));
+            requests.push(self.apply_one(object, preview.as_ref()));
         }
         all(requests).await
     }
@@ -229,10 +285,18 @@ impl Applier {
         Ok(deleted.into_iter().flatten().collect())
     }
 
-    async fn dry_run_one(&self, object: &Planned) -> Result<Preview, ApplyError> {
+    /// `listed`: the object's live state from [`Self::list_live`], if it was listed.
+    async fn dry_run_one(
+        &self,
+        object: &Planned,
+        listed: Option<Result<Option<DynamicObject>, ApplyError>>,
+    ) -> Result<Preview, ApplyError> {
         let api = self.api(object);
         let name = &object.id.name;
-        let live = api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?;
+        let live = match listed {
+            Some(listed) => listed?,
+            None => api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?,
+        };
         let result = api
             .patch(name, &self.params().dry_run(), &Patch::Apply(&object.object))
             .await
@@ -240,8 +304,8 @@ impl Applier {
         Ok(Preview { live, result })
     }
 
-    async fn apply_one(&self, object: &Planned, preview: &Preview) -> Result<Change, ApplyError> {
-        let action = preview.action();
+    async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
+        let action = preview.map_or(Action::Unchanged, Preview::action);
         if action != Action::Unchanged {
             self.api(object)
                 .patch(&object.id.name, &self.params(), &Patch::Apply(&object.object))

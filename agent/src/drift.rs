@@ -4,8 +4,9 @@
 //!
 //! After each successful sync the loop hands [`DriftWatch::track`] the revision's
 //! objects. One kube-runtime watcher per kind, selecting the managed-by label, reports
-//! every change; nothing is re-listed or polled at steady state. Each changed object is
-//! checked in two steps:
+//! every change; nothing is re-listed or polled at steady state, and the watchers outlive
+//! syncs (a sync only holds the checks until it is done). Each changed object is checked
+//! in two steps:
 //!
 //! 1. suspicion, with no request: the object was deleted (or left the label selector), a
 //!    value git sets differs in the live object, or another field manager wrote after
@@ -17,7 +18,7 @@
 //!
 //! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -25,6 +26,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use tokio::task::JoinHandle;
 
+use crate::access::{self, Access};
 use crate::apply::{Planned, comparable};
 use crate::inventory::ObjectId;
 use crate::server::{AppState, DriftedObject};
@@ -44,11 +46,22 @@ pub enum Policy {
 /// Watches the objects of the applied revision.
 pub struct DriftWatch {
     shared: Arc<Shared>,
-    watchers: Mutex<Vec<JoinHandle<()>>>,
+    /// One watcher per kind and namespace scope; they outlive syncs, so a sync that
+    /// touches no new kind makes no list.
+    watchers: Mutex<BTreeMap<WatchKey, JoinHandle<()>>>,
+}
+
+/// A watcher's kind (group, version, kind) and namespace (`None`: cluster-wide).
+type WatchKey = (String, String, String, Option<String>);
+
+fn watch_key(r: &ApiResource, namespace: Option<String>) -> WatchKey {
+    (r.group.clone(), r.version.clone(), r.kind.clone(), namespace)
 }
 
 struct Shared {
     client: kube::Client,
+    /// Where to watch: the whole cluster, or the allowed namespaces.
+    access: Access,
     policy: Policy,
     /// Take fields back from other managers when correcting (`--force-conflicts`).
     force: bool,
@@ -56,16 +69,37 @@ struct Shared {
     /// The applied revision's objects, by identity.
     desired: Mutex<BTreeMap<ObjectId, Planned>>,
     drifted: Mutex<BTreeMap<ObjectId, DriftedObject>>,
+    /// Checks hold it shared; [`DriftWatch::pause`] takes it exclusively, so it returns
+    /// only once no check (and no correction) is under way.
+    gate: tokio::sync::RwLock<()>,
+    /// While a sync runs: the newest state each watch saw of each object (`None`:
+    /// deleted), checked against the revision that comes out of the sync.
+    held: Mutex<Option<BTreeMap<ObjectId, Option<DynamicObject>>>>,
+    /// Watchers whose list of their kind is done: from then on every change to its
+    /// objects reaches a check.
+    listed: Mutex<BTreeSet<WatchKey>>,
 }
 
 impl DriftWatch {
-    pub fn new(client: kube::Client, policy: Policy, force: bool, state: Arc<AppState>) -> DriftWatch {
-        let shared = Shared { client, policy, force, state, desired: Mutex::default(), drifted: Mutex::default() };
+    pub fn new(client: kube::Client, access: Access, policy: Policy, force: bool, state: Arc<AppState>) -> DriftWatch {
+        let shared = Shared {
+            client,
+            access,
+            policy,
+            force,
+            state,
+            desired: Mutex::default(),
+            drifted: Mutex::default(),
+            gate: tokio::sync::RwLock::default(),
+            held: Mutex::default(),
+            listed: Mutex::default(),
+        };
         DriftWatch { shared: Arc::new(shared), watchers: Mutex::default() }
     }
 
-    /// Tracks a newly applied revision's objects, replacing the previous ones. Each
-    /// watcher starts with a list, so drift that happened meanwhile is found too.
+    /// Tracks a newly applied revision's objects, replacing the previous ones. A kind
+    /// the revision adds gets a watcher, which starts with a list; one it no longer
+    /// has loses its watcher.
     pub fn track(&self, objects: Vec<Planned>) {
         *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), p)).collect();
         // The sync just applied git: what was drifted is in line again, or is found anew.
@@ -74,58 +108,99 @@ impl DriftWatch {
         self.resume();
     }
 
-    /// Stops watching while a sync applies and prunes: the old revision's watchers
-    /// would take the new revision's writes and prunes for drift, and undo them.
-    pub fn pause(&self) {
-        for watcher in self.watchers.lock().unwrap().drain(..) {
-            watcher.abort();
-        }
+    /// Whether the cluster holds `planned` as the tracked revision has it, so a sync
+    /// need not dry-run it again (Argo CD's live-state cache, in small): git has not
+    /// changed it since the last sync, its kind's watcher has listed it, and every change
+    /// the watch saw since was checked and found no drift. Anything else (a restart, a
+    /// new kind, drift, a change seen during this sync) says no.
+    pub fn in_line(&self, planned: &Planned) -> bool {
+        let shared = &self.shared;
+        let scope = match shared.access {
+            Access::Cluster => None,
+            Access::Namespaces(_) => Some(planned.id.namespace.clone()),
+        };
+        shared.listed.lock().unwrap().contains(&watch_key(&planned.resource, scope))
+            && !shared.drifted.lock().unwrap().contains_key(&planned.id)
+            && !shared.held.lock().unwrap().as_ref().is_some_and(|held| held.contains_key(&planned.id))
+            && shared.desired.lock().unwrap().get(&planned.id).is_some_and(|tracked| tracked.object == planned.object)
     }
 
-    /// Watches the tracked objects again (after a sync that failed, they are still
-    /// what the cluster should hold).
+    /// Holds drift checks while a sync applies and prunes: the old revision would take
+    /// the new revision's writes and prunes for drift, and undo them. What the watches
+    /// see meanwhile is checked when the sync ends.
+    pub async fn pause(&self) {
+        let _exclusive = self.shared.gate.write().await;
+        self.shared.held.lock().unwrap().get_or_insert_default();
+    }
+
+    /// Checks again, against the tracked objects (after a sync that failed, they are
+    /// still what the cluster should hold), starting with what was seen while paused.
     pub fn resume(&self) {
-        self.pause();
-        let mut kinds: BTreeMap<(String, String, String), ApiResource> = BTreeMap::new();
+        let mut kinds: BTreeMap<WatchKey, ApiResource> = BTreeMap::new();
         for object in self.shared.desired.lock().unwrap().values() {
-            let r = &object.resource;
-            kinds.insert((r.group.clone(), r.version.clone(), r.kind.clone()), r.clone());
+            for namespace in self.shared.access.watch_scopes() {
+                kinds.insert(watch_key(&object.resource, namespace), object.resource.clone());
+            }
         }
         let mut watchers = self.watchers.lock().unwrap();
-        for resource in kinds.into_values() {
-            watchers.push(tokio::spawn(self.shared.clone().watch(resource)));
+        watchers.retain(|key, watcher| {
+            let keep = kinds.contains_key(key);
+            if !keep {
+                watcher.abort();
+                self.shared.listed.lock().unwrap().remove(key);
+            }
+            keep
+        });
+        for (key, resource) in kinds {
+            if let std::collections::btree_map::Entry::Vacant(entry) = watchers.entry(key) {
+                let namespace = entry.key().3.clone();
+                entry.insert(tokio::spawn(self.shared.clone().watch(resource, namespace)));
+            }
         }
+        let Some(held) = self.shared.held.lock().unwrap().take() else { return };
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            for (id, seen) in held {
+                shared.see(id, seen).await;
+            }
+        });
     }
 }
 
 impl Drop for DriftWatch {
     fn drop(&mut self) {
-        self.pause();
+        for watcher in self.watchers.lock().unwrap().values() {
+            watcher.abort();
+        }
     }
 }
 
 impl Shared {
-    /// Follows one kind, cluster-wide, through the managed-by label.
-    async fn watch(self: Arc<Self>, resource: ApiResource) {
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+    /// Follows one kind, cluster-wide or in one namespace, through the managed-by label.
+    async fn watch(self: Arc<Self>, resource: ApiResource, namespace: Option<String>) {
+        let api = access::api(&self.client, &resource, namespace.as_deref());
         let selector = format!("{}={}", crate::MANAGED_BY_LABEL, crate::FIELD_MANAGER);
         let config = watcher::Config::default().labels(&selector);
         let mut events = watcher::watcher(api, config).boxed();
-        let mut listed = Vec::new();
+        let mut in_list = BTreeSet::new();
         while let Some(event) = events.next().await {
             match event {
                 Ok(Event::Apply(object) | Event::InitApply(object)) => {
-                    if let Some(id) = self.identify(&resource, &object) {
-                        listed.push(id.clone());
-                        self.check(&id, Some(object)).await;
+                    if let Some(id) = identify(&resource, &object) {
+                        in_list.insert(id.clone());
+                        self.see(id, Some(object)).await;
                     }
                 }
                 Ok(Event::Delete(object)) => {
-                    if let Some(id) = self.identify(&resource, &object) {
-                        self.check(&id, None).await;
+                    if let Some(id) = identify(&resource, &object) {
+                        self.see(id, None).await;
                     }
                 }
-                Ok(Event::Init) => listed.clear(),
+                // A (re-)list: changes made while the watch was down are not seen yet.
+                Ok(Event::Init) => {
+                    in_list.clear();
+                    self.listed.lock().unwrap().remove(&watch_key(&resource, namespace.clone()));
+                }
                 // Objects of this kind that git has but the list did not show were
                 // deleted (or lost the label) while nobody watched.
                 Ok(Event::InitDone) => {
@@ -134,12 +209,14 @@ impl Shared {
                         .lock()
                         .unwrap()
                         .keys()
-                        .filter(|id| id.kind == resource.kind && id.group == resource.group && !listed.contains(id))
+                        .filter(|id| id.kind == resource.kind && id.group == resource.group && !in_list.contains(*id))
+                        .filter(|id| namespace.as_ref().is_none_or(|ns| *ns == id.namespace))
                         .cloned()
                         .collect();
                     for id in missing {
-                        self.check(&id, None).await;
+                        self.see(id, None).await;
                     }
+                    self.listed.lock().unwrap().insert(watch_key(&resource, namespace.clone()));
                 }
                 // The watcher retries with backoff by itself; say why it had to.
                 Err(e) => tracing::warn!(kind = %resource.kind, error = %e, "drift watch interrupted"),
@@ -147,23 +224,21 @@ impl Shared {
         }
     }
 
-    fn identify(&self, resource: &ApiResource, object: &DynamicObject) -> Option<ObjectId> {
-        let id = ObjectId {
-            group: resource.group.clone(),
-            kind: resource.kind.clone(),
-            namespace: object.metadata.namespace.clone().unwrap_or_default(),
-            name: object.metadata.name.clone()?,
-        };
-        self.desired.lock().unwrap().contains_key(&id).then_some(id)
+    /// Checks what a watch saw, or holds it while a sync runs.
+    async fn see(&self, id: ObjectId, seen: Option<DynamicObject>) {
+        let _shared = self.gate.read().await;
+        if let Some(held) = self.held.lock().unwrap().as_mut() {
+            held.insert(id, seen);
+            return;
+        }
+        self.check(&id, seen).await;
     }
 
     /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
     async fn check(&self, id: &ObjectId, seen: Option<DynamicObject>) {
         let Some(planned) = self.desired.lock().unwrap().get(id).cloned() else { return };
-        let api = match id.namespace.as_str() {
-            "" => Api::<DynamicObject>::all_with(self.client.clone(), &planned.resource),
-            ns => Api::namespaced_with(self.client.clone(), ns, &planned.resource),
-        };
+        let namespace = Some(id.namespace.as_str()).filter(|ns| !ns.is_empty());
+        let api = access::api(&self.client, &planned.resource, namespace);
         // A Delete event may only mean the label was removed: look.
         let live = match seen {
             Some(object) => Some(object),
@@ -256,6 +331,15 @@ impl Shared {
         let drifted: Vec<DriftedObject> = self.drifted.lock().unwrap().values().cloned().collect();
         self.state.set_drifted(drifted);
     }
+}
+
+fn identify(resource: &ApiResource, object: &DynamicObject) -> Option<ObjectId> {
+    Some(ObjectId {
+        group: resource.group.clone(),
+        kind: resource.kind.clone(),
+        namespace: object.metadata.namespace.clone().unwrap_or_default(),
+        name: object.metadata.name.clone()?,
+    })
 }
 
 /// What a confirmed drift is: the differing field paths and who wrote last.

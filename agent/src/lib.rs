@@ -8,14 +8,20 @@
 //! - [`inventory`] keeps, in the cluster, what the agent owns;
 //! - [`sync`] runs those stages for one revision; [`run`] is the loop around it;
 //! - [`drift`] watches the applied objects between commits;
-//! - [`metrics`] and [`server`] report it all over HTTP.
+//! - [`jobs`] makes a batch run of each job spec that changed, and follows it;
+//! - [`report`] writes each sync's outcome into a ConfigMap, for `kubectl get` and gitops-bootstrap;
+//! - [`metrics`] and [`server`] report it all over HTTP;
+//! - [`access`] says what the agent may touch: the cluster, or some namespaces.
 
+pub mod access;
 pub mod apply;
 pub mod drift;
 pub mod inventory;
+pub mod jobs;
 pub mod metrics;
 pub mod plan;
 pub mod render;
+pub mod report;
 pub mod run;
 pub mod server;
 pub mod source;

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gitops_agent::access::Access;
 use gitops_agent::apply::Action;
 use gitops_agent::leader::{self, Leadership};
 use gitops_agent::server::{self, AppState, WebhookSecret};
-use gitops_agent::source::{Credentials, GitSource};
-use gitops_agent::{drift, render, run, sync};
+use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
+use gitops_agent::{drift, jobs, render, run, sync};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -33,8 +34,10 @@ enum Cmd {
     },
     /// Check a checked-out repository offline: every error as `file:line: message`.
     Validate {
-        /// The directory holding manifests/ (the repository root or its --path).
+        /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
         dir: PathBuf,
+        #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
+        dashboards_namespace: String,
     },
 }
 
@@ -79,6 +82,13 @@ struct SourceArgs {
     /// A mounted Secret: files username, password or token, identity, known_hosts.
     #[arg(long, env = "GITOPS_GIT_SECRET_DIR")]
     git_secret_dir: Option<PathBuf>,
+    /// How long connecting to the remote, and then each read or write, may take.
+    #[arg(long, env = "GITOPS_GIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    git_timeout: Duration,
+    /// Apply only heads SSH-signed by a key of this file (ssh-keygen's allowed signers
+    /// format, as git's gpg.ssh.allowedSignersFile).
+    #[arg(long, env = "GITOPS_VERIFY_SIGNATURES")]
+    verify_signatures: Option<PathBuf>,
 }
 
 /// How revisions are applied.
@@ -96,6 +106,13 @@ struct ApplyArgs {
     /// The agent's own namespace, where it keeps its inventory. In a pod: its own.
     #[arg(long, env = "GITOPS_NAMESPACE")]
     namespace: Option<String>,
+    /// Where dashboards' ConfigMaps go, for Grafana's sidecar to find.
+    #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
+    dashboards_namespace: String,
+    /// Apply only namespaced objects in these namespaces (comma-separated), and watch
+    /// only there: for RBAC limited to them (manifests/restricted/).
+    #[arg(long, env = "GITOPS_ALLOW_NAMESPACES", value_delimiter = ',')]
+    allow_namespaces: Option<Vec<String>>,
 }
 
 impl SourceArgs {
@@ -104,7 +121,11 @@ impl SourceArgs {
             Some(dir) => Credentials::from_secret_dir(dir)?,
             None => Credentials::none(),
         };
-        Ok(GitSource::new(&self.repo, &self.branch, credentials))
+        let source = GitSource::new(&self.repo, &self.branch, credentials);
+        Ok(match &self.verify_signatures {
+            Some(path) => source.verify_signatures(AllowedSigners::from_file(path)?),
+            None => source,
+        })
     }
 }
 
@@ -127,6 +148,8 @@ impl ApplyArgs {
                 prune: self.prune,
                 force_conflicts: self.force_conflicts,
                 inventory_namespace: namespace,
+                dashboards_namespace: self.dashboards_namespace,
+                access: Access::new(self.allow_namespaces),
             },
         )
     }
@@ -152,7 +175,9 @@ const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // notify logs at INFO each watch descriptor the kernel already dropped, which git
+    // causes on every ref update of a watched local repository.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,notify=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if in_cluster() {
         logs.json().init()
@@ -160,8 +185,20 @@ fn main() -> ExitCode {
         logs.init()
     }
 
+    let git_timeout = match &cli.command {
+        Cmd::Run(args) => Some(args.source.git_timeout),
+        Cmd::Diff { source, .. } => Some(source.git_timeout),
+        Cmd::Validate { .. } => None,
+    };
+    if let Some(timeout) = git_timeout {
+        // SAFETY: no thread exists yet; the runtime starts below.
+        if let Err(e) = unsafe { gitops_agent::source::set_network_timeout(timeout) } {
+            eprintln!("error: setting the git network timeout: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let outcome = match cli.command {
-        Cmd::Validate { dir } => validate(&dir),
+        Cmd::Validate { dir, dashboards_namespace } => validate(&dir, &dashboards_namespace),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Cmd::Diff { source, apply } => runtime().and_then(|rt| rt.block_on(diff(source, apply))),
     };
@@ -178,10 +215,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn validate(dir: &std::path::Path) -> Result<ExitCode> {
-    match render::render(dir) {
-        Ok(manifests) => {
-            println!("{}: {} objects, no errors", dir.display(), manifests.len());
+fn validate(dir: &std::path::Path, dashboards_namespace: &str) -> Result<ExitCode> {
+    match render::render(dir, dashboards_namespace) {
+        Ok(rendered) => {
+            let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
+            println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -211,6 +249,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         Leadership::always()
     };
     let force = args.apply.force_conflicts;
+    let default_namespace = args.apply.default_namespace.clone();
+    let access = Access::new(args.apply.allow_namespaces.clone());
     let syncer = args.apply.syncer(client.clone());
 
     let temporary;
@@ -229,10 +269,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         interval: args.interval,
         work_dir,
         local_repo: local_repo.exists().then(|| local_repo.to_owned()),
+        report: Some(gitops_agent::report::StatusReport::new(client.clone(), &namespace)),
     };
 
     let state = Arc::new(AppState::new(&args.source.branch, webhook_secret));
-    let drift = drift::DriftWatch::new(client, args.drift, force, state.clone());
+    let runs = jobs::Runs::new(client.clone(), access.clone(), state.clone(), &default_namespace, leadership.changes());
+    let drift = drift::DriftWatch::new(client, access, args.drift, force, state.clone());
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
@@ -249,7 +291,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         tracing::info!("shutting down after the sync in flight");
         let _ = stop_tx.send(true);
     });
-    run::run(config, syncer, drift, state, leadership.changes(), stop_rx).await;
+    run::run(config, syncer, drift, runs, state, leadership.changes(), stop_rx).await;
     // After the loop, so the standby cannot start while this replica still applies.
     leadership.release().await;
     server.await.context("HTTP server task")?;

@@ -75,6 +75,7 @@ pub struct Metrics {
     /// concurrent successes from leaving two series behind.
     current_revision: Mutex<Option<String>>,
     source_fetch_errors: IntCounter,
+    unverified_commits: IntCounter,
     managed_resources: IntGaugeVec,
     drifted_resources: IntGaugeVec,
     drift_detected: IntCounterVec,
@@ -128,6 +129,13 @@ impl Metrics {
             source_fetch_errors: register(
                 &registry,
                 IntCounter::new("gitops_source_fetch_errors_total", "Failed attempts to fetch the git repository."),
+            ),
+            unverified_commits: register(
+                &registry,
+                IntCounter::new(
+                    "gitops_unverified_commits_total",
+                    "Heads refused by --verify-signatures: unsigned, or not signed by an allowed key.",
+                ),
             ),
             managed_resources: gauges(
                 "gitops_managed_resources",
@@ -205,6 +213,11 @@ impl Metrics {
     /// Fetching the git repository failed.
     pub fn fetch_failed(&self) {
         self.source_fetch_errors.inc();
+    }
+
+    /// A fetched head was refused for its signature.
+    pub fn commit_unverified(&self) {
+        self.unverified_commits.inc();
     }
 
     /// The objects now managed, one kind per object; replaces the previous count.

@@ -17,6 +17,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::apply::Action;
 use crate::drift::DriftWatch;
+use crate::jobs::Runs;
+use crate::report::{Phase, StatusReport};
 use crate::server::AppState;
 use crate::source::{self, GitSource};
 use crate::sync::{Synced, Syncer};
@@ -36,6 +38,9 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// A repository on this machine to watch for new commits, if `--repo` is one.
     pub local_repo: Option<PathBuf>,
+    /// Where each reconcile's outcome is written in the cluster (ConfigMap
+    /// `gitops-agent-status`), if anywhere.
+    pub report: Option<StatusReport>,
 }
 
 /// Runs until `shutdown` turns true; a sync in flight finishes first.
@@ -46,6 +51,7 @@ pub async fn run(
     config: Config,
     syncer: Syncer,
     drift: DriftWatch,
+    runs: Runs,
     state: Arc<AppState>,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
@@ -63,7 +69,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
-            outcome = reconcile(&config, &syncer, &drift, &state, applied) => match outcome {
+            outcome = reconcile(&config, &syncer, &drift, &runs, &state, applied) => match outcome {
                 Ok(head) => {
                     applied = Some(head);
                     failures = 0;
@@ -97,6 +103,7 @@ async fn reconcile(
     config: &Arc<Config>,
     syncer: &Syncer,
     drift: &DriftWatch,
+    runs: &Runs,
     state: &AppState,
     applied: Option<Oid>,
 ) -> Result<Oid, ()> {
@@ -119,22 +126,31 @@ async fn reconcile(
             // sync, and what `GitOpsSourceStale` watches for.
             let head = applied.expect("unchanged means applied before");
             state.record_sync_success(&head.to_string(), started.elapsed());
+            report(config, &head.to_string(), Phase::Synced, "").await;
             return Ok(head);
+        }
+        Err(e @ source::SourceError::Signature(_)) => {
+            state.metrics.commit_unverified();
+            fail("verify", e.to_string());
+            report(config, &applied.map(|a| a.to_string()).unwrap_or_default(), Phase::Failed, &e.to_string()).await;
+            return Err(());
         }
         Err(e) => {
             state.metrics.fetch_failed();
             fail("fetch", e.to_string());
+            report(config, &applied.map(|a| a.to_string()).unwrap_or_default(), Phase::Failed, &e.to_string()).await;
             return Err(());
         }
     };
 
     let revision = head.to_string();
     let root = tree.join(&config.path);
-    drift.pause();
-    let result = syncer.sync(&root, &revision).await;
+    drift.pause().await;
+    let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned)).await;
+    release_memory();
     let _ = std::fs::remove_dir_all(&tree);
     match result {
-        Ok(Synced { changes, objects }) => {
+        Ok(Synced { changes, objects, jobs }) => {
             tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
             let managed = changes.changes.iter().filter(|c| c.action != Action::Deleted);
             state.metrics.set_managed(managed.map(|c| c.id.kind.as_str()));
@@ -142,14 +158,35 @@ async fn reconcile(
                 state.metrics.pruned(&pruned.id.kind);
             }
             state.record_sync_success(&revision, started.elapsed());
+            report(config, &revision, Phase::Synced, "").await;
             drift.track(objects);
+            runs.update(jobs, &revision).await;
             Ok(head)
         }
         Err(e) => {
             fail("sync", e.to_string());
+            report(config, &revision, Phase::Failed, &e.to_string()).await;
             drift.resume();
             Err(())
         }
+    }
+}
+
+/// Hands the memory a sync freed back to the kernel. A sync of thousands of objects
+/// holds several copies of each for a moment (desired, live, dry-run result); glibc
+/// keeps freed pages in its per-thread arenas, so without this the agent's resident
+/// size stays at its peak between commits.
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+async fn report(config: &Config, revision: &str, phase: Phase, message: &str) {
+    if let Some(report) = &config.report {
+        report.report(revision, phase, message).await;
     }
 }
 

@@ -1,5 +1,5 @@
 //! One revision, end to end: render → plan → dry run → staged apply → prune →
-//! inventory. The loop in [`crate::run`] calls [`Syncer::sync`] for each new commit.
+//! inventory. Batch runs come after, from the job specs it returns. The loop in [`crate::run`] calls [`Syncer::sync`] for each new commit.
 //!
 //! A revision is applied all or nothing at the validation level: it is rendered and
 //! dry-run in full before anything of it is written, so a broken file or an object the
@@ -12,10 +12,11 @@ use std::path::Path;
 
 use kube::discovery::Discovery;
 
+use crate::access::Access;
 use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
 use crate::inventory::{Inventory, InventoryError, ObjectId, Store};
 use crate::plan::{self, Plan};
-use crate::render::{self, RenderError};
+use crate::render::{self, JobSpec, Problem, RenderError};
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
 /// everything the agent applied; without it an empty revision is refused, because it
@@ -58,6 +59,10 @@ pub struct Options {
     pub force_conflicts: bool,
     /// Where the inventory ConfigMap lives: the agent's own namespace.
     pub inventory_namespace: String,
+    /// Where dashboards' ConfigMaps go (`--dashboards-namespace`).
+    pub dashboards_namespace: String,
+    /// What the agent may touch (`--allow-namespaces`).
+    pub access: Access,
 }
 
 /// Applies revisions to one cluster.
@@ -70,9 +75,22 @@ pub struct Syncer {
 
 impl Syncer {
     pub fn new(client: kube::Client, options: Options) -> Syncer {
+        let store = Store::new(client.clone(), &options.inventory_namespace);
+        Syncer::with_store(client, options, store)
+    }
+
+    /// A syncer keeping its inventory in ConfigMap `inventory` (in the inventory
+    /// namespace) instead of the agent's: gitops-bootstrap installs the agent this way,
+    /// so the agent's own sync of the user's repository never prunes itself.
+    pub fn with_inventory(client: kube::Client, options: Options, inventory: &str) -> Syncer {
+        let store = Store::named(client.clone(), &options.inventory_namespace, inventory);
+        Syncer::with_store(client, options, store)
+    }
+
+    fn with_store(client: kube::Client, options: Options, store: Store) -> Syncer {
         Syncer {
             applier: Applier::new(client.clone(), crate::FIELD_MANAGER, options.force_conflicts),
-            store: Store::new(client.clone(), &options.inventory_namespace),
+            store,
             client,
             options,
         }
@@ -81,23 +99,36 @@ impl Syncer {
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
     /// commit `revision`, and returns what changed.
     pub async fn sync(&self, root: &Path, revision: &str) -> Result<Synced, SyncError> {
-        let (plan, mut inventory) = self.plan(root).await?;
+        self.sync_in_line(root, revision, &|_| false).await
+    }
+
+    /// [`Self::sync`], taking the objects `in_line` vouches for (unchanged in git and
+    /// live since the last sync: [`crate::drift::DriftWatch::in_line`]) as unchanged
+    /// without a request, so a commit that changes one object costs one dry run and
+    /// one apply, whatever the size of the revision.
+    pub async fn sync_in_line(
+        &self,
+        root: &Path,
+        revision: &str,
+        in_line: &(dyn Fn(&Planned) -> bool + Sync),
+    ) -> Result<Synced, SyncError> {
+        let (plan, mut inventory, jobs) = self.plan(root).await?;
         let owned = inventory.owned().len();
         if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
             return Err(SyncError::EmptyRevision(owned));
         }
 
         let mut changes = ChangeSet::default();
-        let definitions = self.dry_run(&plan.definitions).await?;
-        let planned = plan::entries(&plan.definitions, |i| definitions[i].live.is_some(), &inventory);
+        let definitions = self.dry_run(&plan.definitions, in_line).await?;
+        let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
 
         // Everything else is dry-run before any of it is written.
         let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let previews = self.dry_run(&rest).await?;
-        let planned = plan::entries(&rest, |i| previews[i].live.is_some(), &inventory);
+        let previews = self.dry_run(&rest, in_line).await?;
+        let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
         let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
         changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
@@ -114,17 +145,32 @@ impl Syncer {
             owned.extend(plan.prune.iter().flatten().map(|p| (p.id.clone(), crate::inventory::Origin::Created)));
         }
         self.store.commit(&mut inventory, revision, owned).await?;
-        Ok(Synced { changes, objects: all })
+        Ok(Synced { changes, objects: all, jobs })
     }
 
     /// Renders the tree and plans it against the cluster and the stored inventory.
-    async fn plan(&self, root: &Path) -> Result<(Plan, Inventory), SyncError> {
-        let manifests = render::render(root).map_err(SyncError::Render)?;
+    async fn plan(&self, root: &Path) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
+        let rendered = render::render(root, &self.options.dashboards_namespace).map_err(SyncError::Render)?;
         let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
         let inventory = self.store.load().await?;
-        let plan = plan::plan(manifests, &discovery, &self.options.default_namespace, &inventory)
+        let options = &self.options;
+        let plan = plan::plan(rendered.manifests, &discovery, &options.default_namespace, &options.access, &inventory)
             .map_err(SyncError::Render)?;
-        Ok((plan, inventory))
+        // Runs go where their spec says, so the spec is checked like an object.
+        let refused: Vec<RenderError> = rendered
+            .jobs
+            .iter()
+            .filter_map(|spec| {
+                let namespace = spec.template.namespace().unwrap_or(&options.default_namespace);
+                let refusal = options.access.refusal(Some(namespace))?;
+                let object = format!("job {} (runs in namespace {namespace})", spec.name());
+                Some(RenderError { at: spec.template.location.clone(), problem: Problem::Refused { object, refusal } })
+            })
+            .collect();
+        if !refused.is_empty() {
+            return Err(SyncError::Render(refused));
+        }
+        Ok((plan, inventory, rendered.jobs))
     }
 
     /// What [`Self::sync`] would change, without writing anything: every object that
@@ -132,8 +178,8 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, _) = self.plan(root).await?;
-        let objects: Vec<Planned> = plan.objects().cloned().collect();
+        let (plan, _, _) = self.plan(root).await?;
+        let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();
         let mut rejected = Vec::new();
         for (object, preview) in objects.iter().zip(self.applier.previews(&objects).await) {
@@ -173,17 +219,31 @@ impl Syncer {
         Ok(differences)
     }
 
-    async fn dry_run(&self, objects: &[Planned]) -> Result<Vec<Preview>, SyncError> {
-        self.applier.dry_run(objects).await.map_err(SyncError::Rejected)
+    /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does.
+    async fn dry_run(
+        &self,
+        objects: &[Planned],
+        in_line: &(dyn Fn(&Planned) -> bool + Sync),
+    ) -> Result<Vec<Option<Preview>>, SyncError> {
+        let vouched: Vec<bool> = objects.iter().map(in_line).collect();
+        let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
+        let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
+        Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }
 }
 
-/// What a sync did, and the objects the revision holds now (what drift is measured
-/// against).
+/// Whether an object exists: it does if it is in line (no preview).
+fn exists(preview: &Option<Preview>) -> bool {
+    preview.as_ref().is_none_or(|p| p.live.is_some())
+}
+
+/// What a sync did, the objects the revision holds now (what drift is measured
+/// against), and its batch job specs (which [`crate::jobs`] makes runs of).
 #[derive(Debug)]
 pub struct Synced {
     pub changes: ChangeSet,
     pub objects: Vec<Planned>,
+    pub jobs: Vec<JobSpec>,
 }
 
 /// One object `sync` would change.
