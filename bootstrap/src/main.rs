@@ -1,9 +1,12 @@
 //! The `gitops-bootstrap` command line: a thin layer over the library.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use gitops_bootstrap::eks;
+use gitops_bootstrap::install::{self, InstallOptions};
 use gitops_bootstrap::local::{self, LocalControlPlane, Options, agent};
 
 #[derive(Parser)]
@@ -13,10 +16,12 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Provider {
     /// A control plane on this machine's loopback, built from Go modules.
     Local,
+    /// Amazon EKS, with its VPC, IAM roles and node group.
+    Eks,
 }
 
 #[derive(Subcommand)]
@@ -25,26 +30,48 @@ enum Cmd {
     Up {
         #[arg(long, value_enum)]
         provider: Provider,
-        /// Where the local control plane keeps its state; `DIR/kubeconfig` is written here.
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// The repository the agent follows (URL or path); default: a new git repository
-        /// made from repo-template/ in `STATE_DIR/repo`.
-        #[arg(long)]
+        /// Local: where the control plane keeps its state; `DIR/kubeconfig` is written here.
+        #[arg(long, required_if_eq("provider", "local"))]
+        state_dir: Option<PathBuf>,
+        /// The repository the agent follows (URL or path); local default: a new git
+        /// repository made from repo-template/ in `STATE_DIR/repo`.
+        #[arg(long, required_if_eq("provider", "eks"))]
         repo: Option<String>,
-        /// Address of the agent's /metrics, /status and /hooks/git.
+        /// Local: address of the agent's /metrics, /status and /hooks/git.
         #[arg(long, default_value = "127.0.0.1:8080")]
         agent_listen: String,
-        /// Start the cluster only, without the agent.
+        /// Local: start the cluster only, without the agent.
         #[arg(long)]
         no_agent: bool,
+        #[command(flatten)]
+        eks: EksUpArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[command(flatten)]
+        install: InstallArgs,
     },
-    /// Stop everything `up` started and remove its state.
+    /// Stop or delete everything `up` made.
     Down {
         #[arg(long, value_enum)]
         provider: Provider,
+        #[arg(long, required_if_eq("provider", "local"))]
+        state_dir: Option<PathBuf>,
+        #[arg(long, required_if_eq("provider", "eks"))]
+        cluster_name: Option<String>,
+        #[command(flatten)]
+        aws: AwsArgs,
+        /// EKS: keep the VPC, subnets, gateways and addresses.
         #[arg(long)]
-        state_dir: PathBuf,
+        keep_vpc: bool,
+        /// EKS: remove the agent through this kubeconfig instead of the cluster's.
+        #[arg(long)]
+        install_kubeconfig: Option<PathBuf>,
+        /// EKS: the kubeconfig `up` wrote (default ~/.kube/gitops-NAME).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// EKS: how long each deletion may take.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Say what runs.
     Status {
@@ -58,6 +85,128 @@ enum Cmd {
         #[arg(long, value_enum)]
         provider: Provider,
     },
+    /// Print an ExecCredential with an EKS bearer token (kubectl's exec authentication).
+    Token {
+        #[arg(long)]
+        cluster: String,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AwsArgs {
+    /// AWS region (else AWS_REGION or the profile's).
+    #[arg(long)]
+    region: Option<String>,
+    /// AWS profile (else AWS_PROFILE).
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+impl AwsArgs {
+    fn options(&self) -> eks::AwsOptions {
+        eks::AwsOptions { region: self.region.clone(), profile: self.profile.clone() }
+    }
+}
+
+#[derive(clap::Args)]
+struct EksUpArgs {
+    /// EKS: the cluster's name; every AWS resource is tagged with it.
+    #[arg(long, required_if_eq("provider", "eks"))]
+    cluster_name: Option<String>,
+    #[arg(long, default_value = "1.33")]
+    kubernetes_version: String,
+    /// Availability zones to spread the subnets over (2 or 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
+    zones: u8,
+    /// One NAT gateway per zone instead of one for all (more resilient, costs more).
+    #[arg(long)]
+    nat_per_zone: bool,
+    /// CIDRs allowed to reach the cluster's public API endpoint (repeat the flag).
+    #[arg(long = "public-access-cidr", default_value = "0.0.0.0/0")]
+    public_access_cidrs: Vec<String>,
+    #[arg(long, default_value = "t3.large")]
+    instance_type: String,
+    #[arg(long, default_value_t = 2)]
+    nodes_min: i32,
+    #[arg(long, default_value_t = 2)]
+    nodes_desired: i32,
+    #[arg(long, default_value_t = 4)]
+    nodes_max: i32,
+    /// Print what would be created, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where to write the cluster's kubeconfig (default ~/.kube/gitops-NAME).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Install the agent through this kubeconfig instead of the new cluster's.
+    #[arg(long)]
+    install_kubeconfig: Option<PathBuf>,
+    /// Provision only; do not install the agent.
+    #[arg(long)]
+    no_install: bool,
+    /// Return once the agent is installed, without waiting for its first sync.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long each long wait (cluster, node group, first sync) may take.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// The branch the agent follows.
+    #[arg(long, default_value = "main")]
+    branch: String,
+    /// The directory in the repository holding manifests/.
+    #[arg(long, default_value = ".")]
+    path: String,
+    /// The agent's container image (see agent/Dockerfile).
+    #[arg(long, default_value = install::DEFAULT_IMAGE)]
+    agent_image: String,
+    /// A file holding an HTTPS access token for the repository.
+    #[arg(long)]
+    git_token_file: Option<PathBuf>,
+    /// The user name sent with the token.
+    #[arg(long, default_value = "git")]
+    git_username: String,
+    /// A file holding an SSH private key for the repository.
+    #[arg(long)]
+    ssh_key_file: Option<PathBuf>,
+    /// A known_hosts file with the SSH server's host keys (checked strictly).
+    #[arg(long)]
+    ssh_known_hosts_file: Option<PathBuf>,
+}
+
+impl InstallArgs {
+    fn options(&self, repo: String) -> InstallOptions {
+        InstallOptions {
+            repo,
+            branch: self.branch.clone(),
+            path: self.path.clone(),
+            image: self.agent_image.clone(),
+            git_token_file: self.git_token_file.clone(),
+            git_username: self.git_username.clone(),
+            ssh_key_file: self.ssh_key_file.clone(),
+            ssh_known_hosts_file: self.ssh_known_hosts_file.clone(),
+        }
+    }
+}
+
+/// `~/.kube/gitops-NAME`.
+fn default_kubeconfig(cluster: &str) -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".kube").join(format!("gitops-{cluster}"))
+}
+
+/// This invocation as a command line, for "run … to resume" messages.
+fn this_command() -> String {
+    let quote = |a: String| if a.contains([' ', '"', '\'']) { format!("'{}'", a.replace('\'', "'\\''")) } else { a };
+    std::iter::once("gitops-bootstrap".to_owned())
+        .chain(std::env::args().skip(1).map(quote))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::main]
@@ -72,53 +221,72 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent } => {
-            // A partly running control plane (one component crashed) is started afresh.
-            let components = local::status(&state_dir);
-            if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
-                println!("already running from {}", state_dir.display());
-                return print_status(&state_dir);
+        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent, install, .. } => {
+            let state_dir = state_dir.expect("clap requires --state-dir for local");
+            up_local(&state_dir, repo, agent_listen, no_agent, &install).await
+        }
+        Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
+            let cluster_name = args.cluster_name.expect("clap requires --cluster-name for eks");
+            if !(1 <= args.nodes_min && args.nodes_min <= args.nodes_desired && args.nodes_desired <= args.nodes_max) {
+                bail!("node counts must satisfy 1 <= --nodes-min <= --nodes-desired <= --nodes-max");
             }
-            let options = Options::new(&state_dir, local::Lifetime::Detached);
-            let plane = LocalControlPlane::start(&options)
-                .await
-                .with_context(|| format!("starting the local control plane in {}", state_dir.display()))?;
-            println!("Kubernetes {} is up at {}", plane.kubernetes_version(), plane.server());
-            if !no_agent {
-                let repo = match repo {
-                    Some(repo) => repo,
-                    None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
-                };
-                create_namespace(&plane.client().await?, agent::AGENT_NAMESPACE).await?;
-                let options = agent::AgentOptions { binary: agent::find_agent_binary(), repo, listen: agent_listen };
-                agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
-                    format!(
-                        "starting gitops-agent ({}); the control plane keeps running until \
-                         `gitops-bootstrap down --provider local --state-dir {}`",
-                        options.binary.display(),
-                        state_dir.display()
-                    )
-                })?;
-                println!(
-                    "gitops-agent follows {} and has applied its head: commit to it and watch the cluster follow.\n  \
-                     status: http://{}/status   metrics: http://{}/metrics",
-                    options.repo, options.listen, options.listen
-                );
-            }
-            println!(
-                "\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
-                plane.kubeconfig().display(),
-                state_dir.display(),
-            );
+            let options = eks::UpOptions {
+                kubeconfig: args.kubeconfig.unwrap_or_else(|| default_kubeconfig(&cluster_name)),
+                cluster_name,
+                aws: aws.options(),
+                kubernetes_version: args.kubernetes_version,
+                zones: args.zones.into(),
+                nat_per_zone: args.nat_per_zone,
+                public_access_cidrs: args.public_access_cidrs,
+                instance_type: args.instance_type,
+                nodes_min: args.nodes_min,
+                nodes_desired: args.nodes_desired,
+                nodes_max: args.nodes_max,
+                dry_run: args.dry_run,
+                install_kubeconfig: args.install_kubeconfig,
+                no_install: args.no_install,
+                no_wait: args.no_wait,
+                install: install.options(repo.expect("clap requires --repo for eks")),
+                timeout: args.timeout,
+                resume: this_command(),
+            };
+            eks::up(&options).await.with_context(|| format!("up --provider eks (cluster {})", options.cluster_name))?;
             Ok(())
         }
-        Cmd::Down { provider: Provider::Local, state_dir } => {
+        Cmd::Down { provider: Provider::Local, state_dir, .. } => {
+            let state_dir = state_dir.expect("clap requires --state-dir for local");
             let stopped = local::stop_state_dir(&state_dir)?;
             if stopped.is_empty() {
                 println!("nothing was running from {}", state_dir.display());
             } else {
                 println!("stopped {}; removed {}", stopped.join(", "), state_dir.display());
             }
+            Ok(())
+        }
+        Cmd::Down {
+            provider: Provider::Eks,
+            cluster_name,
+            aws,
+            keep_vpc,
+            install_kubeconfig,
+            kubeconfig,
+            timeout,
+            ..
+        } => {
+            let cluster_name = cluster_name.expect("clap requires --cluster-name for eks");
+            let options = eks::DownOptions {
+                kubeconfig: kubeconfig.unwrap_or_else(|| default_kubeconfig(&cluster_name)),
+                cluster_name,
+                aws: aws.options(),
+                keep_vpc,
+                install_kubeconfig,
+                timeout,
+                resume: this_command(),
+            };
+            eks::down(&options)
+                .await
+                .with_context(|| format!("down --provider eks (cluster {})", options.cluster_name))?;
+            println!("cluster {} is gone", options.cluster_name);
             Ok(())
         }
         Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
@@ -129,7 +297,72 @@ async fn main() -> Result<()> {
             println!("etcd: {}", binaries.etcd.display());
             Ok(())
         }
+        Cmd::Status { provider: Provider::Eks, .. } | Cmd::Prepare { provider: Provider::Eks } => {
+            bail!(
+                "`status` and `prepare` are for --provider local; `up --provider eks --dry-run` shows an EKS cluster's state"
+            )
+        }
+        Cmd::Token { cluster, aws } => {
+            let token = eks::token::token(&cluster, &aws.options()).await.context("making an EKS token")?;
+            println!("{}", eks::token::exec_credential(&token));
+            Ok(())
+        }
     }
+}
+
+async fn up_local(
+    state_dir: &std::path::Path,
+    repo: Option<String>,
+    agent_listen: String,
+    no_agent: bool,
+    install_args: &InstallArgs,
+) -> Result<()> {
+    // A partly running control plane (one component crashed) is started afresh.
+    let components = local::status(state_dir);
+    if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
+        println!("already running from {}", state_dir.display());
+        return print_status(state_dir);
+    }
+    let options = Options::new(state_dir, local::Lifetime::Detached);
+    let plane = LocalControlPlane::start(&options)
+        .await
+        .with_context(|| format!("starting the local control plane in {}", state_dir.display()))?;
+    println!("Kubernetes {} is up at {}", plane.kubernetes_version(), plane.server());
+    if !no_agent {
+        let repo = match repo {
+            Some(repo) => repo,
+            None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
+        };
+        let client = plane.client().await?;
+        // The same install as on EKS: the manifests are applied (no kubelet runs their
+        // pods here), and the agent runs beside the control plane instead.
+        install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
+        install::install_and_report(&client, &install_args.options(repo.clone()))
+            .await
+            .context("installing the agent's manifests")?;
+        let options = agent::AgentOptions { binary: agent::find_agent_binary(), repo, listen: agent_listen };
+        let resume = format!("gitops-bootstrap down --provider local --state-dir {}", state_dir.display());
+        agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
+            format!(
+                "starting gitops-agent ({}); the control plane keeps running until `{resume}`",
+                options.binary.display(),
+            )
+        })?;
+        let revision = install::wait_synced(&client, Duration::from_secs(120), &resume)
+            .await
+            .context("waiting for the agent's status ConfigMap")?;
+        println!(
+            "gitops-agent follows {} and has applied its head ({revision}): commit to it and watch the cluster follow.\n  \
+             status: http://{}/status   metrics: http://{}/metrics",
+            options.repo, options.listen, options.listen
+        );
+    }
+    println!(
+        "\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
+        plane.kubeconfig().display(),
+        state_dir.display(),
+    );
+    Ok(())
 }
 
 fn print_status(state_dir: &std::path::Path) -> Result<()> {
@@ -145,16 +378,5 @@ fn print_status(state_dir: &std::path::Path) -> Result<()> {
     if kubeconfig.exists() {
         println!("kubeconfig: {}", kubeconfig.display());
     }
-    Ok(())
-}
-
-/// Creates `name` with server-side apply (a no-op when it exists).
-async fn create_namespace(client: &kube::Client, name: &str) -> Result<()> {
-    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
-    let namespace = serde_json::json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
-    namespaces
-        .patch(name, &kube::api::PatchParams::apply("gitops-bootstrap"), &kube::api::Patch::Apply(namespace))
-        .await
-        .with_context(|| format!("creating namespace {name}"))?;
     Ok(())
 }

@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use gitops_bootstrap::local::process::is_running;
 
+mod common;
+use common::{build_agent, git, kubectl};
+
 fn bootstrap(args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
     assert_success(args, output)
@@ -65,28 +68,6 @@ fn up_kubectl_status_down() {
 
     let down = down_leaves_nothing(&state, &pids);
     assert!(down.contains("stopped etcd, kube-apiserver, kube-controller-manager"), "{down}");
-}
-
-/// `up` finds `gitops-agent` beside itself, where cargo builds it; a test run of this
-/// package alone may not have built it yet.
-fn build_agent() {
-    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-agent"]).status().unwrap();
-    assert!(status.success(), "building gitops-agent");
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let output = Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let output = Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Polls `kubectl get configmap app -o jsonpath={.data.value}` until it prints `want`.

@@ -15,8 +15,8 @@ use super::{Error, LOG_TAIL_LINES};
 /// The repository a user starts from, compiled in so the binary needs no checkout.
 static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
 
-/// The agent keeps its inventory here; `up` creates it.
-pub const AGENT_NAMESPACE: &str = "gitops-system";
+/// The agent keeps its inventory here; the install creates it.
+pub use crate::install::AGENT_NAMESPACE;
 
 /// How long the first sync may take before `up` gives up waiting.
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
