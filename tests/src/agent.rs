@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gitops_agent::access::Access;
 use gitops_agent::drift::{DriftWatch, Policy};
+use gitops_agent::jobs::Runs;
 use gitops_agent::leader::Leadership;
 use gitops_agent::run::{self, Config};
 use gitops_agent::server::{self, AppState, WebhookSecret};
-use gitops_agent::source::{Credentials, GitSource};
+use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
 use gitops_agent::sync::{Options, Syncer};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -25,13 +27,36 @@ use tokio::task::JoinHandle;
 pub struct AgentConfig {
     pub repo: String,
     pub credentials: Credentials,
-    /// Objects without a namespace and the inventory go here.
+    /// Objects without a namespace, dashboards, batch runs and the inventory go here.
     pub namespace: String,
     pub interval: Duration,
     pub webhook_secret: Option<String>,
     /// Watch this local repository for commits.
     pub local_repo: Option<PathBuf>,
     pub drift: Policy,
+    /// `--allow-namespaces`.
+    pub allow_namespaces: Option<Vec<String>>,
+    /// `--verify-signatures`: an allowed signers file.
+    pub allowed_signers: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Follows `repo` with the agent's defaults, its objects and inventory in
+    /// `namespace`, and a poll interval so long that only a webhook or a watched local
+    /// repository triggers a fetch within a test.
+    pub fn new(repo: String, namespace: &str) -> AgentConfig {
+        AgentConfig {
+            repo,
+            credentials: Credentials::none(),
+            namespace: namespace.to_owned(),
+            interval: Duration::from_secs(3600),
+            webhook_secret: None,
+            local_repo: None,
+            drift: Policy::Correct,
+            allow_namespaces: None,
+            allowed_signers: None,
+        }
+    }
 }
 
 /// A running agent; stopped when dropped.
@@ -68,19 +93,28 @@ impl Agent {
                 default_namespace: config.namespace.clone(),
                 prune: true,
                 force_conflicts: true,
-                inventory_namespace: config.namespace,
+                inventory_namespace: config.namespace.clone(),
+                dashboards_namespace: config.namespace.clone(),
+                access: Access::new(config.allow_namespaces.clone()),
             },
         );
+        let source = GitSource::new(&config.repo, "main", config.credentials);
         let loop_config = Config {
-            source: GitSource::new(&config.repo, "main", config.credentials),
+            source: match &config.allowed_signers {
+                Some(path) => source.verify_signatures(AllowedSigners::from_file(path).unwrap()),
+                None => source,
+            },
             path: ".".into(),
             interval: config.interval,
             work_dir: work.path().to_owned(),
             local_repo: config.local_repo,
+            report: None,
         };
         let leadership = Leadership::always();
-        let drift = DriftWatch::new(client, config.drift, true, state.clone());
-        let sync_loop = tokio::spawn(run::run(loop_config, syncer, drift, state, leadership.changes(), stopped));
+        let access = Access::new(config.allow_namespaces);
+        let drift = DriftWatch::new(client.clone(), access.clone(), config.drift, true, state.clone());
+        let runs = Runs::new(client, access, state.clone(), &config.namespace, leadership.changes());
+        let sync_loop = tokio::spawn(run::run(loop_config, syncer, drift, runs, state, leadership.changes(), stopped));
         Agent {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -118,6 +152,25 @@ impl Agent {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics").await.1;
         text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+    }
+
+    /// Waits until `/status` says the agent has applied `commit`.
+    pub async fn applied(&self, commit: &str) {
+        crate::cluster::eventually(&format!("the agent to apply {commit}"), || async {
+            (self.status().await["revision"] == commit).then_some(())
+        })
+        .await;
+    }
+
+    /// Tells the agent about a push, as a forge's webhook does.
+    pub async fn trigger(&self) {
+        assert_eq!(self.request(Method::POST, "/hooks/git", &[], "{}").await.0, 202, "webhook accepted");
+    }
+
+    /// [`Self::trigger`], then waits until the agent has applied `commit`.
+    pub async fn trigger_and_wait(&self, commit: String) {
+        self.trigger().await;
+        self.applied(&commit).await;
     }
 
     /// Stops the loop after its current sync, and the server.

@@ -98,3 +98,79 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Applies every object of `yaml` (server-side, as field manager `gitops-tests`),
+/// rendered as the agent renders a file, in the order written.
+pub async fn apply_yaml(client: &kube::Client, yaml: &str) -> Vec<gitops_agent::render::Manifest> {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::discovery::{Discovery, Scope};
+
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("manifests")).unwrap();
+    std::fs::write(root.path().join("manifests/objects.yaml"), yaml).unwrap();
+    let rendered = gitops_agent::render::render(root.path(), "default").unwrap_or_else(|e| panic!("{e:?}"));
+    let discovery = Discovery::new(client.clone()).run_aggregated().await.unwrap();
+    for manifest in &rendered.manifests {
+        let (resource, caps) = discovery.resolve_gvk(&manifest.gvk()).expect("a served kind");
+        let api: Api<DynamicObject> = match (caps.scope, manifest.namespace()) {
+            (Scope::Namespaced, Some(namespace)) => Api::namespaced_with(client.clone(), namespace, &resource),
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        let params = PatchParams::apply("gitops-tests").force();
+        api.patch(manifest.name(), &params, &Patch::Apply(&manifest.object))
+            .await
+            .unwrap_or_else(|e| panic!("applying {}: {e}", manifest.location));
+    }
+    rendered.manifests
+}
+
+/// Installs the CRD stand-ins of `manifests/crds/` (SparkApplication, ServiceMonitor,
+/// PrometheusRule) and waits until the API server serves them. Idempotent, so tests
+/// sharing a control plane may all call it.
+pub async fn install_stand_in_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+    let mut yaml = String::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        yaml += &format!("---\n{}", std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for manifest in apply_yaml(client, &yaml).await {
+        eventually(&format!("CRD {} to be established", manifest.name()), || async {
+            let crd = crds.get(manifest.name()).await.ok()?;
+            let conditions = crd.status?.conditions?;
+            conditions.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+        })
+        .await;
+    }
+}
+
+/// A client of the shared control plane that authenticates as ServiceAccount
+/// `namespace/name` (created if missing), with a token from the TokenRequest API:
+/// what a pod running as that account gets.
+pub async fn service_account_client(admin: &kube::Client, namespace: &str, name: &str) -> kube::Client {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
+    match accounts.create(&PostParams::default(), &account).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Ok(_) => {}
+        Err(e) => panic!("creating ServiceAccount {namespace}/{name}: {e}"),
+    }
+    let request: TokenRequest =
+        serde_json::from_value(serde_json::json!({ "spec": { "audiences": [], "expirationSeconds": 3600 } })).unwrap();
+    let issued: TokenRequest = accounts
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("a token for {namespace}/{name}: {e}"));
+    let token: String = issued.status.and_then(|s| s.token).expect("an issued token");
+
+    let kubeconfig = Kubeconfig::read_from(shared().kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    config.auth_info = AuthInfo { token: Some(token.into()), ..Default::default() };
+    kube::Client::try_from(config).unwrap()
+}

@@ -62,10 +62,22 @@ impl GitRepo {
     /// Writes a file of the work tree, creating its directories; committed by the next
     /// [`commit`](Self::commit).
     pub fn write(&self, path: &str, contents: &str) {
+        self.write_bytes(path, contents.as_bytes());
+    }
+
+    /// [`write`](Self::write) for any bytes, text or not.
+    pub fn write_bytes(&self, path: &str, contents: &[u8]) {
         let file = self.work_tree().join(path);
         fs::create_dir_all(file.parent().expect("a file has a parent directory"))
             .expect("directories of a work tree file");
         fs::write(&file, contents).expect("writing a work tree file");
+    }
+
+    /// Makes `path` in the work tree a symlink to `target` (relative or absolute).
+    pub fn symlink(&self, path: &str, target: &str) {
+        let link = self.work_tree().join(path);
+        fs::create_dir_all(link.parent().expect("a link has a parent directory")).expect("directories of a link");
+        std::os::unix::fs::symlink(target, link).expect("making a symlink");
     }
 
     /// Deletes a file of the work tree; committed by the next [`commit`](Self::commit).
@@ -77,13 +89,39 @@ impl GitRepo {
     pub fn commit(&self, message: &str) -> String {
         self.git(&["add", "--all"]);
         self.git(&["commit", "-q", "-m", message]);
-        self.push(&[])
+        self.push_with(&[])
+    }
+
+    /// Commits every change of the work tree without pushing it; [`push`](Self::push)
+    /// publishes it. For measuring from the push alone.
+    pub fn commit_unpushed(&self, message: &str) {
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "-q", "-m", message]);
+    }
+
+    /// Pushes the work tree's branch and returns the pushed commit's sha.
+    pub fn push(&self) -> String {
+        self.push_with(&[])
+    }
+
+    /// The work tree where commits are made.
+    pub fn work_tree(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// [`commit`](Self::commit), SSH-signed with the private key at `key` as git signs
+    /// (`gpg.format=ssh`, through ssh-keygen).
+    pub fn commit_signed(&self, message: &str, key: &Path) -> String {
+        self.git(&["add", "--all"]);
+        let signing_key = format!("user.signingkey={}", path_str(key));
+        self.git(&["-c", "gpg.format=ssh", "-c", &signing_key, "commit", "-q", "-S", "-m", message]);
+        self.push()
     }
 
     /// `git revert` of the last commit, pushed; returns the revert commit's sha.
     pub fn revert_head(&self) -> String {
         self.git(&["revert", "--no-edit", "HEAD"]);
-        self.push(&[])
+        self.push_with(&[])
     }
 
     /// Replaces the branch with a single commit holding only `files` (path, contents),
@@ -97,7 +135,7 @@ impl GitRepo {
         self.git(&["add", "--all"]);
         self.git(&["commit", "-q", "-m", "unrelated history"]);
         self.git(&["branch", "-q", "-M", BRANCH]);
-        self.push(&["--force"])
+        self.push_with(&["--force"])
     }
 
     /// Deletes the branch on the remote.
@@ -107,14 +145,10 @@ impl GitRepo {
         self.git(&["push", "-q", "origin", "--delete", BRANCH]);
     }
 
-    fn push(&self, flags: &[&str]) -> String {
+    fn push_with(&self, flags: &[&str]) -> String {
         let refspec = format!("HEAD:refs/heads/{BRANCH}");
         self.git(&[&["push", "-q"], flags, &["origin", &refspec]].concat());
         self.git(&["rev-parse", "HEAD"])
-    }
-
-    fn work_tree(&self) -> PathBuf {
-        self.dir.path().join("work")
     }
 
     fn git(&self, args: &[&str]) -> String {

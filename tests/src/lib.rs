@@ -6,3 +6,4 @@ pub mod agent;
 pub mod cluster;
 pub mod git;
 pub mod prometheus;
+pub mod requests;

@@ -47,15 +47,7 @@ async fn setup(prefix: &str) -> (kube::Client, String, GitRepo) {
 }
 
 fn config(repo: String, namespace: &str) -> AgentConfig {
-    AgentConfig {
-        repo,
-        credentials: Credentials::none(),
-        namespace: namespace.to_owned(),
-        interval: NEVER,
-        webhook_secret: None,
-        local_repo: None,
-        drift: gitops_agent::drift::Policy::Correct,
-    }
+    AgentConfig { interval: NEVER, ..AgentConfig::new(repo, namespace) }
 }
 
 #[tokio::test]
@@ -98,8 +90,10 @@ async fn a_commit_to_a_local_repository_is_applied_without_waiting_for_the_poll(
     applied(&client, &ns, "app", "1").await;
 
     repo.write("manifests/app.yaml", &config_map("app", "2"));
-    repo.commit("two");
+    let two = repo.commit("two");
     applied(&client, &ns, "app", "2").await;
+    // The object is live a moment before the sync that applied it is recorded.
+    eventually("the sync of two recorded", || async { (agent.status().await["revision"] == two).then_some(()) }).await;
 
     // Only writes wake the loop: the agent's own reads of the repository must not, or
     // it would spin. Half a second is hundreds of syncs for a spinning loop, none here.
@@ -165,7 +159,7 @@ async fn an_unreachable_remote_keeps_the_last_good_revision_and_recovers() {
     repo.remove("manifests/app.yaml");
     repo.write("manifests/other.yaml", &config_map("other", "1"));
     repo.commit("two");
-    assert_eq!(agent.request(Method::POST, "/hooks/git", &[], "{}").await.0, 202);
+    agent.trigger().await;
     eventually("the fetch failure to be counted", || async {
         (agent.metric("gitops_source_fetch_errors_total").await >= 1.0).then_some(())
     })

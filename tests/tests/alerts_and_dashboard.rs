@@ -86,10 +86,11 @@ fn render_one(yaml: &str) -> Value {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("manifests")).unwrap();
     std::fs::write(dir.path().join("manifests/object.yaml"), yaml).unwrap();
-    let rendered = gitops_agent::render::render(dir.path()).unwrap_or_else(|errors| {
-        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        panic!("the agent does not render it:\n{}", errors.join("\n"))
-    });
+    let rendered =
+        gitops_agent::render::render(dir.path(), "monitoring").map(|r| r.manifests).unwrap_or_else(|errors| {
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            panic!("the agent does not render it:\n{}", errors.join("\n"))
+        });
     assert_eq!(rendered.len(), 1, "one object");
     rendered.into_iter().next().unwrap().object
 }
@@ -528,11 +529,47 @@ fn the_dashboard_configmap_holds_the_dashboard_for_grafanas_sidecar() {
     std::fs::create_dir_all(root.path().join("manifests")).unwrap();
     std::fs::copy(repo_root().join("manifests/dashboards/gitops-agent.yaml"), root.path().join("manifests/d.yaml"))
         .unwrap();
-    let objects = gitops_agent::render::render(root.path()).unwrap_or_else(|e| panic!("{e:?}"));
+    let objects = gitops_agent::render::render(root.path(), "monitoring").unwrap_or_else(|e| panic!("{e:?}")).manifests;
     let [configmap] = objects.as_slice() else { panic!("one object, got {}", objects.len()) };
     assert_eq!(configmap.kind(), "ConfigMap");
     assert_eq!(configmap.object["metadata"]["labels"]["grafana_dashboard"], "1");
     let embedded: Value =
         serde_json::from_str(configmap.object["data"]["gitops-agent.json"].as_str().unwrap()).unwrap();
     assert_eq!(embedded, dashboard(), "regenerate manifests/dashboards/gitops-agent.yaml from the JSON");
+}
+
+/// The dashboards a user starts with (`repo-template/dashboards/`): every Prometheus
+/// query is one Prometheus accepts, and names only metrics the agent exports where it
+/// names the agent's. (Their SQL panels are run against the job's tables by the Scale
+/// pipeline's tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repo_templates_dashboards_query_prometheus_correctly() {
+    let agent = AgentServer::start().await;
+    // Labelled metrics are exported once they have a series.
+    agent.state.metrics.batch_run_triggered("midi-batch");
+    agent.state.metrics.batch_run_finished("midi-batch", RunOutcome::Succeeded, Duration::from_secs(60));
+    let exported = exported_families(&agent.metrics().await);
+    let prometheus = Prometheus::start(&[], &[]).await;
+    let dir = repo_root().join("repo-template/dashboards");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir.join("scale")).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: Value = serde_json::from_str(&read(&path)).unwrap();
+        for panel in panels(&dashboard) {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let Some(expr) = target["expr"].as_str() else { continue }; // SQL
+                let title = panel["title"].as_str().unwrap_or_default();
+                for metric in metric_names(expr) {
+                    assert!(exported.contains(&metric), "{}: {title}: the agent exports no {metric}", path.display());
+                }
+                // The job picker's value, as Grafana fills it in.
+                let expr = as_grafana_sends_it(&expr.replace("$job", "midi-batch"));
+                if let Err(error) = prometheus.query(&expr).await {
+                    panic!("{}: {title}: Prometheus rejects {expr}: {error}", path.display());
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "the pipeline's and the pods' panels: {checked}");
 }

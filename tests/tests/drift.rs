@@ -3,7 +3,6 @@
 //! reported where only the API server's defaulting and normalisation differ.
 
 use gitops_agent::drift::Policy;
-use gitops_agent::source::Credentials;
 use gitops_tests::agent::{Agent, AgentConfig};
 use gitops_tests::cluster::{self, eventually};
 use gitops_tests::git::GitRepo;
@@ -12,8 +11,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
-
-const NEVER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Manifests with the values the API server rewrites: quantities, int-or-string
 /// ports, and fields it defaults.
@@ -52,15 +49,7 @@ impl Fixture {
         repo.commit("app");
         let agent = Agent::start(
             client.clone(),
-            AgentConfig {
-                repo: repo.file_url(),
-                credentials: Credentials::none(),
-                namespace: ns.clone(),
-                interval: NEVER,
-                webhook_secret: None,
-                local_repo: Some(repo.path()),
-                drift: policy,
-            },
+            AgentConfig { local_repo: Some(repo.path()), drift: policy, ..AgentConfig::new(repo.file_url(), &ns) },
         )
         .await;
         eventually("the first sync", || async { (agent.get("/readyz").await.0 == 200).then_some(()) }).await;

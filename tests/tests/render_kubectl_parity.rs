@@ -117,10 +117,11 @@ fn agent(case: &Path, discovery: &Discovery) -> Outcome {
     std::fs::copy(case, repo.path().join("manifests").join(case.file_name().unwrap())).unwrap();
     let lines =
         |errors: Vec<render::RenderError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-    let mut manifests = render::render(repo.path()).map_err(lines)?;
+    let mut manifests = render::render(repo.path(), "default").map_err(lines)?.manifests;
     let namespaced =
         |gvk: &GroupVersionKind| discovery.resolve_gvk(gvk).map(|(_, caps)| caps.scope == Scope::Namespaced);
-    render::resolve_scope(&mut manifests, namespaced, "default").map_err(lines)?;
+    render::resolve_scope(&mut manifests, namespaced, "default", &gitops_agent::access::Access::Cluster)
+        .map_err(lines)?;
     Ok(manifests.into_iter().map(|m: Manifest| m.object).collect())
 }
 

@@ -77,6 +77,8 @@ fn syncer(client: &kube::Client, ns: &str) -> Syncer {
             prune: true,
             force_conflicts: true,
             inventory_namespace: ns.to_owned(),
+            dashboards_namespace: ns.to_owned(),
+            access: gitops_agent::access::Access::Cluster,
         },
     )
 }
@@ -331,4 +333,74 @@ async fn diff_shows_what_a_sync_would_change_and_changes_nothing() {
         vec![("cm-x".into(), Action::Configured), ("cm-y".into(), Action::Deleted), ("cm-z".into(), Action::Created)]
     );
     assert_eq!(f.live().await, pairs(&[("cm-x", "a"), ("cm-y", "a")]), "diff writes nothing");
+}
+
+/// The dashboards the agent delivers in `ns`: ConfigMap name → (folder, uid, title).
+async fn dashboards(client: &kube::Client, ns: &str) -> Vec<(String, String, String, String)> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let listed = cms.list(&ListParams::default().labels("grafana_dashboard=1")).await.unwrap();
+    let mut found: Vec<_> = listed
+        .items
+        .into_iter()
+        .map(|cm| {
+            let folder = cm.metadata.annotations.unwrap_or_default().remove("grafana_folder").unwrap_or_default();
+            let (_, json) = cm.data.unwrap_or_default().into_iter().next().expect("one dashboard per ConfigMap");
+            let dashboard: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let field = |name: &str| dashboard[name].as_str().unwrap().to_owned();
+            (cm.metadata.name.unwrap(), folder, field("uid"), field("title"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn dashboard(uid: &str, title: &str) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({ "uid": uid, "title": title, "panels": [] })).unwrap()
+}
+
+#[tokio::test]
+async fn dashboards_follow_git_as_configmaps_for_grafanas_sidecar() {
+    let f = Fixture::new("dashboards").await;
+    let owned = |items: &[(&str, &str, &str, &str)]| -> Vec<(String, String, String, String)> {
+        items.iter().map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string())).collect()
+    };
+    f.repo.write("dashboards/scale/pipeline.json", &dashboard("scale-pipeline", "Scale pipeline"));
+    f.repo.write("dashboards/top.json", &dashboard("top", "Top"));
+    f.repo.commit("add");
+    f.sync().await.unwrap();
+    assert_eq!(
+        dashboards(&f.client, &f.ns).await,
+        owned(&[
+            ("dashboard-scale-pipeline", "scale", "scale-pipeline", "Scale pipeline"),
+            ("dashboard-top", "", "top", "Top"),
+        ])
+    );
+
+    f.repo.write("dashboards/scale/pipeline.json", &dashboard("scale-pipeline", "Scale pipeline, v2"));
+    f.repo.commit("change");
+    f.sync().await.unwrap();
+    assert_eq!(dashboards(&f.client, &f.ns).await[0].3, "Scale pipeline, v2");
+
+    // Moved to another folder: the same dashboard (same uid), filed anew.
+    f.repo.remove("dashboards/scale/pipeline.json");
+    f.repo.write("dashboards/music/pipeline.json", &dashboard("scale-pipeline", "Scale pipeline, v2"));
+    f.repo.commit("move");
+    let changes = f.sync().await.unwrap();
+    assert_eq!(changes.to_string(), "1 configured, 1 unchanged");
+    assert_eq!(dashboards(&f.client, &f.ns).await[0].1, "music");
+
+    f.repo.remove("dashboards/top.json");
+    f.repo.commit("remove");
+    f.sync().await.unwrap();
+    assert_eq!(
+        dashboards(&f.client, &f.ns).await,
+        owned(&[("dashboard-scale-pipeline", "music", "scale-pipeline", "Scale pipeline, v2")])
+    );
+
+    // A broken dashboard names its file, and nothing else changes.
+    f.repo.write("dashboards/bad.json", "{\"uid\": \"bad\"}");
+    f.repo.commit("broken");
+    let error = f.sync().await.unwrap_err().to_string();
+    assert_eq!(error, "dashboards/bad.json:1: missing title");
+    assert_eq!(dashboards(&f.client, &f.ns).await.len(), 1);
 }

@@ -1,0 +1,70 @@
+//! What the agent asks of the API server, counted by the API server itself
+//! (`apiserver_request_total`) on a control plane of the test's own, so no other test's
+//! requests mix in.
+
+use std::time::Duration;
+
+use gitops_tests::agent::{Agent, AgentConfig};
+use gitops_tests::cluster::{self, eventually};
+use gitops_tests::git::GitRepo;
+use gitops_tests::requests::{self, Requests};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+
+const OBJECTS: usize = 40;
+
+fn config_map(i: usize, version: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i}\ndata:\n  index: \"{i}-{version}\"\n")
+}
+
+/// Once the agent runs, a commit costs requests for what it changes, not for the size of
+/// the revision: the drift watch vouches for the objects git did not change and nobody
+/// touched. A commit that changes no manifest makes no request for the objects (nothing
+/// read, listed, dry-run or written, and the drift watch does not list again); one that
+/// changes one object makes one dry run and one apply.
+#[tokio::test]
+async fn a_commit_costs_requests_for_what_it_changes_only() {
+    let mut plane = cluster::private().await;
+    // Its root-CA publisher writes a ConfigMap into every new namespace.
+    plane.stop_component("kube-controller-manager").unwrap();
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "load").await;
+    let repo = GitRepo::new();
+    for i in 0..OBJECTS {
+        repo.write(&format!("manifests/cm-{i}.yaml"), &config_map(i, "1"));
+    }
+    let first = repo.commit("ConfigMaps");
+    let agent = Agent::start(client.clone(), AgentConfig::new(repo.file_url(), &ns)).await;
+    agent.applied(&first).await;
+    // The watch request follows the watcher's list, which is done by then.
+    eventually("the drift watch on ConfigMaps", || async {
+        (requests::open_watches(&client, "configmaps").await.unwrap() > 0).then_some(())
+    })
+    .await;
+
+    repo.write("README.md", "no manifest changed\n");
+    let requests = during(&client, agent.trigger_and_wait(repo.commit("README only"))).await;
+    assert_eq!(requests.count("APPLY"), 0, "no dry run, no apply: {requests:?}");
+    assert_eq!(requests.count("LIST"), 0, "no list, by the sync or the drift watch: {requests:?}");
+    assert!(requests.count("GET") <= 1, "no read but the inventory's: {requests:?}");
+    assert_eq!(requests.count("PUT"), 1, "the inventory records the revision: {requests:?}");
+
+    repo.write("manifests/cm-7.yaml", &config_map(7, "2"));
+    let requests = during(&client, agent.trigger_and_wait(repo.commit("cm-7 → 2"))).await;
+    let verbs = requests.by_verb();
+    assert_eq!(verbs.get("APPLY (dry run)"), Some(&1), "one dry run: {verbs:?}");
+    assert_eq!(verbs.get("APPLY"), Some(&1), "one apply: {verbs:?}");
+    assert_eq!(requests.count("LIST"), 0, "{verbs:?}");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns).get("cm-7").await.unwrap();
+    assert_eq!(cm.data.unwrap()["index"], "7-2");
+    agent.stop().await;
+}
+
+/// The API server's ConfigMap requests while `work` runs, and for two seconds after
+/// (room for anything a sync sets off: a re-list would come at once).
+async fn during(client: &kube::Client, work: impl Future<Output = ()>) -> Requests {
+    let before = Requests::scrape(client).await.unwrap();
+    work.await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Requests::scrape(client).await.unwrap().since(&before).only(&["configmaps"])
+}

@@ -1,0 +1,122 @@
+//! Restricted mode as an operator deploys it: the agent runs as a ServiceAccount bound
+//! only by `manifests/restricted/rbac.yaml`, with `--allow-namespaces`. It applies in
+//! its namespaces, refuses everything else with a clear error before any write, and
+//! RBAC itself stops the account from escalating.
+
+use gitops_tests::agent::{Agent, AgentConfig};
+use gitops_tests::cluster::{self, eventually};
+use gitops_tests::git::GitRepo;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+
+fn config_map(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\ndata:\n  value: \"1\"\n"
+    )
+}
+
+async fn exists(client: &kube::Client, namespace: &str, name: &str) -> bool {
+    Api::<ConfigMap>::namespaced(client.clone(), namespace).get_opt(name).await.unwrap().is_some()
+}
+
+/// The status of a request the account is not allowed to make.
+fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
+}
+
+#[tokio::test]
+async fn the_agent_stays_inside_its_namespaces_and_cannot_escalate() {
+    let admin = cluster::client().await;
+    let (own, other, outside) = (
+        cluster::namespace(&admin, "own").await,
+        cluster::namespace(&admin, "other").await,
+        cluster::namespace(&admin, "outside").await,
+    );
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/restricted/rbac.yaml"))
+        .unwrap()
+        .replace("team-a", &own)
+        .replace("team-b", &other)
+        .replace("gitops-system", &own);
+    cluster::apply_yaml(&admin, &rbac).await;
+    let agent_client = cluster::service_account_client(&admin, &own, "gitops-agent").await;
+
+    let repo = GitRepo::new();
+    repo.write("manifests/own.yaml", &config_map(&own, "mine"));
+    repo.write("manifests/other.yaml", &config_map(&other, "theirs"));
+    let good = repo.commit("inside");
+    let agent = Agent::start(
+        agent_client.clone(),
+        AgentConfig {
+            local_repo: Some(repo.path()),
+            allow_namespaces: Some(vec![own.clone(), other.clone()]),
+            ..AgentConfig::new(repo.file_url(), &own)
+        },
+    )
+    .await;
+    eventually("the revision inside the allowed namespaces", || async {
+        (agent.status().await["revision"] == good).then_some(())
+    })
+    .await;
+    assert!(exists(&admin, &own, "mine").await && exists(&admin, &other, "theirs").await);
+
+    // A revision reaching outside: refused as a whole, before any write.
+    repo.write("manifests/own.yaml", &config_map(&own, "mine-too"));
+    repo.write("manifests/outside.yaml", &config_map(&outside, "escape"));
+    repo.write(
+        "manifests/admin.yaml",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: take-over\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}\n\
+         subjects: [{kind: ServiceAccount, name: gitops-agent, namespace: x}]\n",
+    );
+    repo.commit("outside");
+    let errors = eventually("the refusal in /status", || async {
+        let errors = agent.status().await["errors"].clone();
+        (errors != json!([])).then_some(errors)
+    })
+    .await;
+    let message = errors[0].as_str().unwrap();
+    assert!(
+        message.contains(
+            "manifests/admin.yaml:1: ClusterRoleBinding.rbac.authorization.k8s.io take-over is refused: it is \
+             cluster-scoped, and the agent may only apply objects inside its allowed namespaces"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "manifests/outside.yaml:1: ConfigMap {outside}/escape is refused: namespace {outside} is outside the \
+             agent's allowed namespaces"
+        )),
+        "{message}"
+    );
+    assert!(!exists(&admin, &own, "mine-too").await, "nothing of the refused revision was written");
+    assert!(!exists(&admin, &outside, "escape").await);
+    assert_eq!(agent.status().await["revision"], good.as_str(), "the last good revision stays applied");
+    agent.stop().await;
+
+    // And RBAC itself holds, whatever the agent would try.
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": format!("escalate-{own}") },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "gitops-agent", "namespace": own }],
+    }))
+    .unwrap();
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(agent_client.clone());
+    assert!(forbidden(cluster_bindings.create(&PostParams::default(), &binding).await), "no ClusterRoleBinding");
+    let local_binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": "escalate" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "gitops-agent", "namespace": own }],
+    }))
+    .unwrap();
+    let own_bindings: Api<RoleBinding> = Api::namespaced(agent_client.clone(), &own);
+    assert!(forbidden(own_bindings.create(&PostParams::default(), &local_binding).await), "no binding to more rights");
+    let system: Api<ConfigMap> = Api::namespaced(agent_client.clone(), "kube-system");
+    let cm: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": "planted" } })).unwrap();
+    assert!(forbidden(system.create(&PostParams::default(), &cm).await), "no write to kube-system");
+    let outside_cms: Api<ConfigMap> = Api::namespaced(agent_client, &outside);
+    assert!(forbidden(outside_cms.create(&PostParams::default(), &cm).await), "no write outside");
+}
