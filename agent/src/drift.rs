@@ -250,21 +250,23 @@ impl Shared {
         if ignored(&planned.object) || live.as_ref().is_some_and(ignored) {
             return self.settle(id);
         }
-        let finding = match &live {
-            None => Some(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
-            Some(live) if !suspicious(&planned.object, live) => None,
+        let verdict = match &live {
+            None => Verdict::Drifted(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
+            Some(live) if !suspicious(&planned.object, live) => Verdict::InLine,
             Some(live) => self.confirm(&api, &planned, live).await,
         };
-        match finding {
-            None => self.settle(id),
-            Some(finding) => self.drifted(&api, &planned, finding).await,
+        match verdict {
+            Verdict::InLine => self.settle(id),
+            Verdict::Drifted(finding) => self.drifted(&api, &planned, finding).await,
+            // What the object was found to be stays so until a check can tell.
+            Verdict::Unknown => {}
         }
     }
 
     /// The dry run that tells real drift from the API server's own normalisation.
     /// Without force first: a conflict means another manager took a field git sets,
     /// and a forced dry run then shows which values differ.
-    async fn confirm(&self, api: &Api<DynamicObject>, planned: &Planned, live: &DynamicObject) -> Option<Finding> {
+    async fn confirm(&self, api: &Api<DynamicObject>, planned: &Planned, live: &DynamicObject) -> Verdict {
         let by = other_writers(live);
         let dry_run = |params: PatchParams| async move {
             api.patch(&planned.id.name, &params.dry_run(), &Patch::Apply(&planned.object)).await
@@ -278,14 +280,20 @@ impl Shared {
         match result {
             // The object changed since the event: its newer version has an event of its
             // own, and comparing across versions would see a controller's write as drift.
-            Ok(result) if result.metadata.resource_version != live.metadata.resource_version => None,
+            // Nor is it in line because of it: a controller writing status right after a
+            // person's edit would settle the drift, and the next event detect it anew.
+            Ok(result) if result.metadata.resource_version != live.metadata.resource_version => Verdict::Unknown,
             Ok(result) => {
                 let (live, result) = (comparable(live), comparable(&result));
-                (live != result).then(|| Finding { fields: differing_paths(&live, &result), by })
+                if live == result {
+                    Verdict::InLine
+                } else {
+                    Verdict::Drifted(Finding { fields: differing_paths(&live, &result), by })
+                }
             }
             Err(e) => {
                 tracing::warn!(object = %planned.id, error = %e, "drift check: dry run failed");
-                None
+                Verdict::Unknown
             }
         }
     }
@@ -340,6 +348,15 @@ fn identify(resource: &ApiResource, object: &DynamicObject) -> Option<ObjectId> 
         namespace: object.metadata.namespace.clone().unwrap_or_default(),
         name: object.metadata.name.clone()?,
     })
+}
+
+/// What a check of one object found.
+enum Verdict {
+    /// The cluster holds what git says.
+    InLine,
+    Drifted(Finding),
+    /// The check could not tell: the object changed again meanwhile, or the dry run failed.
+    Unknown,
 }
 
 /// What a confirmed drift is: the differing field paths and who wrote last.
