@@ -51,6 +51,36 @@ pub struct DriftWatch {
     watchers: Mutex<BTreeMap<WatchKey, JoinHandle<()>>>,
 }
 
+/// An object of the applied revision, kept as the JSON it is applied as: parsed, it
+/// takes several times that (a small ConfigMap: ~0.5 KiB as JSON, several KiB as a
+/// tree), and only an object a watch reports is needed parsed.
+struct Tracked {
+    resource: ApiResource,
+    origin: String,
+    json: Box<[u8]>,
+}
+
+impl Tracked {
+    fn new(planned: Planned) -> Tracked {
+        let json = serde_json::to_vec(&planned.object).expect("an object from YAML or JSON serializes");
+        Tracked { resource: planned.resource, origin: planned.origin, json: json.into() }
+    }
+
+    /// Whether `object` is the object tracked (the same input renders the same JSON).
+    fn holds(&self, object: &DynamicObject) -> bool {
+        serde_json::to_vec(object).is_ok_and(|json| *json == *self.json)
+    }
+
+    fn planned(&self, id: &ObjectId) -> Planned {
+        Planned {
+            id: id.clone(),
+            resource: self.resource.clone(),
+            object: serde_json::from_slice(&self.json).expect("tracked JSON was serialized from an object"),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
 /// A watcher's kind (group, version, kind) and namespace (`None`: cluster-wide).
 type WatchKey = (String, String, String, Option<String>);
 
@@ -67,7 +97,7 @@ struct Shared {
     force: bool,
     state: Arc<AppState>,
     /// The applied revision's objects, by identity.
-    desired: Mutex<BTreeMap<ObjectId, Planned>>,
+    desired: Mutex<BTreeMap<ObjectId, Tracked>>,
     drifted: Mutex<BTreeMap<ObjectId, DriftedObject>>,
     /// Checks hold it shared; [`DriftWatch::pause`] takes it exclusively, so it returns
     /// only once no check (and no correction) is under way.
@@ -101,7 +131,7 @@ impl DriftWatch {
     /// the revision adds gets a watcher, which starts with a list; one it no longer
     /// has loses its watcher.
     pub fn track(&self, objects: Vec<Planned>) {
-        *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), p)).collect();
+        *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), Tracked::new(p))).collect();
         // The sync just applied git: what was drifted is in line again, or is found anew.
         self.shared.drifted.lock().unwrap().clear();
         self.shared.publish();
@@ -122,7 +152,7 @@ impl DriftWatch {
         shared.listed.lock().unwrap().contains(&watch_key(&planned.resource, scope))
             && !shared.drifted.lock().unwrap().contains_key(&planned.id)
             && !shared.held.lock().unwrap().as_ref().is_some_and(|held| held.contains_key(&planned.id))
-            && shared.desired.lock().unwrap().get(&planned.id).is_some_and(|tracked| tracked.object == planned.object)
+            && shared.desired.lock().unwrap().get(&planned.id).is_some_and(|tracked| tracked.holds(&planned.object))
     }
 
     /// Holds drift checks while a sync applies and prunes: the old revision would take
@@ -137,9 +167,9 @@ impl DriftWatch {
     /// still what the cluster should hold), starting with what was seen while paused.
     pub fn resume(&self) {
         let mut kinds: BTreeMap<WatchKey, ApiResource> = BTreeMap::new();
-        for object in self.shared.desired.lock().unwrap().values() {
+        for tracked in self.shared.desired.lock().unwrap().values() {
             for namespace in self.shared.access.watch_scopes() {
-                kinds.insert(watch_key(&object.resource, namespace), object.resource.clone());
+                kinds.insert(watch_key(&tracked.resource, namespace), tracked.resource.clone());
             }
         }
         let mut watchers = self.watchers.lock().unwrap();
@@ -182,12 +212,18 @@ impl Shared {
         let selector = format!("{}={}", crate::MANAGED_BY_LABEL, crate::FIELD_MANAGER);
         let config = watcher::Config::default().labels(&selector);
         let mut events = watcher::watcher(api, config).boxed();
+        // What the list under way has shown; empty between lists.
         let mut in_list = BTreeSet::new();
         while let Some(event) = events.next().await {
             match event {
-                Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                Ok(Event::InitApply(object)) => {
                     if let Some(id) = identify(&resource, &object) {
                         in_list.insert(id.clone());
+                        self.see(id, Some(object)).await;
+                    }
+                }
+                Ok(Event::Apply(object)) => {
+                    if let Some(id) = identify(&resource, &object) {
                         self.see(id, Some(object)).await;
                     }
                 }
@@ -213,10 +249,12 @@ impl Shared {
                         .filter(|id| namespace.as_ref().is_none_or(|ns| *ns == id.namespace))
                         .cloned()
                         .collect();
+                    in_list = BTreeSet::new();
                     for id in missing {
                         self.see(id, None).await;
                     }
                     self.listed.lock().unwrap().insert(watch_key(&resource, namespace.clone()));
+                    crate::release_memory();
                 }
                 // The watcher retries with backoff by itself; say why it had to.
                 Err(e) => tracing::warn!(kind = %resource.kind, error = %e, "drift watch interrupted"),
@@ -236,7 +274,7 @@ impl Shared {
 
     /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
     async fn check(&self, id: &ObjectId, seen: Option<DynamicObject>) {
-        let Some(planned) = self.desired.lock().unwrap().get(id).cloned() else { return };
+        let Some(planned) = self.desired.lock().unwrap().get(id).map(|tracked| tracked.planned(id)) else { return };
         let namespace = Some(id.namespace.as_str()).filter(|ns| !ns.is_empty());
         let api = access::api(&self.client, &planned.resource, namespace);
         // A Delete event may only mean the label was removed: look.

@@ -147,7 +147,7 @@ async fn reconcile(
     let root = tree.join(&config.path);
     drift.pause().await;
     let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned)).await;
-    release_memory();
+    crate::release_memory();
     let _ = std::fs::remove_dir_all(&tree);
     match result {
         Ok(Synced { changes, objects, jobs }) => {
@@ -169,18 +169,6 @@ async fn reconcile(
             drift.resume();
             Err(())
         }
-    }
-}
-
-/// Hands the memory a sync freed back to the kernel. A sync of thousands of objects
-/// holds several copies of each for a moment (desired, live, dry-run result); glibc
-/// keeps freed pages in its per-thread arenas, so without this the agent's resident
-/// size stays at its peak between commits.
-fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
