@@ -11,7 +11,10 @@
 //! - [`Applier::apply`]: writes the objects whose dry run differs from the live object,
 //!   and nothing else, so an unchanged revision makes no write request;
 //! - [`Applier::delete`] prunes;
+//! - [`Applier::correct`] re-applies one object that drifted from git;
 //! - [`Applier::wait_established`]: waits until new CRDs serve their kinds.
+//!
+//! Its writes go through the [`Writer`], so a replica that does not lead writes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -22,6 +25,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
 
 use crate::inventory::ObjectId;
+use crate::write::{WriteError, Writer};
 
 /// Requests in flight at once per stage: enough to keep the API server busy, few
 /// enough not to trip its priority-and-fairness limits for one client.
@@ -118,11 +122,12 @@ pub struct ApplyError {
 }
 
 impl ApplyError {
-    fn new(object: &Planned, action: &str, error: kube::Error) -> ApplyError {
-        let not_found = matches!(&error, kube::Error::Api(status) if status.code == 404);
+    fn new(object: &Planned, action: &str, error: impl Into<WriteError>) -> ApplyError {
+        let error = error.into();
+        let not_found = error.is_status(404);
         let message = match error {
             // The API server's own message is what a user can act on.
-            kube::Error::Api(status) => format!("{action} rejected: {}", status.message),
+            WriteError::Api(kube::Error::Api(status)) => format!("{action} rejected: {}", status.message),
             other => format!("{action} failed: {other}"),
         };
         ApplyError { origin: object.origin.clone(), id: object.id.clone(), message, not_found }
@@ -175,21 +180,26 @@ pub fn comparable(object: &DynamicObject) -> serde_json::Value {
 /// Server-side apply as one field manager.
 #[derive(Clone)]
 pub struct Applier {
-    client: kube::Client,
+    writer: Writer,
     field_manager: String,
     /// Take ownership of fields another manager set (`--force-conflicts`).
     force: bool,
 }
 
 impl Applier {
-    pub fn new(client: kube::Client, field_manager: &str, force: bool) -> Applier {
-        Applier { client, field_manager: field_manager.to_owned(), force }
+    pub fn new(writer: Writer, field_manager: &str, force: bool) -> Applier {
+        Applier { writer, field_manager: field_manager.to_owned(), force }
     }
 
-    fn api(&self, object: &Planned) -> Api<DynamicObject> {
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    pub fn api(&self, object: &Planned) -> Api<DynamicObject> {
+        let client = self.writer.client().clone();
         match object.object.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &object.resource),
-            None => Api::all_with(self.client.clone(), &object.resource),
+            Some(ns) => Api::namespaced_with(client, ns, &object.resource),
+            None => Api::all_with(client, &object.resource),
         }
     }
 
@@ -304,15 +314,28 @@ impl Applier {
         Ok(Preview { live, result })
     }
 
+    /// Re-applies an object the drift watch found changed (`live`) or deleted (`None`)
+    /// out of band.
+    pub async fn correct(&self, object: &Planned, live: Option<&DynamicObject>) -> Result<Change, ApplyError> {
+        self.write(object).await?;
+        let action = if live.is_some() { Action::Configured } else { Action::Created };
+        Ok(Change { id: object.id.clone(), action })
+    }
+
     async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
         let action = preview.map_or(Action::Unchanged, Preview::action);
         if action != Action::Unchanged {
-            self.api(object)
-                .patch(&object.id.name, &self.params(), &Patch::Apply(&object.object))
-                .await
-                .map_err(|e| ApplyError::new(object, "apply", e))?;
+            self.write(object).await?;
         }
         Ok(Change { id: object.id.clone(), action })
+    }
+
+    async fn write(&self, object: &Planned) -> Result<(), ApplyError> {
+        let patch = Patch::Apply(&object.object);
+        match self.writer.patch(&self.api(object), &object.id.name, &self.params(), &patch).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ApplyError::new(object, "apply", e)),
+        }
     }
 
     async fn delete_one(&self, object: &Planned) -> Result<Option<Change>, ApplyError> {
@@ -332,18 +355,14 @@ impl Applier {
             return Ok(None);
         }
         let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-        match api.delete(&object.id.name, &params).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(ApplyError::new(object, "delete", e)),
-        }
+        self.writer.delete(&api, &object.id.name, &params).await.map_err(|e| ApplyError::new(object, "delete", e))?;
         Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }))
     }
 
     /// Waits until every named CRD is Established, so objects of its kinds can be
     /// dry-run and applied.
     pub async fn wait_established(&self, crds: &[Planned]) -> Result<(), Vec<ApplyError>> {
-        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let api: Api<CustomResourceDefinition> = Api::all(self.writer.client().clone());
         let deadline = tokio::time::Instant::now() + ESTABLISH_TIMEOUT;
         for crd in crds {
             loop {

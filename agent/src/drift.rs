@@ -17,22 +17,39 @@
 //!    means another manager took a field git sets.
 //!
 //! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object.
+//!
+//! Corrections go through the sync's [`Applier`], so a replica that lost the Lease
+//! corrects nothing (it does not even check: its revision may be an old one). An object
+//! corrected more than [`CONTEST_CORRECTIONS`] times within [`CONTEST_WINDOW`] has
+//! another writer (an HPA, a controller, a script): it is reported as contested and
+//! left alone for a while, rather than fought over every few milliseconds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::access::{self, Access};
-use crate::apply::{Planned, comparable};
+use crate::apply::{Applier, Planned, comparable};
 use crate::inventory::ObjectId;
 use crate::server::{AppState, DriftedObject};
 
 /// Annotation that exempts an object from drift detection (`ignore`).
 pub const DRIFT_ANNOTATION: &str = "gitops.scale.dev/drift";
+
+/// Corrections of one object within [`CONTEST_WINDOW`] beyond which it is contested.
+pub const CONTEST_CORRECTIONS: usize = 5;
+pub const CONTEST_WINDOW: Duration = Duration::from_secs(60);
+/// How long corrections of a contested object pause the first time; each time it is
+/// contested again the pause doubles, up to [`MAX_CONTEST_PAUSE`].
+const CONTEST_PAUSE: Duration = Duration::from_secs(60);
+const MAX_CONTEST_PAUSE: Duration = Duration::from_secs(600);
 
 /// What to do about drift (`--drift`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,11 +107,11 @@ fn watch_key(r: &ApiResource, namespace: Option<String>) -> WatchKey {
 
 struct Shared {
     client: kube::Client,
+    /// Corrects drift, while this replica leads.
+    applier: Applier,
     /// Where to watch: the whole cluster, or the allowed namespaces.
     access: Access,
     policy: Policy,
-    /// Take fields back from other managers when correcting (`--force-conflicts`).
-    force: bool,
     state: Arc<AppState>,
     /// The applied revision's objects, by identity.
     desired: Mutex<BTreeMap<ObjectId, Tracked>>,
@@ -108,21 +125,41 @@ struct Shared {
     /// Watchers whose list of their kind is done: from then on every change to its
     /// objects reaches a check.
     listed: Mutex<BTreeSet<WatchKey>>,
+    /// Objects seen changed whose check could not tell (the dry run failed, the object
+    /// changed again meanwhile, or this replica did not lead): not vouched for until a
+    /// check or a sync looks at them.
+    unchecked: Mutex<BTreeSet<ObjectId>>,
+    /// Recent corrections per object, to find the contested ones.
+    contests: Mutex<BTreeMap<ObjectId, Contest>>,
+}
+
+/// One object's recent corrections.
+#[derive(Default)]
+struct Contest {
+    corrected: VecDeque<Instant>,
+    /// Until when corrections pause, once contested.
+    paused_until: Option<Instant>,
+    /// The next pause.
+    pause: Duration,
 }
 
 impl DriftWatch {
-    pub fn new(client: kube::Client, access: Access, policy: Policy, force: bool, state: Arc<AppState>) -> DriftWatch {
+    /// `applier`: the sync's, which corrects as it applies (same field manager and
+    /// `--force-conflicts`, same leadership).
+    pub fn new(applier: Applier, access: Access, policy: Policy, state: Arc<AppState>) -> DriftWatch {
         let shared = Shared {
-            client,
+            client: applier.writer().client().clone(),
+            applier,
             access,
             policy,
-            force,
             state,
             desired: Mutex::default(),
             drifted: Mutex::default(),
             gate: tokio::sync::RwLock::default(),
             held: Mutex::default(),
             listed: Mutex::default(),
+            unchecked: Mutex::default(),
+            contests: Mutex::default(),
         };
         DriftWatch { shared: Arc::new(shared), watchers: Mutex::default() }
     }
@@ -132,8 +169,11 @@ impl DriftWatch {
     /// has loses its watcher.
     pub fn track(&self, objects: Vec<Planned>) {
         *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), Tracked::new(p))).collect();
-        // The sync just applied git: what was drifted is in line again, or is found anew.
+        // The sync just applied git: what was drifted is in line again, or is found anew;
+        // it also dry-ran whatever was unchecked, and a new revision is a new contest.
         self.shared.drifted.lock().unwrap().clear();
+        self.shared.unchecked.lock().unwrap().clear();
+        self.shared.contests.lock().unwrap().clear();
         self.shared.publish();
         self.resume();
     }
@@ -151,6 +191,7 @@ impl DriftWatch {
         };
         shared.listed.lock().unwrap().contains(&watch_key(&planned.resource, scope))
             && !shared.drifted.lock().unwrap().contains_key(&planned.id)
+            && !shared.unchecked.lock().unwrap().contains(&planned.id)
             && !shared.held.lock().unwrap().as_ref().is_some_and(|held| held.contains_key(&planned.id))
             && shared.desired.lock().unwrap().get(&planned.id).is_some_and(|tracked| tracked.holds(&planned.object))
     }
@@ -211,7 +252,9 @@ impl Shared {
         let api = access::api(&self.client, &resource, namespace.as_deref());
         let selector = format!("{}={}", crate::MANAGED_BY_LABEL, crate::FIELD_MANAGER);
         let config = watcher::Config::default().labels(&selector);
-        let mut events = watcher::watcher(api, config).boxed();
+        // Backing off: a watch the API server refuses (403, down) would otherwise retry at
+        // once, in a loop, each time with a warning.
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
         // What the list under way has shown; empty between lists.
         let mut in_list = BTreeSet::new();
         while let Some(event) = events.next().await {
@@ -256,14 +299,14 @@ impl Shared {
                     self.listed.lock().unwrap().insert(watch_key(&resource, namespace.clone()));
                     crate::release_memory();
                 }
-                // The watcher retries with backoff by itself; say why it had to.
+                // The watcher retries after a backoff; say why it had to.
                 Err(e) => tracing::warn!(kind = %resource.kind, error = %e, "drift watch interrupted"),
             }
         }
     }
 
     /// Checks what a watch saw, or holds it while a sync runs.
-    async fn see(&self, id: ObjectId, seen: Option<DynamicObject>) {
+    async fn see(self: &Arc<Self>, id: ObjectId, seen: Option<DynamicObject>) {
         let _shared = self.gate.read().await;
         if let Some(held) = self.held.lock().unwrap().as_mut() {
             held.insert(id, seen);
@@ -273,8 +316,14 @@ impl Shared {
     }
 
     /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
-    async fn check(&self, id: &ObjectId, seen: Option<DynamicObject>) {
+    async fn check(self: &Arc<Self>, id: &ObjectId, seen: Option<DynamicObject>) {
         let Some(planned) = self.desired.lock().unwrap().get(id).map(|tracked| tracked.planned(id)) else { return };
+        // A replica that does not lead may hold an old revision: it neither corrects nor
+        // settles, and the next sync it leads dry-runs what it saw change.
+        if !self.applier.writer().leads() {
+            self.unchecked.lock().unwrap().insert(id.clone());
+            return;
+        }
         let namespace = Some(id.namespace.as_str()).filter(|ns| !ns.is_empty());
         let api = access::api(&self.client, &planned.resource, namespace);
         // A Delete event may only mean the label was removed: look.
@@ -282,7 +331,10 @@ impl Shared {
             Some(object) => Some(object),
             None => match api.get_opt(&id.name).await {
                 Ok(live) => live,
-                Err(e) => return tracing::warn!(object = %id, error = %e, "drift check: cannot read"),
+                Err(e) => {
+                    self.unchecked.lock().unwrap().insert(id.clone());
+                    return tracing::warn!(object = %id, error = %e, "drift check: cannot read");
+                }
             },
         };
         if ignored(&planned.object) || live.as_ref().is_some_and(ignored) {
@@ -295,9 +347,11 @@ impl Shared {
         };
         match verdict {
             Verdict::InLine => self.settle(id),
-            Verdict::Drifted(finding) => self.drifted(&api, &planned, finding).await,
+            Verdict::Drifted(finding) => self.drifted(&planned, live.as_ref(), finding).await,
             // What the object was found to be stays so until a check can tell.
-            Verdict::Unknown => {}
+            Verdict::Unknown => {
+                self.unchecked.lock().unwrap().insert(id.clone());
+            }
         }
     }
 
@@ -336,20 +390,20 @@ impl Shared {
         }
     }
 
-    async fn drifted(&self, api: &Api<DynamicObject>, planned: &Planned, finding: Finding) {
+    async fn drifted(self: &Arc<Self>, planned: &Planned, live: Option<&DynamicObject>, finding: Finding) {
         let id = &planned.id;
         let newly = !self.drifted.lock().unwrap().contains_key(id);
         if newly {
             self.state.metrics.drift_detected(&id.kind);
             tracing::warn!(object = %id, fields = ?finding.fields, changed_by = ?finding.by, policy = ?self.policy, "drift");
         }
-        if self.policy == Policy::Correct {
-            let params = PatchParams::apply(crate::FIELD_MANAGER);
-            let params = if self.force { params.force() } else { params };
-            match api.patch(&id.name, &params, &Patch::Apply(&planned.object)).await {
-                Ok(_) => {
+        let contested = self.contested(id);
+        if self.policy == Policy::Correct && !contested {
+            match self.applier.correct(planned, live).await {
+                Ok(change) => {
                     self.state.metrics.drift_corrected(&id.kind);
-                    tracing::info!(object = %id, "drift corrected from git");
+                    tracing::info!(object = %id, action = ?change.action, "drift corrected from git");
+                    self.corrected(id);
                     return self.settle(id);
                 }
                 Err(e) => tracing::error!(object = %id, error = %e, "drift correction failed"),
@@ -360,13 +414,56 @@ impl Shared {
             namespace: (!id.namespace.is_empty()).then(|| id.namespace.clone()),
             name: id.name.clone(),
             fields: finding.fields,
+            contested,
         };
         self.drifted.lock().unwrap().insert(id.clone(), entry);
         self.publish();
     }
 
+    /// Whether corrections of `id` pause because it is contested.
+    fn contested(&self, id: &ObjectId) -> bool {
+        let contests = self.contests.lock().unwrap();
+        contests.get(id).and_then(|c| c.paused_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Counts a correction of `id`; past [`CONTEST_CORRECTIONS`] in [`CONTEST_WINDOW`]
+    /// corrections pause, and the object is looked at again when the pause ends.
+    fn corrected(self: &Arc<Self>, id: &ObjectId) {
+        let now = Instant::now();
+        let pause = {
+            let mut contests = self.contests.lock().unwrap();
+            let contest = contests.entry(id.clone()).or_default();
+            contest.corrected.push_back(now);
+            while contest.corrected.front().is_some_and(|&at| now.duration_since(at) > CONTEST_WINDOW) {
+                contest.corrected.pop_front();
+            }
+            if contest.corrected.len() <= CONTEST_CORRECTIONS {
+                return;
+            }
+            let pause = contest.pause.max(CONTEST_PAUSE);
+            contest.pause = (pause * 2).min(MAX_CONTEST_PAUSE);
+            contest.paused_until = Some(now + pause);
+            contest.corrected.clear();
+            pause
+        };
+        self.state.metrics.drift_contested(&id.kind);
+        tracing::warn!(object = %id, corrections = CONTEST_CORRECTIONS + 1, within = ?CONTEST_WINDOW, ?pause,
+            "contested: something else keeps changing this object back; not correcting it for a while");
+        let (shared, id) = (self.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            let Some(resource) = shared.desired.lock().unwrap().get(&id).map(|t| t.resource.clone()) else { return };
+            let namespace = Some(id.namespace.as_str()).filter(|ns| !ns.is_empty());
+            match access::api(&shared.client, &resource, namespace).get_opt(&id.name).await {
+                Ok(live) => shared.see(id, live).await,
+                Err(e) => tracing::warn!(object = %id, error = %e, "drift check after a contest: cannot read"),
+            }
+        });
+    }
+
     /// The object agrees with git (again).
     fn settle(&self, id: &ObjectId) {
+        self.unchecked.lock().unwrap().remove(id);
         if self.drifted.lock().unwrap().remove(id).is_some() {
             tracing::info!(object = %id, "no longer drifted");
             self.publish();

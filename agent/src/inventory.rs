@@ -24,6 +24,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 
+use crate::write::Writer;
+
 /// The ConfigMap's name in the agent's namespace.
 pub const INVENTORY_NAME: &str = "gitops-inventory";
 
@@ -32,7 +34,7 @@ pub enum InventoryError {
     #[error("reading inventory ConfigMap {namespace}/{name}: {source}")]
     Read { namespace: String, name: String, source: kube::Error },
     #[error("writing inventory ConfigMap {namespace}/{name}: {source}")]
-    Write { namespace: String, name: String, source: kube::Error },
+    Write { namespace: String, name: String, source: crate::write::WriteError },
     #[error("inventory ConfigMap {namespace}/{name}, line {line}: malformed entry {entry:?}")]
     Malformed { namespace: String, name: String, line: usize, entry: String },
 }
@@ -111,6 +113,7 @@ impl Inventory {
 /// Reads and writes the inventory ConfigMap.
 #[derive(Clone)]
 pub struct Store {
+    writer: Writer,
     api: Api<ConfigMap>,
     namespace: String,
     name: String,
@@ -118,14 +121,15 @@ pub struct Store {
 
 impl Store {
     /// The agent's inventory, [`INVENTORY_NAME`].
-    pub fn new(client: kube::Client, namespace: &str) -> Store {
-        Store::named(client, namespace, INVENTORY_NAME)
+    pub fn new(writer: Writer, namespace: &str) -> Store {
+        Store::named(writer, namespace, INVENTORY_NAME)
     }
 
     /// An inventory of another name: one applier's objects must never be pruned by
     /// another's (gitops-bootstrap installs the agent under an inventory of its own).
-    pub fn named(client: kube::Client, namespace: &str, name: &str) -> Store {
-        Store { api: Api::namespaced(client, namespace), namespace: namespace.to_owned(), name: name.to_owned() }
+    pub fn named(writer: Writer, namespace: &str, name: &str) -> Store {
+        let api = Api::namespaced(writer.client().clone(), namespace);
+        Store { writer, api, namespace: namespace.to_owned(), name: name.to_owned() }
     }
 
     pub async fn load(&self) -> Result<Inventory, InventoryError> {
@@ -195,8 +199,8 @@ impl Store {
             ..Default::default()
         };
         let stored = match &current.resource_version {
-            None => self.api.create(&PostParams::default(), &cm).await.map_err(write)?,
-            Some(_) => self.api.replace(&self.name, &PostParams::default(), &cm).await.map_err(write)?,
+            None => self.writer.create(&self.api, &PostParams::default(), &cm).await.map_err(write)?,
+            Some(_) => self.writer.replace(&self.api, &self.name, &PostParams::default(), &cm).await.map_err(write)?,
         };
         cm.metadata.resource_version = stored.metadata.resource_version;
         *current = Inventory { resource_version: cm.metadata.resource_version, ..next };

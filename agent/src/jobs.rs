@@ -24,13 +24,14 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::watcher::{self, Event};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::access::{self, Access};
 use crate::metrics::RunOutcome;
 use crate::render::{ConcurrencyPolicy, JobSpec};
 use crate::server::{AppState, BatchRun};
+use crate::write::{WriteError, Writer};
 
 /// Label: the job a run belongs to.
 pub const JOB_LABEL: &str = "gitops.scale.dev/job";
@@ -54,7 +55,7 @@ pub enum JobError {
     )]
     KindNotServed { origin: String, job: String, kind: String, api_version: String },
     #[error("{origin}: job {job}: {action} {target}: {source}")]
-    Api { origin: String, job: String, action: &'static str, target: String, source: kube::Error },
+    Api { origin: String, job: String, action: &'static str, target: String, source: WriteError },
 }
 
 /// Makes and follows the runs of the applied revision's job specs.
@@ -65,13 +66,13 @@ pub struct Runs {
 
 struct Shared {
     client: kube::Client,
+    /// Only the leader makes and deletes runs, and counts their outcomes, so two
+    /// replicas never count one run twice.
+    writer: Writer,
     /// Where to watch runs: the whole cluster, or the allowed namespaces.
     access: Access,
     state: Arc<AppState>,
     default_namespace: String,
-    /// Only the leader makes runs and counts their outcomes, so two replicas never
-    /// count one run twice.
-    leader: watch::Receiver<bool>,
     /// Runs that ended before the agent started are history, not news for the metrics.
     started: SystemTime,
     /// The applied revision's specs, and that revision.
@@ -94,19 +95,13 @@ struct Seen {
 
 impl Runs {
     /// `default_namespace`: where the runs of specs that name no namespace go.
-    pub fn new(
-        client: kube::Client,
-        access: Access,
-        state: Arc<AppState>,
-        default_namespace: &str,
-        leader: watch::Receiver<bool>,
-    ) -> Runs {
+    pub fn new(writer: Writer, access: Access, state: Arc<AppState>, default_namespace: &str) -> Runs {
         let shared = Arc::new(Shared {
-            client,
+            client: writer.client().clone(),
+            writer,
             access,
             state,
             default_namespace: default_namespace.to_owned(),
-            leader,
             started: SystemTime::now(),
             desired: Mutex::default(),
             reconciling: tokio::sync::Mutex::default(),
@@ -145,7 +140,7 @@ impl Shared {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(RETRY), if failing => {}
             }
-            if *self.leader.borrow() {
+            if self.writer.leads() {
                 failing = !self.reconcile().await;
             }
         }
@@ -173,7 +168,7 @@ impl Shared {
         let origin = spec.template.location.to_string();
         let api_error = |action, target: &str| {
             let (origin, job, target) = (origin.clone(), job.to_owned(), target.to_owned());
-            move |source| JobError::Api { origin, job, action, target, source }
+            move |source: WriteError| JobError::Api { origin, job, action, target, source }
         };
         let resource = self.resource(spec).await?;
         self.watch(&resource);
@@ -183,6 +178,7 @@ impl Shared {
         let listed = api
             .list(&ListParams::default().labels(&format!("{JOB_LABEL}={job}")))
             .await
+            .map_err(WriteError::from)
             .map_err(api_error("listing the runs of", job))?;
         let mut runs: Vec<Run> = listed.items.iter().filter_map(Run::read).collect();
         runs.sort_by_key(|run| run.number);
@@ -199,7 +195,7 @@ impl Shared {
                 policy => {
                     if policy == ConcurrencyPolicy::Replace {
                         for run in &running {
-                            delete(&api, &run.name).await.map_err(api_error("deleting the running", &run.name))?;
+                            self.delete(&api, &run.name).await.map_err(api_error("deleting the running", &run.name))?;
                             tracing::info!(job, run = run.name, "deleted the running run (concurrency policy Replace)");
                         }
                     }
@@ -207,13 +203,13 @@ impl Shared {
                     let object = run_object(spec, number, namespace, revision, &resource);
                     let name = object.metadata.name.clone().expect("runs are named");
                     let params = PostParams { field_manager: Some(crate::FIELD_MANAGER.to_owned()), dry_run: false };
-                    match api.create(&params, &object).await {
+                    match self.writer.create(&api, &params, &object).await {
                         Ok(_) => {
                             self.state.metrics.batch_run_triggered(job);
                             tracing::info!(job, run = name, revision, "started a batch run");
                         }
                         // Another replica made this run first: the one run of this change.
-                        Err(kube::Error::Api(status)) if status.code == 409 => {
+                        Err(e) if e.is_status(409) => {
                             tracing::info!(job, run = name, "batch run already started by another agent");
                         }
                         Err(e) => return Err(api_error("creating", &name)(e)),
@@ -225,10 +221,16 @@ impl Shared {
         // Finished runs beyond the history limit go, oldest first; the newest stays.
         let finished = runs.iter().rev().filter(|run| run.finished && !run.deleting);
         for run in finished.skip(spec.history_limit) {
-            delete(&api, &run.name).await.map_err(api_error("deleting the old", &run.name))?;
+            self.delete(&api, &run.name).await.map_err(api_error("deleting the old", &run.name))?;
             tracing::info!(job, run = run.name, "deleted a run beyond the history limit");
         }
         Ok(())
+    }
+
+    /// Deletes a run and, in the background, what it made (a Job's pods). One that is
+    /// gone already was deleted by another replica, or a person.
+    async fn delete(&self, api: &Api<DynamicObject>, name: &str) -> Result<(), WriteError> {
+        self.writer.delete(api, name, &DeleteParams::background()).await
     }
 
     /// The API resource of the spec's kind, from discovery (once per kind).
@@ -249,7 +251,13 @@ impl Shared {
             Err(kube::Error::Discovery(_)) => return Err(not_served()),
             Err(source) => {
                 let (origin, job) = (spec.template.location.to_string(), spec.name().to_owned());
-                return Err(JobError::Api { origin, job, action: "discovering", target: gvk.kind.clone(), source });
+                return Err(JobError::Api {
+                    origin,
+                    job,
+                    action: "discovering",
+                    target: gvk.kind.clone(),
+                    source: source.into(),
+                });
             }
         };
         self.resources.lock().unwrap().insert(gvk, resource.clone());
@@ -311,7 +319,7 @@ impl Shared {
             ended = true;
             // Counted once, by the leader, and only if it ended while this agent ran.
             let news = finished_at.is_none_or(|at| at >= self.started) && self.ours(&key.1, &run.job);
-            if !entry.counted && *self.leader.borrow() && news {
+            if !entry.counted && self.writer.leads() && news {
                 entry.counted = true;
                 let duration = finished_at.and_then(|end| end.duration_since(run.started_at?).ok());
                 self.state.metrics.batch_run_finished(&run.job, outcome, duration.unwrap_or_default());
@@ -431,14 +439,4 @@ fn run_object(spec: &JobSpec, number: u64, namespace: &str, revision: &str, reso
     labels.insert(crate::MANAGED_BY_LABEL.to_owned(), crate::FIELD_MANAGER.to_owned());
     meta.annotations.get_or_insert_default().insert(REVISION_ANNOTATION.to_owned(), revision.to_owned());
     object
-}
-
-/// Deletes a run and, in the background, what it made (a Job's pods).
-async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<(), kube::Error> {
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        // Gone already: another replica, or a person, deleted it.
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
 }

@@ -127,9 +127,20 @@ impl Leadership {
         Leadership { published: Arc::new(Published::new(true)), shutdown: None, task: None }
     }
 
+    /// Leadership that never leads, for commands that must write nothing (`diff`).
+    pub fn never() -> Leadership {
+        Leadership { published: Arc::new(Published::new(false)), shutdown: None, task: None }
+    }
+
     /// Whether this replica may apply now.
     pub fn is_leader(&self) -> bool {
-        *self.published.sender.borrow()
+        self.published.leads()
+    }
+
+    /// A handle on [`Leadership::is_leader`] for the one writer ([`crate::write::Writer`]),
+    /// which asks it before every request.
+    pub fn lead(&self) -> Lead {
+        Lead { published: self.published.clone() }
     }
 
     /// Follows [`Leadership::is_leader`]. The value turns `false` when this replica stops being
@@ -189,21 +200,62 @@ pub fn default_identity() -> String {
     }
 }
 
+/// Whether this replica leads, asked right before each write. Unlike the value of
+/// [`Leadership::changes`], which the background task updates when it gets to run, it
+/// also checks the claim's expiry on the clock: a replica that was frozen (SIGSTOP, a
+/// stalled VM) past its lease wakes up with the task's last word still `true`, and its
+/// watches may deliver events before the task has run.
+#[derive(Clone)]
+pub struct Lead {
+    published: Arc<Published>,
+}
+
+impl Lead {
+    /// The lead of a writer that is the only one by construction (gitops-bootstrap's
+    /// installer, a test), with no Leadership behind it.
+    pub fn sole() -> Lead {
+        Lead { published: Arc::new(Published::new(true)) }
+    }
+
+    pub fn holds(&self) -> bool {
+        self.published.leads()
+    }
+
+    /// Follows [`Lead::holds`], as [`Leadership::changes`] does.
+    pub fn changes(&self) -> watch::Receiver<bool> {
+        self.published.sender.subscribe()
+    }
+}
+
+impl std::fmt::Debug for Lead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lead").field("holds", &self.holds()).finish()
+    }
+}
+
 /// The leadership the sync loop sees.
 struct Published {
     sender: watch::Sender<bool>,
     /// Set when the [`Leadership`] is released or dropped: the value stays `false` from then on,
     /// whatever the background task still does before it ends.
     stopped: AtomicBool,
+    /// When the claim published as `true` lapses; `None`: never (without a Lease).
+    until: std::sync::Mutex<Option<SystemTime>>,
 }
 
 impl Published {
     fn new(leader: bool) -> Published {
-        Published { sender: watch::Sender::new(leader), stopped: AtomicBool::new(false) }
+        Published { sender: watch::Sender::new(leader), stopped: AtomicBool::new(false), until: Default::default() }
     }
 
-    /// Returns whether the value changed.
-    fn set(&self, leader: bool) -> bool {
+    fn leads(&self) -> bool {
+        let until = *self.until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *self.sender.borrow() && until.is_none_or(|until| SystemTime::now() < until)
+    }
+
+    /// Returns whether the value changed. `until`: when a `true` lapses.
+    fn set(&self, leader: bool, until: Option<SystemTime>) -> bool {
+        *self.until.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = until;
         // Checked under the channel's lock, which `stop` takes too: a `true` cannot land after it.
         self.sender.send_if_modified(|current| {
             if self.stopped.load(Ordering::SeqCst) || *current == leader {
@@ -409,7 +461,7 @@ impl Driver {
 
     fn publish(&self) {
         let leader = self.holds && self.valid_until.is_some_and(|until| SystemTime::now() < until);
-        if self.published.set(leader) {
+        if self.published.set(leader, self.valid_until) {
             let Election { namespace, name, identity, .. } = &self.election;
             if leader {
                 info!(%namespace, lease = %name, %identity, "became leader");

@@ -11,9 +11,12 @@
 //! - [`jobs`] makes a batch run of each job spec that changed, and follows it;
 //! - [`report`] writes each sync's outcome into a ConfigMap, for `kubectl get` and gitops-bootstrap;
 //! - [`metrics`] and [`server`] report it all over HTTP;
-//! - [`access`] says what the agent may touch: the cluster, or some namespaces.
+//! - [`access`] says what the agent may touch: the cluster, or some namespaces;
+//! - [`write`] is the one way anything is written, and only while this replica leads ([`leader`]);
+//! - [`agent`] wires it all together: [`agent::Agent::start`].
 
 pub mod access;
+pub mod agent;
 pub mod apply;
 pub mod drift;
 pub mod inventory;
@@ -27,6 +30,7 @@ pub mod run;
 pub mod server;
 pub mod source;
 pub mod sync;
+pub mod write;
 
 /// The field manager of every apply, and the value of the managed-by label.
 pub const FIELD_MANAGER: &str = "gitops-agent";

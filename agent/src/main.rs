@@ -2,17 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gitops_agent::access::Access;
+use gitops_agent::agent::{self, Agent};
 use gitops_agent::apply::Action;
 use gitops_agent::leader::{self, Leadership};
-use gitops_agent::server::{self, AppState, WebhookSecret};
+use gitops_agent::server::WebhookSecret;
 use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
-use gitops_agent::{drift, jobs, render, run, sync};
+use gitops_agent::write::Writer;
+use gitops_agent::{drift, render, sync};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -139,19 +140,15 @@ impl ApplyArgs {
         })
     }
 
-    fn syncer(self, client: kube::Client) -> sync::Syncer {
-        let namespace = self.namespace();
-        sync::Syncer::new(
-            client,
-            sync::Options {
-                default_namespace: self.default_namespace,
-                prune: self.prune,
-                force_conflicts: self.force_conflicts,
-                inventory_namespace: namespace,
-                dashboards_namespace: self.dashboards_namespace,
-                access: Access::new(self.allow_namespaces),
-            },
-        )
+    fn options(self) -> sync::Options {
+        sync::Options {
+            inventory_namespace: self.namespace(),
+            default_namespace: self.default_namespace,
+            prune: self.prune,
+            force_conflicts: self.force_conflicts,
+            dashboards_namespace: self.dashboards_namespace,
+            access: Access::new(self.allow_namespaces),
+        }
     }
 }
 
@@ -159,8 +156,6 @@ async fn cluster_client() -> Result<kube::Client> {
     kube::Client::try_default().await.context("connecting to the cluster (KUBECONFIG or in-cluster)")
 }
 
-/// The Lease replicas compete for, in the agent's namespace.
-const LEASE_NAME: &str = "gitops-agent";
 /// How long a leader's claim lasts without renewal: the longest a standby waits after
 /// the leader dies without releasing it.
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -240,19 +235,6 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .transpose()
         .context("reading --webhook-secret-file")?;
     let client = cluster_client().await?;
-    let namespace = args.apply.namespace();
-    let leadership = if args.leader_election.unwrap_or(in_cluster()) {
-        let identity = leader::default_identity();
-        tracing::info!(identity, namespace, lease = LEASE_NAME, "leader election on");
-        Leadership::start(client.clone(), &namespace, LEASE_NAME, &identity, LEASE_DURATION).await?
-    } else {
-        Leadership::always()
-    };
-    let force = args.apply.force_conflicts;
-    let default_namespace = args.apply.default_namespace.clone();
-    let access = Access::new(args.apply.allow_namespaces.clone());
-    let syncer = args.apply.syncer(client.clone());
-
     let temporary;
     let work_dir = match args.work_dir {
         Some(dir) => dir,
@@ -263,44 +245,38 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let repo = &args.source.repo;
     let local_repo = std::path::Path::new(repo.strip_prefix("file://").unwrap_or(repo));
-    let config = run::Config {
+    let leader_election = args
+        .leader_election
+        .unwrap_or(in_cluster())
+        .then(|| agent::LeaderElection { identity: leader::default_identity(), lease_duration: LEASE_DURATION });
+    let options = agent::Options {
         source,
+        branch: args.source.branch.clone(),
         path: args.source.path.clone(),
         interval: args.interval,
         work_dir,
         local_repo: local_repo.exists().then(|| local_repo.to_owned()),
-        report: Some(gitops_agent::report::StatusReport::new(client.clone(), &namespace)),
+        sync: args.apply.options(),
+        drift: args.drift,
+        webhook_secret,
+        leader_election,
+        status_report: true,
     };
-
-    let state = Arc::new(AppState::new(&args.source.branch, webhook_secret));
-    let runs = jobs::Runs::new(client.clone(), access.clone(), state.clone(), &default_namespace, leadership.changes());
-    let drift = drift::DriftWatch::new(client, access, args.drift, force, state.clone());
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, state.clone(), {
-        let mut stop = stop_rx.clone();
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
-    }));
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down after the sync in flight");
-        let _ = stop_tx.send(true);
-    });
-    run::run(config, syncer, drift, runs, state, leadership.changes(), stop_rx).await;
-    // After the loop, so the standby cannot start while this replica still applies.
-    leadership.release().await;
-    server.await.context("HTTP server task")?;
+    let agent = Agent::start(client, listener, options).await?;
+    tracing::info!(listen = %agent.address(), repo = %gitops_agent::source::redact_url(repo), branch = %args.source.branch, "gitops-agent started");
+    shutdown_signal().await;
+    tracing::info!("shutting down after the sync in flight");
+    agent.stop().await;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn diff(source: SourceArgs, apply: ApplyArgs) -> Result<ExitCode> {
     let git = source.git_source()?;
-    let syncer = apply.syncer(cluster_client().await?);
+    // `diff` writes nothing: a writer that never leads makes sure of it.
+    let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
+    let syncer = sync::Syncer::new(writer, apply.options());
     let work = tempfile::tempdir().context("creating a work directory")?;
     let (head, tree) = gitops_agent::source::fetch_tree(&git, work.path())?;
     let differences = syncer.diff(&tree.join(&source.path)).await?;

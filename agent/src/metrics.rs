@@ -80,6 +80,7 @@ pub struct Metrics {
     drifted_resources: IntGaugeVec,
     drift_detected: IntCounterVec,
     drift_corrected: IntCounterVec,
+    drift_contested: IntCounterVec,
     pruned_resources: IntCounterVec,
     batch_runs: IntCounterVec,
     batch_run_duration: HistogramVec,
@@ -156,6 +157,12 @@ impl Metrics {
             drift_corrected: counters(
                 "gitops_drift_corrected_total",
                 "Times a drifted object was put back to its state in git.",
+                &["kind"],
+            ),
+            drift_contested: counters(
+                "gitops_drift_contested_total",
+                "Times a drifted object was found contested: corrected so often that another writer \
+                 must be changing it back, so the agent stopped correcting it for a while.",
                 &["kind"],
             ),
             pruned_resources: counters(
@@ -240,6 +247,11 @@ impl Metrics {
     /// A drifted object of `kind` was put back to its state in git.
     pub fn drift_corrected(&self, kind: &str) {
         self.drift_corrected.with_label_values(&[kind]).inc();
+    }
+
+    /// A drifted object of `kind` is fought over: corrections stop for a while.
+    pub fn drift_contested(&self, kind: &str) {
+        self.drift_contested.with_label_values(&[kind]).inc();
     }
 
     /// An object of `kind` was deleted because it left git.

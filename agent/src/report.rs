@@ -19,6 +19,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use tokio::sync::Mutex;
 
+use crate::write::Writer;
+
 /// The ConfigMap's name in the agent's namespace.
 pub const STATUS_NAME: &str = "gitops-agent-status";
 
@@ -40,6 +42,7 @@ impl Phase {
 
 /// Writes the status ConfigMap when the status changes.
 pub struct StatusReport {
+    writer: Writer,
     api: Api<ConfigMap>,
     namespace: String,
     /// What the ConfigMap holds now, as far as this agent knows: `None` until read once,
@@ -48,9 +51,10 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    pub fn new(client: kube::Client, namespace: &str) -> StatusReport {
+    pub fn new(writer: Writer, namespace: &str) -> StatusReport {
         StatusReport {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(writer.client().clone(), namespace),
+            writer,
             namespace: namespace.to_owned(),
             last: Mutex::new(None),
         }
@@ -79,7 +83,7 @@ impl StatusReport {
             "data": { "revision": revision, "phase": phase.as_str(), "message": message, "lastSyncTime": now },
         });
         let params = PatchParams::apply(crate::FIELD_MANAGER).force();
-        match self.api.patch(STATUS_NAME, &params, &Patch::Apply(status)).await {
+        match self.writer.patch(&self.api, STATUS_NAME, &params, &Patch::Apply(status)).await {
             Ok(_) => *last = Some(next),
             Err(e) => {
                 tracing::warn!(namespace = %self.namespace, name = STATUS_NAME, error = %e, "writing the status ConfigMap failed")

@@ -87,6 +87,8 @@ pub struct DriftedObject {
     pub name: String,
     /// The fields that differ, as paths such as `spec.replicas`.
     pub fields: Vec<String>,
+    /// Something else keeps changing it back: corrections pause for a while.
+    pub contested: bool,
 }
 
 /// A run of a batch job.

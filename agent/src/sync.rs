@@ -17,6 +17,7 @@ use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
 use crate::inventory::{Inventory, InventoryError, ObjectId, Store};
 use crate::plan::{self, Plan};
 use crate::render::{self, JobSpec, Problem, RenderError};
+use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
 /// everything the agent applied; without it an empty revision is refused, because it
@@ -74,26 +75,31 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    pub fn new(client: kube::Client, options: Options) -> Syncer {
-        let store = Store::new(client.clone(), &options.inventory_namespace);
-        Syncer::with_store(client, options, store)
+    pub fn new(writer: Writer, options: Options) -> Syncer {
+        let store = Store::new(writer.clone(), &options.inventory_namespace);
+        Syncer::with_store(writer, options, store)
     }
 
     /// A syncer keeping its inventory in ConfigMap `inventory` (in the inventory
     /// namespace) instead of the agent's: gitops-bootstrap installs the agent this way,
     /// so the agent's own sync of the user's repository never prunes itself.
-    pub fn with_inventory(client: kube::Client, options: Options, inventory: &str) -> Syncer {
-        let store = Store::named(client.clone(), &options.inventory_namespace, inventory);
-        Syncer::with_store(client, options, store)
+    pub fn with_inventory(writer: Writer, options: Options, inventory: &str) -> Syncer {
+        let store = Store::named(writer.clone(), &options.inventory_namespace, inventory);
+        Syncer::with_store(writer, options, store)
     }
 
-    fn with_store(client: kube::Client, options: Options, store: Store) -> Syncer {
+    fn with_store(writer: Writer, options: Options, store: Store) -> Syncer {
         Syncer {
-            applier: Applier::new(client.clone(), crate::FIELD_MANAGER, options.force_conflicts),
+            client: writer.client().clone(),
+            applier: Applier::new(writer, crate::FIELD_MANAGER, options.force_conflicts),
             store,
-            client,
             options,
         }
+    }
+
+    /// The applier this syncer writes with, for the drift watch's corrections.
+    pub fn applier(&self) -> &Applier {
+        &self.applier
     }
 
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as

@@ -163,6 +163,7 @@ async fn metrics_expose_every_contract_metric() {
         namespace: Some("web".to_owned()),
         name: "front".to_owned(),
         fields: vec!["spec.replicas".to_owned()],
+        contested: false,
     }]);
     metrics.drift_detected("Deployment");
     metrics.drift_corrected("Deployment");
@@ -235,6 +236,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         namespace: None,
         name: "web".to_owned(),
         fields: vec!["metadata.labels.team".to_owned()],
+        contested: false,
     }]);
     agent.state.set_batch_runs(vec![
         BatchRun {
@@ -265,7 +267,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             "errors": ["apply: forbidden"],
             "drifted": [{
                 "kind": "Namespace", "namespace": null, "name": "web",
-                "fields": ["metadata.labels.team"],
+                "fields": ["metadata.labels.team"], "contested": false,
             }],
             "batch_runs": [
                 {"job": "nightly", "run": "nightly-3", "revision": "0123abcd", "result": "succeeded"},

@@ -229,7 +229,7 @@ fn short(revision: &str) -> &str {
 
 fn installer(client: &kube::Client) -> Syncer {
     Syncer::with_inventory(
-        client.clone(),
+        gitops_agent::write::Writer::sole(client.clone()),
         sync::Options {
             default_namespace: AGENT_NAMESPACE.to_owned(),
             prune: true,

@@ -117,7 +117,10 @@ async fn install_applies_manifests_and_secrets_and_the_agent_reports_synced() {
     // Reporting the same status again writes nothing, also from a reporter that has
     // just started (an agent restarted at the same commit): it reads before it writes.
     let version = configmaps.get("gitops-agent-status").await.unwrap().metadata.resource_version;
-    let reporter = gitops_agent::report::StatusReport::new(client.clone(), install::AGENT_NAMESPACE);
+    let reporter = gitops_agent::report::StatusReport::new(
+        gitops_agent::write::Writer::sole(client.clone()),
+        install::AGENT_NAMESPACE,
+    );
     reporter.report(&revision, gitops_agent::report::Phase::Synced, "").await;
     reporter.report(&revision, gitops_agent::report::Phase::Synced, "").await;
     assert_eq!(configmaps.get("gitops-agent-status").await.unwrap().metadata.resource_version, version);

@@ -1,27 +1,22 @@
-//! The agent's loop and HTTP server running in the test process, against the shared
-//! control plane, with an HTTP client for its endpoints. The binary is a thin layer over
-//! exactly this (see agent/src/main.rs).
+//! The agent running in the test process, against the shared control plane, started by
+//! the same [`gitops_agent::agent::Agent::start`] as the binary, with an HTTP client for
+//! its endpoints.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use gitops_agent::access::Access;
-use gitops_agent::drift::{DriftWatch, Policy};
-use gitops_agent::jobs::Runs;
-use gitops_agent::leader::Leadership;
-use gitops_agent::run::{self, Config};
-use gitops_agent::server::{self, AppState, WebhookSecret};
+use gitops_agent::agent::{LeaderElection, Options};
+use gitops_agent::drift::Policy;
+use gitops_agent::server::WebhookSecret;
 use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
-use gitops_agent::sync::{Options, Syncer};
+use gitops_agent::sync;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// What to follow and how.
 pub struct AgentConfig {
@@ -38,6 +33,10 @@ pub struct AgentConfig {
     pub allow_namespaces: Option<Vec<String>>,
     /// `--verify-signatures`: an allowed signers file.
     pub allowed_signers: Option<PathBuf>,
+    /// `None`: the only replica.
+    pub leader_election: Option<LeaderElection>,
+    /// Write the status ConfigMap in `namespace`.
+    pub status_report: bool,
 }
 
 impl AgentConfig {
@@ -55,72 +54,59 @@ impl AgentConfig {
             drift: Policy::Correct,
             allow_namespaces: None,
             allowed_signers: None,
+            leader_election: None,
+            status_report: false,
         }
     }
 }
 
-/// A running agent; stopped when dropped.
+/// A running agent, with an HTTP client for its endpoints.
 pub struct Agent {
     pub base: String,
     client: Client<HttpConnector, Full<Bytes>>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    /// Dropping it would end the loop's leadership.
-    _leadership: Leadership,
+    /// `None` once stopped; dropping it aborts nothing, so [`Agent::stop`] is the way out.
+    agent: Option<gitops_agent::agent::Agent>,
     _work: tempfile::TempDir,
 }
 
 impl Agent {
     pub async fn start(client: kube::Client, config: AgentConfig) -> Agent {
         let work = tempfile::tempdir().unwrap();
-        let secret = config.webhook_secret.map(|secret| {
+        let webhook_secret = config.webhook_secret.map(|secret| {
             let path = work.path().join("webhook-secret");
             std::fs::write(&path, secret).unwrap();
             WebhookSecret::from_file(&path).unwrap()
         });
-        let state = Arc::new(AppState::new("main", secret));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = watch::channel(false);
-
-        let mut until_stopped = stopped.clone();
-        let server = tokio::spawn(server::serve(listener, state.clone(), async move {
-            let _ = until_stopped.wait_for(|s| *s).await;
-        }));
-        let syncer = Syncer::new(
-            client.clone(),
-            Options {
+        let source = GitSource::new(&config.repo, "main", config.credentials);
+        let options = Options {
+            source: match &config.allowed_signers {
+                Some(path) => source.verify_signatures(AllowedSigners::from_file(path).unwrap()),
+                None => source,
+            },
+            branch: "main".to_owned(),
+            path: ".".into(),
+            interval: config.interval,
+            work_dir: work.path().to_owned(),
+            local_repo: config.local_repo,
+            sync: sync::Options {
                 default_namespace: config.namespace.clone(),
                 prune: true,
                 force_conflicts: true,
                 inventory_namespace: config.namespace.clone(),
                 dashboards_namespace: config.namespace.clone(),
-                access: Access::new(config.allow_namespaces.clone()),
+                access: Access::new(config.allow_namespaces),
             },
-        );
-        let source = GitSource::new(&config.repo, "main", config.credentials);
-        let loop_config = Config {
-            source: match &config.allowed_signers {
-                Some(path) => source.verify_signatures(AllowedSigners::from_file(path).unwrap()),
-                None => source,
-            },
-            path: ".".into(),
-            interval: config.interval,
-            work_dir: work.path().to_owned(),
-            local_repo: config.local_repo,
-            report: None,
+            drift: config.drift,
+            webhook_secret,
+            leader_election: config.leader_election,
+            status_report: config.status_report,
         };
-        let leadership = Leadership::always();
-        let access = Access::new(config.allow_namespaces);
-        let drift = DriftWatch::new(client.clone(), access.clone(), config.drift, true, state.clone());
-        let runs = Runs::new(client, access, state.clone(), &config.namespace, leadership.changes());
-        let sync_loop = tokio::spawn(run::run(loop_config, syncer, drift, runs, state, leadership.changes(), stopped));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = gitops_agent::agent::Agent::start(client, listener, options).await.expect("the agent starts");
         Agent {
-            base,
+            base: format!("http://{}", agent.address()),
             client: Client::builder(TokioExecutor::new()).build_http(),
-            stop,
-            tasks: vec![server, sync_loop],
-            _leadership: leadership,
+            agent: Some(agent),
             _work: work,
         }
     }
@@ -173,19 +159,10 @@ impl Agent {
         self.applied(&commit).await;
     }
 
-    /// Stops the loop after its current sync, and the server.
+    /// Stops the loop after its current sync, releases the Lease, and stops the server.
     pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await;
         }
     }
 }

@@ -255,6 +255,7 @@ fn drifted(kind: &str, namespace: Option<&str>, name: &str) -> DriftedObject {
         namespace: namespace.map(str::to_owned),
         name: name.to_owned(),
         fields: vec!["spec.replicas".to_owned()],
+        contested: false,
     }
 }
 

@@ -105,7 +105,7 @@ async fn each_broken_revision_names_its_file_and_line_and_changes_nothing() {
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "bad").await;
     let syncer = Syncer::new(
-        client.clone(),
+        gitops_agent::write::Writer::sole(client.clone()),
         Options {
             default_namespace: ns.clone(),
             prune: true,

@@ -71,7 +71,7 @@ impl Fixture {
 
 fn syncer(client: &kube::Client, ns: &str) -> Syncer {
     Syncer::new(
-        client.clone(),
+        gitops_agent::write::Writer::sole(client.clone()),
         Options {
             default_namespace: ns.to_owned(),
             prune: true,
