@@ -81,6 +81,8 @@ pub struct Agent {
     stop: watch::Sender<bool>,
     sync_loop: JoinHandle<()>,
     server: JoinHandle<()>,
+    /// Shows leadership in `/status` and `gitops_leader`.
+    leader_shown: JoinHandle<()>,
     leadership: Leadership,
 }
 
@@ -121,9 +123,19 @@ impl Agent {
         let server = tokio::spawn(server::serve(listener, state.clone(), async move {
             let _ = until_stopped.wait_for(|stop| *stop).await;
         }));
+        let mut changes = leadership.changes();
+        let shown = state.clone();
+        let leader_shown = tokio::spawn(async move {
+            loop {
+                shown.set_leader(*changes.borrow_and_update());
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let loop_state = state.clone();
         let sync_loop = tokio::spawn(run::run(config, syncer, drift, runs, loop_state, leadership.changes(), stopped));
-        Ok(Agent { state, address, stop, sync_loop, server, leadership })
+        Ok(Agent { state, address, stop, sync_loop, server, leader_shown, leadership })
     }
 
     /// Where the HTTP server listens.
@@ -143,6 +155,7 @@ impl Agent {
             tracing::error!(error = %e, "the sync loop failed");
         }
         self.leadership.release().await;
+        self.leader_shown.abort();
         if let Err(e) = self.server.await {
             tracing::error!(error = %e, "the HTTP server failed");
         }

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::GroupVersionKind;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -278,7 +279,8 @@ impl Shared {
     /// job label.
     async fn follow(self: Arc<Self>, resource: ApiResource, namespace: Option<String>) {
         let api = access::api(&self.client, &resource, namespace.as_deref());
-        let mut events = watcher::watcher(api, watcher::Config::default().labels(JOB_LABEL)).boxed();
+        // Backing off, as the drift watch does: a refused watch would otherwise spin.
+        let mut events = watcher::watcher(api, watcher::Config::default().labels(JOB_LABEL)).default_backoff().boxed();
         let key = |object: &DynamicObject| {
             let (namespace, name) = (object.metadata.namespace.clone(), object.metadata.name.clone());
             (resource.kind.clone(), namespace.unwrap_or_default(), name.unwrap_or_default())

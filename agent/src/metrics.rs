@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use serde::Serialize;
 
@@ -81,6 +82,7 @@ pub struct Metrics {
     drift_detected: IntCounterVec,
     drift_corrected: IntCounterVec,
     drift_contested: IntCounterVec,
+    leader: IntGauge,
     pruned_resources: IntCounterVec,
     batch_runs: IntCounterVec,
     batch_run_duration: HistogramVec,
@@ -165,6 +167,10 @@ impl Metrics {
                  must be changing it back, so the agent stopped correcting it for a while.",
                 &["kind"],
             ),
+            leader: register(
+                &registry,
+                IntGauge::new("gitops_leader", "1 while this replica holds the leader lease and may write, else 0."),
+            ),
             pruned_resources: counters(
                 "gitops_pruned_resources_total",
                 "Objects deleted because they were removed from git.",
@@ -220,6 +226,11 @@ impl Metrics {
     /// Fetching the git repository failed.
     pub fn fetch_failed(&self) {
         self.source_fetch_errors.inc();
+    }
+
+    /// Whether this replica leads now.
+    pub fn set_leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     /// A fetched head was refused for its signature.

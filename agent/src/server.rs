@@ -59,6 +59,8 @@ pub struct AppState {
 pub struct Status {
     /// The commit now applied; `null` until the first successful sync.
     pub revision: Option<String>,
+    /// Whether this replica holds the leader lease, and so applies, corrects and runs.
+    pub leader: bool,
     /// `null` until the first sync ends.
     pub last_sync: Option<LastSync>,
     /// Why the last sync failed; empty after a success.
@@ -131,6 +133,12 @@ impl AppState {
         let mut status = self.status();
         status.last_sync = Some(LastSync::now(SyncResult::Failure, duration));
         status.errors = errors;
+    }
+
+    /// Whether this replica leads now.
+    pub fn set_leader(&self, leads: bool) {
+        self.metrics.set_leader(leads);
+        self.status().leader = leads;
     }
 
     /// The objects drifted now (replaces the previous list and the drift gauge).

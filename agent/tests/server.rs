@@ -227,7 +227,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
         parse(body),
-        json!({"revision": null, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": []})
+        json!({"revision": null, "leader": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": []})
     );
 
     agent.state.record_sync_success("0123abcd", Duration::from_millis(1500));
@@ -263,6 +263,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         status,
         json!({
             "revision": "0123abcd",
+            "leader": false,
             "last_sync": {"time": null, "result": "failure", "duration_seconds": 0.25},
             "errors": ["apply: forbidden"],
             "drifted": [{

@@ -88,3 +88,55 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 fn value(line: &str) -> f64 {
     line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
+
+/// The requests one client sent, counted as they leave it: for telling apart the
+/// requests of two agents that share an API server (and so its counters).
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Writes (create, update, patch, delete) of anything but Leases, which leader
+    /// election itself renews.
+    pub writes: std::sync::atomic::AtomicU64,
+    /// Dry-run writes: what the agent checks, not what it changes.
+    pub dry_runs: std::sync::atomic::AtomicU64,
+}
+
+impl Sent {
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn dry_runs(&self) -> u64 {
+        self.dry_runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn count(&self, request: &http::Request<kube::client::Body>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let write = [http::Method::POST, http::Method::PUT, http::Method::PATCH, http::Method::DELETE]
+            .contains(request.method());
+        let uri = request.uri();
+        if !write || uri.path().contains("/apis/coordination.k8s.io/") {
+            return;
+        }
+        if uri.query().is_some_and(|q| q.split('&').any(|p| p == "dryRun=All")) {
+            self.dry_runs.fetch_add(1, SeqCst);
+        } else {
+            self.writes.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+/// A client for the cluster of `kubeconfig` that counts what it sends in the [`Sent`].
+pub async fn counting_client(kubeconfig: &std::path::Path) -> (kube::Client, std::sync::Arc<Sent>) {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("reading the kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("a client configuration from the kubeconfig");
+    let sent = std::sync::Arc::new(Sent::default());
+    let counter = sent.clone();
+    let layer = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+        counter.count(&request);
+        request
+    });
+    let client = kube::client::ClientBuilder::try_from(config).expect("a client stack").with_layer(&layer).build();
+    (client, sent)
+}
