@@ -1,6 +1,8 @@
 //! The `gitops-agent` binary as it runs in a cluster: two replicas with leader
 //! election, of which only one applies; SIGTERM makes the leader finish, release the
-//! Lease and exit, and the standby takes over at once.
+//! Lease and exit, and the standby takes over at once; a leader frozen past its lease
+//! wakes up writing nothing; with the API server down its watches back off; out of a
+//! pod it makes its own namespace, or, restricted, refuses at start-up.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,16 +29,32 @@ struct Replica {
 }
 
 impl Replica {
+    /// Two of these compete for the Lease in `ns`, as the Deployment's replicas do.
     fn start(binary: &PathBuf, repo: &GitRepo, ns: &str, dir: &std::path::Path, name: &str) -> Replica {
+        let args = [format!("--namespace={ns}"), "--leader-election=true".to_owned()];
+        Replica::spawn(binary, cluster::shared().kubeconfig(), repo, ns, &args, dir, name)
+    }
+
+    /// `gitops-agent run` against the cluster of `kubeconfig`, following `repo` (a commit
+    /// wakes it), its objects in `ns`, with `args` added.
+    fn spawn(
+        binary: &PathBuf,
+        kubeconfig: &std::path::Path,
+        repo: &GitRepo,
+        ns: &str,
+        args: &[String],
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Replica {
         let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(binary)
-            .args(["run", "--leader-election=true", "--interval=1s"])
+            .args(["run", "--interval=1s"])
             .arg(format!("--repo={}", repo.file_url()))
             .arg(format!("--listen={listen}"))
-            .arg(format!("--namespace={ns}"))
             .arg(format!("--default-namespace={ns}"))
-            .env("KUBECONFIG", cluster::shared().kubeconfig())
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
@@ -51,6 +69,10 @@ impl Replica {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 }
 
@@ -91,7 +113,7 @@ async fn one_replica_applies_and_sigterm_hands_over_at_once() {
         replicas[standby].log()
     );
 
-    kill(Pid::from_raw(replicas[leader].child.id() as i32), Signal::SIGTERM).unwrap();
+    replicas[leader].signal(Signal::SIGTERM);
     let status = replicas[leader].child.wait().unwrap();
     assert!(status.success(), "SIGTERM ends the agent cleanly: {status}\n{}", replicas[leader].log());
     assert!(replicas[leader].log().contains("shutting down"), "{}", replicas[leader].log());
@@ -106,4 +128,147 @@ async fn one_replica_applies_and_sigterm_hands_over_at_once() {
     replicas.iter_mut().for_each(|r| {
         let _ = r.child.kill();
     });
+}
+
+fn configmap(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value}\n")
+}
+
+async fn value(cms: &Api<ConfigMap>, name: &str) -> Option<String> {
+    cms.get_opt(name).await.ok()??.data?.remove("value")
+}
+
+/// The write war of a deposed leader, as measured once: the leader is frozen (SIGSTOP)
+/// until the standby has taken the Lease and applied a new commit, then thawed. Its
+/// drift watch wakes with its old revision and would "correct" the object back, each
+/// correction undone by the new leader, every few milliseconds. It must write nothing.
+/// A race, so run twice, the roles swapping.
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_wakes_up_writing_nothing() {
+    let binary = agent_binary();
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "frozen").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let repo = GitRepo::new();
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.commit("v1");
+    let dir = tempfile::tempdir().unwrap();
+    let replicas =
+        [Replica::start(&binary, &repo, &ns, dir.path(), "a"), Replica::start(&binary, &repo, &ns, dir.path(), "b")];
+    eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
+
+    for round in 2..=3 {
+        let leader = eventually("one replica to hold the Lease", || async {
+            let holder = holder(&client, &ns).await?;
+            replicas.iter().position(|r| r.identity() == holder)
+        })
+        .await;
+        replicas[leader].signal(Signal::SIGSTOP);
+        let wanted = format!("v{round}");
+        repo.write("manifests/x.yaml", &configmap("x", &wanted));
+        repo.commit(&wanted);
+        eventually("the standby to take over and apply the commit", || async {
+            (value(&cms, "x").await? == wanted).then_some(())
+        })
+        .await;
+        let thawed_log = replicas[leader].log().len();
+        replicas[leader].signal(Signal::SIGCONT);
+
+        let mut old = 0;
+        for _ in 0..100 {
+            if value(&cms, "x").await.as_deref() != Some(wanted.as_str()) {
+                old += 1;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let since_thaw = replicas[leader].log()[thawed_log..].to_owned();
+        assert_eq!(old, 0, "round {round}: {old} of 100 samples of x were not {wanted}; after the thaw:\n{since_thaw}");
+        assert!(!since_thaw.contains("drift corrected"), "round {round}: the thawed replica corrected:\n{since_thaw}");
+    }
+}
+
+/// With the API server gone for 30 s, each watcher (three drift kinds and the batch
+/// runs') retries with a backoff instead of at once: a handful of warnings, not
+/// thousands. When it is back, commits apply and drift is corrected again.
+#[tokio::test]
+async fn with_the_api_server_down_the_watches_back_off_and_recover() {
+    let binary = agent_binary();
+    let mut plane = cluster::private().await;
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "backoff").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let repo = GitRepo::new();
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.write("manifests/more.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  a: b\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: sa\n");
+    repo.write(
+        "jobs/hello.yaml",
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: hello\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: hello\n        image: debian:bookworm\n",
+    );
+    repo.commit("v1");
+    let dir = tempfile::tempdir().unwrap();
+    let args = [format!("--namespace={ns}"), "--leader-election=false".to_owned()];
+    let agent = Replica::spawn(&binary, plane.kubeconfig(), &repo, &ns, &args, dir.path(), "agent");
+    eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
+    eventually("the batch run started", || async { agent.log().contains("started a batch run").then_some(()) }).await;
+
+    plane.stop_component("kube-apiserver").unwrap();
+    let before = agent.log().len();
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    let during = agent.log()[before..].to_owned();
+    let interrupted = during.lines().filter(|l| l.contains("watch interrupted")).count();
+    let lines = during.lines().count();
+    plane.start_component("kube-apiserver").unwrap();
+    plane.wait_ready().await.unwrap();
+    assert!(interrupted > 0, "the watches noticed the API server was gone:\n{during}");
+    // Four watchers; an exponential backoff from 0.8 s allows about six tries each in 30 s.
+    assert!(interrupted <= 4 * 10, "{interrupted} watch warnings in 30 s:\n{}", &during[..during.len().min(4000)]);
+    assert!(lines <= 100, "{lines} log lines in 30 s:\n{}", &during[..during.len().min(4000)]);
+
+    repo.write("manifests/x.yaml", &configmap("x", "v2"));
+    repo.commit("v2");
+    eventually("the commit applied after the outage", || async { (value(&cms, "x").await? == "v2").then_some(()) })
+        .await;
+    let params = kube::api::PatchParams { field_manager: Some("person".to_owned()), ..Default::default() };
+    let patch = serde_json::json!({ "data": { "value": "edited" } });
+    eventually("an edit after the outage to be corrected", || async {
+        cms.patch("x", &params, &kube::api::Patch::Merge(&patch)).await.ok()?;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        (value(&cms, "x").await? == "v2").then_some(())
+    })
+    .await;
+}
+
+/// Out of a pod the agent's namespace is `gitops-system` unless told otherwise; on a
+/// fresh cluster it does not exist. With the whole cluster the agent's, it creates it
+/// and syncs; restricted to some namespaces, it may not, and says so once, at start-up.
+#[tokio::test]
+async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
+    let binary = agent_binary();
+    let client = cluster::client().await;
+    let apps = cluster::namespace(&client, "own-ns").await;
+    let own = format!("{apps}-agent");
+    let repo = GitRepo::new();
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.commit("v1");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = cluster::shared().kubeconfig();
+
+    let args = [format!("--namespace={own}"), "--leader-election=true".to_owned()];
+    let agent = Replica::spawn(&binary, kubeconfig, &repo, &apps, &args, dir.path(), "cluster");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
+    eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
+    let inventory: Api<ConfigMap> = Api::namespaced(client.clone(), &own);
+    assert!(inventory.get_opt("gitops-inventory").await.unwrap().is_some(), "{}", agent.log());
+    assert!(agent.log().contains("created the agent's namespace"), "{}", agent.log());
+    drop(agent);
+
+    let missing = format!("{apps}-missing");
+    let args = [format!("--namespace={missing}"), format!("--allow-namespaces={apps}")];
+    let mut restricted = Replica::spawn(&binary, kubeconfig, &repo, &apps, &args, dir.path(), "restricted");
+    let status = restricted.child.wait().unwrap();
+    let log = restricted.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&format!("the agent's namespace \"{missing}\" does not exist")), "{log}");
+    assert!(log.contains("--namespace"), "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("error")).count(), 1, "one clear line:\n{log}");
 }
