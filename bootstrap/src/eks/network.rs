@@ -13,19 +13,89 @@
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, DomainType, Filter, NatGatewayState, ResourceType, Tag, TagSpecification,
+    AttributeBooleanValue, DomainType, Filter, NatGatewayState, ResourceType, RouteTable, Tag, TagSpecification,
 };
 
-use super::{Ctx, Error, Outcome, PLANNED, aws_error, is_planned};
+use super::resources::{Group, Known, Lookup, Resource, Step, Wait};
+use super::{Ctx, Error, UpOptions, aws_error};
 use crate::progress::{self, Poll};
 
-/// What [`ensure`] found or made.
-#[derive(Debug, Clone)]
-pub struct Network {
-    pub vpc_id: String,
-    pub zones: Vec<String>,
-    pub public_subnets: Vec<String>,
-    pub private_subnets: Vec<String>,
+/// The network's entries of the resource list, in dependency order, over `zones` with
+/// `nats` NAT gateways (1 or one per zone).
+pub fn resources(zones: &[String], nats: usize) -> Vec<Box<dyn Resource>> {
+    let mut list: Vec<Box<dyn Resource>> = vec![Box::new(Vpc), Box::new(InternetGateway), Box::new(GatewayAttachment)];
+    for (index, zone) in zones.iter().enumerate() {
+        list.push(Box::new(Subnet { zone: zone.clone(), index, public: true }));
+        list.push(Box::new(Subnet { zone: zone.clone(), index, public: false }));
+    }
+    // Addresses before gateways, so that `down` deletes all NAT gateways before it waits
+    // for the first to be gone.
+    list.extend((0..nats).map(|index| Box::new(Address { index }) as Box<dyn Resource>));
+    list.extend(
+        zones
+            .iter()
+            .take(nats)
+            .enumerate()
+            .map(|(index, zone)| Box::new(NatGateway { index, zone: zone.clone() }) as _),
+    );
+    list.push(Box::new(RouteTableEntry { key: "public-rt".into() }));
+    list.push(Box::new(Route { table: "public-rt".into(), target: "igw".into() }));
+    for zone in zones {
+        list.push(Box::new(Association { table: "public-rt".into(), subnet: subnet_key(zone, true) }));
+    }
+    for (index, zone) in zones.iter().enumerate() {
+        let table = format!("private-rt-{zone}");
+        list.push(Box::new(RouteTableEntry { key: table.clone() }));
+        list.push(Box::new(Route { table: table.clone(), target: format!("nat-{}", index.min(nats - 1)) }));
+        list.push(Box::new(Association { table, subnet: subnet_key(zone, false) }));
+    }
+    list
+}
+
+/// The key (and resource tag) of a zone's subnet.
+pub fn subnet_key(zone: &str, public: bool) -> String {
+    format!("{}-subnet-{zone}", if public { "public" } else { "private" })
+}
+
+/// The first `count` available zones of the region, by name (a stable choice, so a
+/// re-run picks the same ones).
+pub async fn zones(ctx: &Ctx, count: usize) -> Result<Vec<String>, Error> {
+    let answer = ctx
+        .aws
+        .ec2
+        .describe_availability_zones()
+        .filters(filter("state", "available"))
+        .send()
+        .await
+        .map_err(aws_error(format!("listing availability zones of {}", ctx.aws.region)))?;
+    let mut zones: Vec<String> =
+        answer.availability_zones().iter().filter_map(|z| z.zone_name().map(str::to_owned)).collect();
+    zones.sort();
+    if zones.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "region {} has {} available zones; EKS needs subnets in at least 2",
+            ctx.aws.region,
+            zones.len()
+        )));
+    }
+    zones.truncate(count.clamp(2, 3));
+    Ok(zones)
+}
+
+/// The zones this cluster's subnets are in, which are the zones `up` chose (whatever
+/// their state now); everything of a zone needs its subnets, so is deleted before them.
+pub async fn zones_in_use(ctx: &Ctx) -> Result<Vec<String>, Error> {
+    let found = ctx
+        .aws
+        .ec2
+        .describe_subnets()
+        .filters(tag_filter(super::CLUSTER_TAG, &ctx.name))
+        .send()
+        .await
+        .map_err(aws_error(format!("listing the subnets of cluster {}", ctx.name)))?;
+    let zones: std::collections::BTreeSet<String> =
+        found.subnets().iter().filter_map(|s| s.availability_zone().map(str::to_owned)).collect();
+    Ok(zones.into_iter().collect())
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
@@ -51,137 +121,97 @@ fn has_tags(tags: &[Tag], ctx: &Ctx, resource: &str) -> bool {
     has(super::CLUSTER_TAG, &ctx.name) && has(super::RESOURCE_TAG, resource)
 }
 
-/// Finds or creates the whole network; waits for NAT gateways to become available.
-pub async fn ensure(
-    ctx: &Ctx,
-    zone_count: usize,
-    nat_per_zone: bool,
-    timeout: Duration,
-    resume: &str,
-) -> Result<Network, Error> {
-    let zones = zones(ctx, zone_count).await?;
-    let vpc_id = ensure_vpc(ctx).await?;
-    let igw = ensure_internet_gateway(ctx, &vpc_id).await?;
-
-    let mut public_subnets = Vec::new();
-    let mut private_subnets = Vec::new();
-    for (index, zone) in zones.iter().enumerate() {
-        // 10.0.0.0/18, 10.0.64.0/18, 10.0.128.0/18 private; 10.0.192.0/20, … public.
-        let private = format!("10.0.{}.0/18", 64 * index);
-        let public = format!("10.0.{}.0/20", 192 + 16 * index);
-        public_subnets.push(ensure_subnet(ctx, &vpc_id, zone, &public, true).await?);
-        private_subnets.push(ensure_subnet(ctx, &vpc_id, zone, &private, false).await?);
-    }
-
-    let nat_count = if nat_per_zone { zones.len() } else { 1 };
-    let mut nats = Vec::new();
-    for (index, subnet) in public_subnets.iter().take(nat_count).enumerate() {
-        let allocation = ensure_address(ctx, &format!("nat-eip-{index}")).await?;
-        nats.push(ensure_nat_gateway(ctx, &vpc_id, subnet, &allocation, &format!("nat-{index}")).await?);
-    }
-    wait_nat_gateways(ctx, &nats, timeout, resume).await?;
-
-    let public_table = ensure_route_table(ctx, &vpc_id, "public-rt").await?;
-    ensure_route(ctx, &public_table, Target::InternetGateway(&igw)).await?;
-    for subnet in &public_subnets {
-        ensure_association(ctx, &public_table, subnet).await?;
-    }
-    for (index, (zone, subnet)) in zones.iter().zip(&private_subnets).enumerate() {
-        let table = ensure_route_table(ctx, &vpc_id, &format!("private-rt-{zone}")).await?;
-        ensure_route(ctx, &table, Target::NatGateway(&nats[index.min(nats.len() - 1)])).await?;
-        ensure_association(ctx, &table, subnet).await?;
-    }
-    Ok(Network { vpc_id, zones, public_subnets, private_subnets })
+fn found(id: Option<&str>) -> Lookup {
+    id.map_or(Lookup::Absent, |id| Lookup::Ours(id.to_owned()))
 }
 
-/// The first `count` available zones of the region, by name (a stable choice, so a
-/// re-run picks the same ones).
-async fn zones(ctx: &Ctx, count: usize) -> Result<Vec<String>, Error> {
-    let answer = ctx
-        .aws
-        .ec2
-        .describe_availability_zones()
-        .filters(filter("state", "available"))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing availability zones of {}", ctx.aws.region)))?;
-    let mut zones: Vec<String> =
-        answer.availability_zones().iter().filter_map(|z| z.zone_name().map(str::to_owned)).collect();
-    zones.sort();
-    if zones.len() < 2 {
-        return Err(Error::Invalid(format!(
-            "region {} has {} available zones; EKS needs subnets in at least 2",
-            ctx.aws.region,
-            zones.len()
-        )));
+struct Vpc;
+
+impl Resource for Vpc {
+    fn key(&self) -> String {
+        "vpc".into()
     }
-    zones.truncate(count.clamp(2, 3));
-    Ok(zones)
+    fn name(&self) -> String {
+        "VPC".into()
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn plan(&self, _options: &UpOptions) -> String {
+        "10.0.0.0/16".into()
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let found = ctx
+                .aws
+                .ec2
+                .describe_vpcs()
+                .set_filters(Some(ours(ctx, "vpc")))
+                .send()
+                .await
+                .map_err(aws_error(format!("looking for the VPC of cluster {}", ctx.name)))?;
+            Ok(self::found(found.vpcs().first().and_then(|v| v.vpc_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let created = ctx
+                .aws
+                .ec2
+                .create_vpc()
+                .cidr_block("10.0.0.0/16")
+                .tag_specifications(tag_spec(ctx, ResourceType::Vpc, "vpc", &[]))
+                .send()
+                .await
+                .map_err(aws_error("creating the VPC"))?;
+            let id = created.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_owned();
+            // Nodes register with the API server by their private DNS names; EKS needs both.
+            for hostnames in [false, true] {
+                let on = AttributeBooleanValue::builder().value(true).build();
+                let request = ctx.aws.ec2.modify_vpc_attribute().vpc_id(&id);
+                let request = if hostnames { request.enable_dns_hostnames(on) } else { request.enable_dns_support(on) };
+                request.send().await.map_err(aws_error(format!("enabling DNS on VPC {id}")))?;
+            }
+            Ok(id)
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            // Security groups EKS made for the cluster are deleted with it; any other but
+            // the default one would make this fail with a message naming it.
+            ctx.aws.ec2.delete_vpc().vpc_id(id).send().await.map_err(aws_error(format!("deleting VPC {id}")))?;
+            Ok(())
+        })
+    }
 }
 
-pub async fn find_vpc(ctx: &Ctx) -> Result<Option<String>, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_vpcs()
-        .set_filters(Some(ours(ctx, "vpc")))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for the VPC of cluster {}", ctx.name)))?;
-    Ok(found.vpcs().first().and_then(|v| v.vpc_id()).map(str::to_owned))
-}
+struct InternetGateway;
 
-async fn ensure_vpc(ctx: &Ctx) -> Result<String, Error> {
-    if let Some(id) = find_vpc(ctx).await? {
-        ctx.report(Outcome::Found, "vpc", &id);
-        return Ok(id);
+impl Resource for InternetGateway {
+    fn key(&self) -> String {
+        "igw".into()
     }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, "vpc 10.0.0.0/16", "");
-        return Ok(format!("{PLANNED} vpc"));
+    fn name(&self) -> String {
+        "internet gateway".into()
     }
-    let created = ctx
-        .aws
-        .ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .tag_specifications(tag_spec(ctx, ResourceType::Vpc, "vpc", &[]))
-        .send()
-        .await
-        .map_err(aws_error("creating the VPC"))?;
-    let id = created.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_owned();
-    // Nodes register with the API server by their private DNS names; EKS needs both.
-    for hostnames in [false, true] {
-        let on = AttributeBooleanValue::builder().value(true).build();
-        let request = ctx.aws.ec2.modify_vpc_attribute().vpc_id(&id);
-        let request = if hostnames { request.enable_dns_hostnames(on) } else { request.enable_dns_support(on) };
-        request.send().await.map_err(aws_error(format!("enabling DNS on VPC {id}")))?;
+    fn group(&self) -> Group {
+        Group::Network
     }
-    ctx.report(Outcome::Created, "vpc", &id);
-    Ok(id)
-}
-
-async fn ensure_internet_gateway(ctx: &Ctx, vpc_id: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_internet_gateways()
-        .set_filters(Some(ours(ctx, "igw")))
-        .send()
-        .await
-        .map_err(aws_error("looking for the internet gateway"))?;
-    let (id, attached) = match found.internet_gateways().first() {
-        Some(igw) => {
-            let id = igw.internet_gateway_id().unwrap_or_default().to_owned();
-            ctx.report(Outcome::Found, "internet gateway", &id);
-            let attached = igw.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id));
-            (id, attached)
-        }
-        None if ctx.dry_run => {
-            ctx.report(Outcome::Planned, "internet gateway, attached to the VPC", "");
-            return Ok(format!("{PLANNED} igw"));
-        }
-        None => {
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let found = ctx
+                .aws
+                .ec2
+                .describe_internet_gateways()
+                .set_filters(Some(ours(ctx, "igw")))
+                .send()
+                .await
+                .map_err(aws_error("looking for the internet gateway"))?;
+            Ok(self::found(found.internet_gateways().first().and_then(|g| g.internet_gateway_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
             let created = ctx
                 .aws
                 .ec2
@@ -190,222 +220,357 @@ async fn ensure_internet_gateway(ctx: &Ctx, vpc_id: &str) -> Result<String, Erro
                 .send()
                 .await
                 .map_err(aws_error("creating the internet gateway"))?;
-            let id = created.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned();
-            ctx.report(Outcome::Created, "internet gateway", &id);
-            (id, false)
-        }
-    };
-    if !attached {
-        if ctx.dry_run || is_planned(vpc_id) {
-            ctx.report(Outcome::Planned, &format!("attachment of {id} to the VPC"), "");
-        } else {
+            Ok(created.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            ctx.aws
+                .ec2
+                .delete_internet_gateway()
+                .internet_gateway_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting internet gateway {id}")))?;
+            Ok(())
+        })
+    }
+}
+
+/// The internet gateway's attachment to the VPC; its id is the VPC's.
+struct GatewayAttachment;
+
+impl Resource for GatewayAttachment {
+    fn key(&self) -> String {
+        "igw-attachment".into()
+    }
+    fn name(&self) -> String {
+        "attachment of the internet gateway to the VPC".into()
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn deps(&self) -> Vec<String> {
+        vec!["igw".into(), "vpc".into()]
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let (Some(igw), Some(vpc)) = (known.id("igw"), known.id("vpc")) else { return Ok(Lookup::Absent) };
+            let found = ctx
+                .aws
+                .ec2
+                .describe_internet_gateways()
+                .internet_gateway_ids(igw)
+                .send()
+                .await
+                .map_err(aws_error(format!("reading internet gateway {igw}")))?;
+            let attached =
+                found.internet_gateways().iter().flat_map(|g| g.attachments()).any(|a| a.vpc_id() == Some(vpc));
+            Ok(if attached { Lookup::Ours(vpc.to_owned()) } else { Lookup::Absent })
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (igw, vpc) = (known.get("igw"), known.get("vpc"));
             ctx.aws
                 .ec2
                 .attach_internet_gateway()
-                .internet_gateway_id(&id)
-                .vpc_id(vpc_id)
+                .internet_gateway_id(igw)
+                .vpc_id(vpc)
                 .send()
                 .await
-                .map_err(aws_error(format!("attaching internet gateway {id} to VPC {vpc_id}")))?;
-            ctx.report(Outcome::Created, "attachment of the internet gateway to", vpc_id);
+                .map_err(aws_error(format!("attaching internet gateway {igw} to VPC {vpc}")))?;
+            Ok(vpc.to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, vpc: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let igw = known.get("igw");
+            ctx.aws
+                .ec2
+                .detach_internet_gateway()
+                .internet_gateway_id(igw)
+                .vpc_id(vpc)
+                .send()
+                .await
+                .map_err(aws_error(format!("detaching internet gateway {igw} from VPC {vpc}")))?;
+            Ok(())
+        })
+    }
+}
+
+/// A zone's subnet: the `index`th zone's private /18 (10.0.0.0/18, 10.0.64.0/18, …) for
+/// nodes and internal load balancers, or public /20 (10.0.192.0/20, 10.0.208.0/20, …).
+struct Subnet {
+    zone: String,
+    index: usize,
+    public: bool,
+}
+
+impl Subnet {
+    fn cidr(&self) -> String {
+        if self.public {
+            format!("10.0.{}.0/20", 192 + 16 * self.index)
+        } else {
+            format!("10.0.{}.0/18", 64 * self.index)
         }
     }
-    Ok(id)
 }
 
-async fn ensure_subnet(ctx: &Ctx, vpc_id: &str, zone: &str, cidr: &str, public: bool) -> Result<String, Error> {
-    let resource = format!("{}-subnet-{zone}", if public { "public" } else { "private" });
-    let found = ctx
-        .aws
-        .ec2
-        .describe_subnets()
-        .set_filters(Some(ours(ctx, &resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for subnet {resource}")))?;
-    if let Some(id) = found.subnets().first().and_then(|s| s.subnet_id()) {
-        ctx.report(Outcome::Found, &format!("subnet {resource}"), id);
-        return Ok(id.to_owned());
+impl Resource for Subnet {
+    fn key(&self) -> String {
+        subnet_key(&self.zone, self.public)
     }
-    if ctx.dry_run || is_planned(vpc_id) {
-        ctx.report(Outcome::Planned, &format!("subnet {resource} {cidr}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
+    fn name(&self) -> String {
+        format!("subnet {}", self.key())
     }
-    let role = if public { "kubernetes.io/role/elb" } else { "kubernetes.io/role/internal-elb" };
-    let extra =
-        [(role.to_owned(), "1".to_owned()), (format!("kubernetes.io/cluster/{}", ctx.name), "shared".to_owned())];
-    let created = ctx
-        .aws
-        .ec2
-        .create_subnet()
-        .vpc_id(vpc_id)
-        .cidr_block(cidr)
-        .availability_zone(zone)
-        .tag_specifications(tag_spec(ctx, ResourceType::Subnet, &resource, &extra))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating subnet {resource} ({cidr}) in VPC {vpc_id}")))?;
-    let id = created.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("subnet {resource}"), &id);
-    Ok(id)
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn deps(&self) -> Vec<String> {
+        vec!["vpc".into()]
+    }
+    fn plan(&self, _options: &UpOptions) -> String {
+        self.cidr()
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let resource = self.key();
+            let found = ctx
+                .aws
+                .ec2
+                .describe_subnets()
+                .set_filters(Some(ours(ctx, &resource)))
+                .send()
+                .await
+                .map_err(aws_error(format!("looking for subnet {resource}")))?;
+            Ok(self::found(found.subnets().first().and_then(|s| s.subnet_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (resource, cidr, vpc) = (self.key(), self.cidr(), known.get("vpc"));
+            let role = if self.public { "kubernetes.io/role/elb" } else { "kubernetes.io/role/internal-elb" };
+            let extra = [
+                (role.to_owned(), "1".to_owned()),
+                (format!("kubernetes.io/cluster/{}", ctx.name), "shared".to_owned()),
+            ];
+            let created = ctx
+                .aws
+                .ec2
+                .create_subnet()
+                .vpc_id(vpc)
+                .cidr_block(&cidr)
+                .availability_zone(&self.zone)
+                .tag_specifications(tag_spec(ctx, ResourceType::Subnet, &resource, &extra))
+                .send()
+                .await
+                .map_err(aws_error(format!("creating subnet {resource} ({cidr}) in VPC {vpc}")))?;
+            Ok(created.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let resource = self.key();
+            ctx.aws
+                .ec2
+                .delete_subnet()
+                .subnet_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting subnet {resource} {id}")))?;
+            Ok(())
+        })
+    }
 }
 
-/// An Elastic IP for a NAT gateway; returns its allocation id.
-async fn ensure_address(ctx: &Ctx, resource: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_addresses()
-        .set_filters(Some(ours(ctx, resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for Elastic IP {resource}")))?;
-    if let Some(id) = found.addresses().first().and_then(|a| a.allocation_id()) {
-        ctx.report(Outcome::Found, &format!("Elastic IP {resource}"), id);
-        return Ok(id.to_owned());
-    }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &format!("Elastic IP {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .allocate_address()
-        .domain(DomainType::Vpc)
-        .tag_specifications(tag_spec(ctx, ResourceType::ElasticIp, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("allocating Elastic IP {resource}")))?;
-    let id = created.allocation_id().unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("Elastic IP {resource}"), &id);
-    Ok(id)
+/// The Elastic IP of NAT gateway `index`; its id is the allocation id.
+struct Address {
+    index: usize,
 }
 
-/// This cluster's NAT gateways that are not deleted or being deleted. Selected by tag
-/// here rather than by a filter: not every EC2 implementation filters NAT gateways by tag.
-async fn nat_gateways(ctx: &Ctx, vpc_id: Option<&str>) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, Error> {
-    let mut request = ctx.aws.ec2.describe_nat_gateways();
-    if let Some(vpc_id) = vpc_id {
-        request = request.filter(filter("vpc-id", vpc_id));
+impl Resource for Address {
+    fn key(&self) -> String {
+        format!("nat-eip-{}", self.index)
     }
-    let found = request.send().await.map_err(aws_error("listing NAT gateways"))?;
-    Ok(found
-        .nat_gateways()
-        .iter()
-        .filter(|n| !matches!(n.state(), Some(NatGatewayState::Deleted | NatGatewayState::Deleting)))
-        .filter(|n| n.tags().iter().any(|t| t.key() == Some(super::CLUSTER_TAG) && t.value() == Some(&ctx.name)))
-        .cloned()
-        .collect())
+    fn name(&self) -> String {
+        format!("Elastic IP {}", self.key())
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let resource = self.key();
+            let found = ctx
+                .aws
+                .ec2
+                .describe_addresses()
+                .set_filters(Some(ours(ctx, &resource)))
+                .send()
+                .await
+                .map_err(aws_error(format!("looking for Elastic IP {resource}")))?;
+            Ok(self::found(found.addresses().first().and_then(|a| a.allocation_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let resource = self.key();
+            let created = ctx
+                .aws
+                .ec2
+                .allocate_address()
+                .domain(DomainType::Vpc)
+                .tag_specifications(tag_spec(ctx, ResourceType::ElasticIp, &resource, &[]))
+                .send()
+                .await
+                .map_err(aws_error(format!("allocating Elastic IP {resource}")))?;
+            Ok(created.allocation_id().unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let resource = self.key();
+            ctx.aws
+                .ec2
+                .release_address()
+                .allocation_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("releasing Elastic IP {resource} {id}")))?;
+            Ok(())
+        })
+    }
 }
 
-async fn ensure_nat_gateway(
-    ctx: &Ctx,
-    vpc_id: &str,
-    subnet: &str,
-    allocation: &str,
-    resource: &str,
-) -> Result<String, Error> {
-    if !is_planned(vpc_id) {
-        let existing = nat_gateways(ctx, Some(vpc_id)).await?;
-        // A failed NAT gateway is replaced: it never becomes usable.
-        if let Some(nat) =
-            existing.iter().find(|n| has_tags(n.tags(), ctx, resource) && n.state() != Some(&NatGatewayState::Failed))
-        {
-            let id = nat.nat_gateway_id().unwrap_or_default();
-            ctx.report(Outcome::Found, &format!("NAT gateway {resource}"), id);
-            return Ok(id.to_owned());
-        }
-    }
-    if ctx.dry_run || is_planned(subnet) || is_planned(allocation) {
-        ctx.report(Outcome::Planned, &format!("NAT gateway {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .create_nat_gateway()
-        .subnet_id(subnet)
-        .allocation_id(allocation)
-        .tag_specifications(tag_spec(ctx, ResourceType::Natgateway, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating NAT gateway {resource} in subnet {subnet}")))?;
-    let id = created.nat_gateway().and_then(|n| n.nat_gateway_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("NAT gateway {resource}"), &id);
-    Ok(id)
+/// NAT gateway `index`, in the public subnet of `zone`, with Elastic IP `index`.
+struct NatGateway {
+    index: usize,
+    zone: String,
 }
 
-async fn wait_nat_gateways(ctx: &Ctx, ids: &[String], timeout: Duration, resume: &str) -> Result<(), Error> {
-    let ids: Vec<String> = ids.iter().filter(|id| !is_planned(id)).cloned().collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    progress::wait("NAT gateways available", timeout, Duration::from_secs(5), resume, || async {
+impl NatGateway {
+    async fn state(&self, ctx: &Ctx, id: &str) -> Result<Option<aws_sdk_ec2::types::NatGateway>, Error> {
         let found = ctx
             .aws
             .ec2
             .describe_nat_gateways()
-            .set_nat_gateway_ids(Some(ids.clone()))
+            .nat_gateway_ids(id)
             .send()
             .await
-            .map_err(aws_error("reading the NAT gateways' state"))?;
-        let states: Vec<String> = found
-            .nat_gateways()
-            .iter()
-            .map(|n| format!("{} {}", n.nat_gateway_id().unwrap_or("?"), n.state().map(|s| s.as_str()).unwrap_or("?")))
-            .collect();
-        if let Some(failed) = found.nat_gateways().iter().find(|n| n.state() == Some(&NatGatewayState::Failed)) {
-            return Err(Error::Invalid(format!(
-                "NAT gateway {} failed: {}",
-                failed.nat_gateway_id().unwrap_or("?"),
-                failed.failure_message().unwrap_or("no reason given")
-            )));
-        }
-        let available = found.nat_gateways().iter().all(|n| n.state() == Some(&NatGatewayState::Available));
-        Ok::<_, Error>(if available { Poll::Done(()) } else { Poll::Pending(states.join(", ")) })
-    })
-    .await??;
-    Ok(())
-}
-
-async fn ensure_route_table(ctx: &Ctx, vpc_id: &str, resource: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_route_tables()
-        .set_filters(Some(ours(ctx, resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for route table {resource}")))?;
-    if let Some(id) = found.route_tables().first().and_then(|t| t.route_table_id()) {
-        ctx.report(Outcome::Found, &format!("route table {resource}"), id);
-        return Ok(id.to_owned());
+            .map_err(aws_error(format!("reading the state of NAT gateway {} {id}", self.key())))?;
+        Ok(found.nat_gateways().first().cloned())
     }
-    if ctx.dry_run || is_planned(vpc_id) {
-        ctx.report(Outcome::Planned, &format!("route table {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
+}
+
+impl Resource for NatGateway {
+    fn key(&self) -> String {
+        format!("nat-{}", self.index)
     }
-    let created = ctx
-        .aws
-        .ec2
-        .create_route_table()
-        .vpc_id(vpc_id)
-        .tag_specifications(tag_spec(ctx, ResourceType::RouteTable, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating route table {resource}")))?;
-    let id = created.route_table().and_then(|t| t.route_table_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("route table {resource}"), &id);
-    Ok(id)
+    fn name(&self) -> String {
+        format!("NAT gateway {}", self.key())
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![subnet_key(&self.zone, true), format!("nat-eip-{}", self.index)]
+    }
+    fn plan(&self, _options: &UpOptions) -> String {
+        format!("in {}", subnet_key(&self.zone, true))
+    }
+    /// Selected by tag here rather than by a filter: not every EC2 implementation filters
+    /// NAT gateways by tag. One deleted, being deleted or failed does not count: a failed
+    /// one never becomes usable, and is replaced.
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let resource = self.key();
+            let found = ctx
+                .aws
+                .ec2
+                .describe_nat_gateways()
+                .send()
+                .await
+                .map_err(aws_error(format!("looking for NAT gateway {resource}")))?;
+            let usable = found.nat_gateways().iter().find(|n| {
+                !matches!(
+                    n.state(),
+                    Some(NatGatewayState::Deleted | NatGatewayState::Deleting | NatGatewayState::Failed)
+                ) && has_tags(n.tags(), ctx, &resource)
+            });
+            Ok(self::found(usable.and_then(|n| n.nat_gateway_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let resource = self.key();
+            let deps = self.deps();
+            let (subnet, allocation) = (known.get(&deps[0]), known.get(&deps[1]));
+            let created = ctx
+                .aws
+                .ec2
+                .create_nat_gateway()
+                .subnet_id(subnet)
+                .allocation_id(allocation)
+                .tag_specifications(tag_spec(ctx, ResourceType::Natgateway, &resource, &[]))
+                .send()
+                .await
+                .map_err(aws_error(format!("creating NAT gateway {resource} in subnet {subnet}")))?;
+            Ok(created.nat_gateway().and_then(|n| n.nat_gateway_id()).unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let resource = self.key();
+            ctx.aws
+                .ec2
+                .delete_nat_gateway()
+                .nat_gateway_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting NAT gateway {resource} {id}")))?;
+            Ok(())
+        })
+    }
+    fn ready<'a>(&'a self, ctx: &'a Ctx, id: &'a str, wait: &'a Wait) -> Step<'a, ()> {
+        Box::pin(async move {
+            let what = format!("{} {id} available", self.name());
+            progress::wait(&what, wait.timeout, Duration::from_secs(5), &wait.resume, || async {
+                let nat = self.state(ctx, id).await?;
+                Ok::<_, Error>(match nat.as_ref().and_then(|n| n.state()) {
+                    Some(NatGatewayState::Available) => Poll::Done(()),
+                    Some(NatGatewayState::Failed) => {
+                        return Err(Error::Invalid(format!(
+                            "{} {id} failed: {}",
+                            self.name(),
+                            nat.as_ref().and_then(|n| n.failure_message()).unwrap_or("no reason given")
+                        )));
+                    }
+                    state => Poll::Pending(format!("state {}", state.map(|s| s.as_str()).unwrap_or("unknown"))),
+                })
+            })
+            .await??;
+            Ok(())
+        })
+    }
+    /// Until then it holds its address and its subnet.
+    fn gone<'a>(&'a self, ctx: &'a Ctx, id: &'a str, wait: &'a Wait) -> Step<'a, ()> {
+        Box::pin(async move {
+            let what = format!("{} {id} deleted", self.name());
+            progress::wait(&what, wait.timeout, Duration::from_secs(5), &wait.resume, || async {
+                let nat = self.state(ctx, id).await?;
+                Ok::<_, Error>(match nat.as_ref().and_then(|n| n.state()) {
+                    None | Some(NatGatewayState::Deleted) => Poll::Done(()),
+                    Some(state) => Poll::Pending(format!("state {}", state.as_str())),
+                })
+            })
+            .await??;
+            Ok(())
+        })
+    }
 }
 
-enum Target<'a> {
-    InternetGateway(&'a str),
-    NatGateway(&'a str),
-}
-
-async fn route_table(ctx: &Ctx, id: &str) -> Result<Option<aws_sdk_ec2::types::RouteTable>, Error> {
+async fn route_table(ctx: &Ctx, id: &str) -> Result<Option<RouteTable>, Error> {
     let found = ctx
         .aws
         .ec2
@@ -417,207 +582,199 @@ async fn route_table(ctx: &Ctx, id: &str) -> Result<Option<aws_sdk_ec2::types::R
     Ok(found.route_tables().first().cloned())
 }
 
-/// The default route (0.0.0.0/0) of `table` through `target`.
-async fn ensure_route(ctx: &Ctx, table: &str, target: Target<'_>) -> Result<(), Error> {
-    let (target_id, what) = match target {
-        Target::InternetGateway(id) => (id, "internet gateway"),
-        Target::NatGateway(id) => (id, "NAT gateway"),
-    };
-    let description = format!("default route of {table} through {what} {target_id}");
-    if is_planned(table) || is_planned(target_id) {
-        ctx.report(Outcome::Planned, &description, "");
-        return Ok(());
-    }
-    let existing = route_table(ctx, table).await?;
-    let routes = existing.as_ref().map(|t| t.routes()).unwrap_or_default();
-    let default = routes.iter().find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
-    let current = default.and_then(|r| r.gateway_id().or(r.nat_gateway_id()));
-    if current == Some(target_id) {
-        ctx.report(Outcome::Found, "default route of", table);
-        return Ok(());
-    }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &description, "");
-        return Ok(());
-    }
-    let failed = format!("setting the {description}");
-    match default {
-        // A default route to something else (a NAT gateway replaced after failing).
-        Some(_) => {
-            let r = ctx.aws.ec2.replace_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
-            let r = match target {
-                Target::InternetGateway(id) => r.gateway_id(id),
-                Target::NatGateway(id) => r.nat_gateway_id(id),
-            };
-            r.send().await.map_err(aws_error(failed))?;
-        }
-        None => {
-            let r = ctx.aws.ec2.create_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
-            let r = match target {
-                Target::InternetGateway(id) => r.gateway_id(id),
-                Target::NatGateway(id) => r.nat_gateway_id(id),
-            };
-            r.send().await.map_err(aws_error(failed))?;
-        }
-    }
-    ctx.report(Outcome::Created, "default route of", table);
-    Ok(())
+struct RouteTableEntry {
+    key: String,
 }
 
-async fn ensure_association(ctx: &Ctx, table: &str, subnet: &str) -> Result<(), Error> {
-    if is_planned(table) || is_planned(subnet) {
-        ctx.report(Outcome::Planned, &format!("association of {subnet} with {table}"), "");
-        return Ok(());
+impl Resource for RouteTableEntry {
+    fn key(&self) -> String {
+        self.key.clone()
     }
-    let existing = route_table(ctx, table).await?;
-    let associated = existing.iter().flat_map(|t| t.associations()).any(|a| a.subnet_id() == Some(subnet));
-    if associated {
-        ctx.report(Outcome::Found, &format!("association with {table} of"), subnet);
-        return Ok(());
+    fn name(&self) -> String {
+        format!("route table {}", self.key)
     }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &format!("association of {subnet} with {table}"), "");
-        return Ok(());
+    fn group(&self) -> Group {
+        Group::Network
     }
-    ctx.aws
-        .ec2
-        .associate_route_table()
-        .route_table_id(table)
-        .subnet_id(subnet)
-        .send()
-        .await
-        .map_err(aws_error(format!("associating subnet {subnet} with route table {table}")))?;
-    ctx.report(Outcome::Created, &format!("association with {table} of"), subnet);
-    Ok(())
-}
-
-/// Deletes the network in dependency order: NAT gateways (waited for: they hold their
-/// addresses and subnets), their Elastic IPs, route tables, subnets, the internet
-/// gateway, the VPC. Anything already gone is skipped.
-pub async fn delete(ctx: &Ctx, timeout: Duration, resume: &str) -> Result<(), Error> {
-    let ec2 = &ctx.aws.ec2;
-    let vpc = find_vpc(ctx).await?;
-
-    let nats: Vec<String> =
-        nat_gateways(ctx, None).await?.iter().filter_map(|n| n.nat_gateway_id().map(str::to_owned)).collect();
-    for id in &nats {
-        ec2.delete_nat_gateway()
-            .nat_gateway_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting NAT gateway {id}")))?;
-        println!("  deleting NAT gateway {id}");
+    fn deps(&self) -> Vec<String> {
+        vec!["vpc".into()]
     }
-    if !nats.is_empty() {
-        progress::wait("NAT gateways deleted", timeout, Duration::from_secs(5), resume, || async {
-            let left = nat_gateways(ctx, None).await?;
-            Ok::<_, Error>(if left.is_empty() {
-                Poll::Done(())
-            } else {
-                Poll::Pending(format!("{} NAT gateway(s) still deleting", left.len()))
-            })
-        })
-        .await??;
-    }
-
-    let addresses = ec2
-        .describe_addresses()
-        .filters(tag_filter(super::CLUSTER_TAG, &ctx.name))
-        .send()
-        .await
-        .map_err(aws_error("listing Elastic IPs"))?;
-    for address in addresses.addresses() {
-        let id = address.allocation_id().unwrap_or_default();
-        ec2.release_address()
-            .allocation_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("releasing Elastic IP {id}")))?;
-        println!("  released Elastic IP {id}");
-    }
-
-    let Some(vpc) = vpc else {
-        println!("  no VPC of cluster {}", ctx.name);
-        return Ok(());
-    };
-    let tables = ec2
-        .describe_route_tables()
-        .filters(filter("vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing route tables of VPC {vpc}")))?;
-    for table in tables.route_tables() {
-        let id = table.route_table_id().unwrap_or_default();
-        // The VPC's main route table goes with the VPC and cannot be deleted before.
-        if table.associations().iter().any(|a| a.main() == Some(true)) {
-            continue;
-        }
-        for association in table.associations() {
-            if let Some(association) = association.route_table_association_id() {
-                ec2.disassociate_route_table()
-                    .association_id(association)
-                    .send()
-                    .await
-                    .map_err(aws_error(format!("disassociating route table {id}")))?;
-            }
-        }
-        ec2.delete_route_table()
-            .route_table_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting route table {id}")))?;
-        println!("  deleted route table {id}");
-    }
-
-    let subnets = ec2
-        .describe_subnets()
-        .filters(filter("vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing subnets of VPC {vpc}")))?;
-    for subnet in subnets.subnets() {
-        let id = subnet.subnet_id().unwrap_or_default();
-        ec2.delete_subnet().subnet_id(id).send().await.map_err(aws_error(format!("deleting subnet {id}")))?;
-        println!("  deleted subnet {id}");
-    }
-
-    let gateways = ec2
-        .describe_internet_gateways()
-        .filters(filter("attachment.vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing internet gateways of VPC {vpc}")))?;
-    let tagged = ec2
-        .describe_internet_gateways()
-        .set_filters(Some(ours(ctx, "igw")))
-        .send()
-        .await
-        .map_err(aws_error("looking for the internet gateway"))?;
-    let mut seen = std::collections::BTreeSet::new();
-    for igw in gateways.internet_gateways().iter().chain(tagged.internet_gateways()) {
-        let id = igw.internet_gateway_id().unwrap_or_default();
-        if !seen.insert(id.to_owned()) {
-            continue;
-        }
-        if igw.attachments().iter().any(|a| a.vpc_id() == Some(&vpc)) {
-            ec2.detach_internet_gateway()
-                .internet_gateway_id(id)
-                .vpc_id(&vpc)
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let found = ctx
+                .aws
+                .ec2
+                .describe_route_tables()
+                .set_filters(Some(ours(ctx, &self.key)))
                 .send()
                 .await
-                .map_err(aws_error(format!("detaching internet gateway {id} from VPC {vpc}")))?;
-        }
-        ec2.delete_internet_gateway()
-            .internet_gateway_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting internet gateway {id}")))?;
-        println!("  deleted internet gateway {id}");
+                .map_err(aws_error(format!("looking for route table {}", self.key)))?;
+            Ok(self::found(found.route_tables().first().and_then(|t| t.route_table_id())))
+        })
     }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let created = ctx
+                .aws
+                .ec2
+                .create_route_table()
+                .vpc_id(known.get("vpc"))
+                .tag_specifications(tag_spec(ctx, ResourceType::RouteTable, &self.key, &[]))
+                .send()
+                .await
+                .map_err(aws_error(format!("creating route table {}", self.key)))?;
+            Ok(created.route_table().and_then(|t| t.route_table_id()).unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            ctx.aws
+                .ec2
+                .delete_route_table()
+                .route_table_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting route table {} {id}", self.key)))?;
+            Ok(())
+        })
+    }
+}
 
-    // Security groups EKS made for the cluster are deleted with it; any other but the
-    // default one would make the VPC's deletion fail with a message naming it.
-    ec2.delete_vpc().vpc_id(&vpc).send().await.map_err(aws_error(format!("deleting VPC {vpc}")))?;
-    println!("  deleted VPC {vpc}");
-    Ok(())
+/// The default route (0.0.0.0/0) of `table` through `target`, the internet gateway or a
+/// NAT gateway; its id is the target's.
+struct Route {
+    table: String,
+    target: String,
+}
+
+impl Route {
+    fn through_internet_gateway(&self) -> bool {
+        self.target == "igw"
+    }
+}
+
+impl Resource for Route {
+    fn key(&self) -> String {
+        format!("{}-default-route", self.table)
+    }
+    fn name(&self) -> String {
+        let via = if self.through_internet_gateway() {
+            "the internet gateway".to_owned()
+        } else {
+            format!("NAT gateway {}", self.target)
+        };
+        format!("default route of {} through {via}", self.table)
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![self.table.clone(), self.target.clone()]
+    }
+    /// A default route to anything else (a NAT gateway replaced after it failed) counts
+    /// as absent, and is replaced.
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let (Some(table), Some(target)) = (known.id(&self.table), known.id(&self.target)) else {
+                return Ok(Lookup::Absent);
+            };
+            let table = route_table(ctx, table).await?;
+            let routes = table.as_ref().map(|t| t.routes()).unwrap_or_default();
+            let default = routes.iter().find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
+            let current = default.and_then(|r| r.gateway_id().or(r.nat_gateway_id()));
+            Ok(if current == Some(target) { Lookup::Ours(target.to_owned()) } else { Lookup::Absent })
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (table, target) = (known.get(&self.table), known.get(&self.target));
+            let existing = route_table(ctx, table).await?;
+            let replace =
+                existing.iter().flat_map(|t| t.routes()).any(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
+            let failed = format!("setting the {} ({table} to {target})", self.name());
+            let igw = self.through_internet_gateway();
+            if replace {
+                let r = ctx.aws.ec2.replace_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
+                let r = if igw { r.gateway_id(target) } else { r.nat_gateway_id(target) };
+                r.send().await.map_err(aws_error(failed))?;
+            } else {
+                let r = ctx.aws.ec2.create_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
+                let r = if igw { r.gateway_id(target) } else { r.nat_gateway_id(target) };
+                r.send().await.map_err(aws_error(failed))?;
+            }
+            Ok(target.to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _target: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let table = known.get(&self.table);
+            ctx.aws
+                .ec2
+                .delete_route()
+                .route_table_id(table)
+                .destination_cidr_block("0.0.0.0/0")
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting the {} ({table})", self.name())))?;
+            Ok(())
+        })
+    }
+}
+
+/// A subnet's association with a route table; its id is the association's.
+struct Association {
+    table: String,
+    subnet: String,
+}
+
+impl Resource for Association {
+    fn key(&self) -> String {
+        format!("{}/{}", self.table, self.subnet)
+    }
+    fn name(&self) -> String {
+        format!("association of {} with {}", self.subnet, self.table)
+    }
+    fn group(&self) -> Group {
+        Group::Network
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![self.table.clone(), self.subnet.clone()]
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let (Some(table), Some(subnet)) = (known.id(&self.table), known.id(&self.subnet)) else {
+                return Ok(Lookup::Absent);
+            };
+            let table = route_table(ctx, table).await?;
+            let association = table.iter().flat_map(|t| t.associations()).find(|a| a.subnet_id() == Some(subnet));
+            Ok(found(association.and_then(|a| a.route_table_association_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (table, subnet) = (known.get(&self.table), known.get(&self.subnet));
+            let associated = ctx
+                .aws
+                .ec2
+                .associate_route_table()
+                .route_table_id(table)
+                .subnet_id(subnet)
+                .send()
+                .await
+                .map_err(aws_error(format!("associating subnet {subnet} with route table {table}")))?;
+            Ok(associated.association_id().unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            ctx.aws
+                .ec2
+                .disassociate_route_table()
+                .association_id(id)
+                .send()
+                .await
+                .map_err(aws_error(format!("deleting the {} ({id})", self.name())))?;
+            Ok(())
+        })
+    }
 }
