@@ -18,9 +18,8 @@ use aws_sdk_eks::types::{
 
 use super::iam::{self, CLUSTER_ROLE, NODE_ROLE};
 use super::network::subnet_key;
-use super::resources::{Group, Known, Lookup, Resource, Step, Wait};
+use super::resources::{Entry, Group, Known, Lookup, Resource, Step, Wait, wait_until};
 use super::{Ctx, Error, UpOptions, aws_error};
-use crate::progress::{self, Poll};
 
 /// The thumbprint of the root CA that signs EKS's OIDC endpoints (Amazon Root CA 1 via
 /// Starfield), as eksctl registers it. IAM ignores thumbprints for issuers it trusts by
@@ -39,13 +38,26 @@ pub struct ClusterInfo {
 
 /// The cluster's entries of the resource list: the cluster in the subnets of `zones`,
 /// its OIDC provider and its node group.
-pub fn resources(ctx: &Ctx, zones: &[String]) -> Vec<Box<dyn Resource>> {
+pub fn resources(ctx: &Ctx, zones: &[String]) -> Vec<Entry> {
     let subnets = |public: bool| zones.iter().map(|z| subnet_key(z, public)).collect::<Vec<_>>();
     let (private, public) = (subnets(false), subnets(true));
+    let group = format!("{}-nodes", ctx.name);
     vec![
-        Box::new(Cluster { name: ctx.name.clone(), private: private.clone(), public }),
-        Box::new(OidcProvider),
-        Box::new(NodeGroup { name: format!("{}-nodes", ctx.name), private }),
+        Entry::new(
+            Group::Eks,
+            "cluster",
+            format!("EKS cluster {}", ctx.name),
+            Cluster { private: private.clone(), public: public.clone() },
+        )
+        .needs(CLUSTER_ROLE.keys().into_iter().chain(private.clone()).chain(public)),
+        Entry::new(Group::Eks, "oidc", "IAM OIDC provider", OidcProvider).needs(["cluster"]),
+        Entry::new(
+            Group::Eks,
+            "nodegroup",
+            format!("node group {group}"),
+            NodeGroup { name: group.clone(), private: private.clone() },
+        )
+        .needs(std::iter::once("cluster".to_owned()).chain(NODE_ROLE.keys()).chain(private)),
     ]
 }
 
@@ -74,24 +86,11 @@ pub async fn info(ctx: &Ctx) -> Result<ClusterInfo, Error> {
 
 /// The cluster, in all its subnets; its id is its ARN.
 struct Cluster {
-    name: String,
     private: Vec<String>,
     public: Vec<String>,
 }
 
 impl Resource for Cluster {
-    fn key(&self) -> String {
-        "cluster".into()
-    }
-    fn name(&self) -> String {
-        format!("EKS cluster {}", self.name)
-    }
-    fn group(&self) -> Group {
-        Group::Eks
-    }
-    fn deps(&self) -> Vec<String> {
-        CLUSTER_ROLE.keys().into_iter().chain(self.private.iter().cloned()).chain(self.public.iter().cloned()).collect()
-    }
     fn plan(&self, options: &UpOptions) -> String {
         format!(
             "(Kubernetes {}, endpoint public for {} and private)",
@@ -139,25 +138,20 @@ impl Resource for Cluster {
             if describe(ctx).await?.is_some_and(|c| c.status() == Some(&ClusterStatus::Deleting)) {
                 return Ok(());
             }
-            ctx.aws
-                .eks
-                .delete_cluster()
-                .name(&ctx.name)
-                .send()
-                .await
-                .map_err(aws_error(format!("deleting EKS cluster {}", ctx.name)))?;
+            let request = ctx.aws.eks.delete_cluster().name(&ctx.name).send();
+            request.await.map_err(aws_error(format!("deleting EKS cluster {}", ctx.name)))?;
             Ok(())
         })
     }
     fn ready<'a>(&'a self, ctx: &'a Ctx, _arn: &'a str, wait: &'a Wait) -> Step<'a, ()> {
         Box::pin(async move {
             let what = format!("EKS cluster {} ACTIVE", ctx.name);
-            progress::wait(&what, wait.timeout, Duration::from_secs(15), &wait.resume, || async {
+            wait_until(&what, Duration::from_secs(15), wait, || async {
                 let cluster = describe(ctx).await?.ok_or_else(|| {
                     Error::Invalid(format!("EKS cluster {} disappeared while waiting for it", ctx.name))
                 })?;
-                Ok::<_, Error>(match cluster.status() {
-                    Some(ClusterStatus::Active) => Poll::Done(()),
+                Ok(match cluster.status() {
+                    Some(ClusterStatus::Active) => None,
                     Some(ClusterStatus::Failed) => {
                         return Err(Error::Invalid(format!(
                             "EKS cluster {} is FAILED; delete it with `gitops-bootstrap down --provider eks \
@@ -165,24 +159,21 @@ impl Resource for Cluster {
                             ctx.name, ctx.name, ctx.aws.region
                         )));
                     }
-                    status => Poll::Pending(format!("status {}", status.map(|s| s.as_str()).unwrap_or("unknown"))),
+                    status => Some(format!("status {}", status.map(|s| s.as_str()).unwrap_or("unknown"))),
                 })
             })
-            .await??;
-            Ok(())
+            .await
         })
     }
     fn gone<'a>(&'a self, ctx: &'a Ctx, _arn: &'a str, wait: &'a Wait) -> Step<'a, ()> {
         Box::pin(async move {
             let what = format!("EKS cluster {} deleted", ctx.name);
-            progress::wait(&what, wait.timeout, Duration::from_secs(15), &wait.resume, || async {
-                Ok::<_, Error>(match describe(ctx).await? {
-                    None => Poll::Done(()),
-                    Some(c) => Poll::Pending(format!("status {}", c.status().map(|s| s.as_str()).unwrap_or("unknown"))),
-                })
+            wait_until(&what, Duration::from_secs(15), wait, || async {
+                Ok(describe(ctx)
+                    .await?
+                    .map(|c| format!("status {}", c.status().map(|s| s.as_str()).unwrap_or("unknown"))))
             })
-            .await??;
-            Ok(())
+            .await
         })
     }
 }
@@ -204,14 +195,8 @@ impl OidcProvider {
             .map_err(aws_error("listing IAM OIDC providers"))?;
         let mut ours = Vec::new();
         for arn in listed.open_id_connect_provider_list().iter().filter_map(|p| p.arn()) {
-            let provider = ctx
-                .aws
-                .iam
-                .get_open_id_connect_provider()
-                .open_id_connect_provider_arn(arn)
-                .send()
-                .await
-                .map_err(aws_error(format!("reading IAM OIDC provider {arn}")))?;
+            let request = ctx.aws.iam.get_open_id_connect_provider().open_id_connect_provider_arn(arn).send();
+            let provider = request.await.map_err(aws_error(format!("reading IAM OIDC provider {arn}")))?;
             if iam::is_ours(ctx, provider.tags()) {
                 ours.push(arn.to_owned());
             }
@@ -221,18 +206,6 @@ impl OidcProvider {
 }
 
 impl Resource for OidcProvider {
-    fn key(&self) -> String {
-        "oidc".into()
-    }
-    fn name(&self) -> String {
-        "IAM OIDC provider".into()
-    }
-    fn group(&self) -> Group {
-        Group::Eks
-    }
-    fn deps(&self) -> Vec<String> {
-        vec!["cluster".into()]
-    }
     fn plan(&self, _options: &UpOptions) -> String {
         "for the cluster's issuer".into()
     }
@@ -268,13 +241,8 @@ impl Resource for OidcProvider {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, arn: &'a str) -> Step<'a, ()> {
         Box::pin(async move {
-            ctx.aws
-                .iam
-                .delete_open_id_connect_provider()
-                .open_id_connect_provider_arn(arn)
-                .send()
-                .await
-                .map_err(aws_error(format!("deleting IAM OIDC provider {arn}")))?;
+            let request = ctx.aws.iam.delete_open_id_connect_provider().open_id_connect_provider_arn(arn).send();
+            request.await.map_err(aws_error(format!("deleting IAM OIDC provider {arn}")))?;
             Ok(())
         })
     }
@@ -301,18 +269,6 @@ impl NodeGroup {
 }
 
 impl Resource for NodeGroup {
-    fn key(&self) -> String {
-        "nodegroup".into()
-    }
-    fn name(&self) -> String {
-        format!("node group {}", self.name)
-    }
-    fn group(&self) -> Group {
-        Group::Eks
-    }
-    fn deps(&self) -> Vec<String> {
-        std::iter::once("cluster".to_owned()).chain(NODE_ROLE.keys()).chain(self.private.iter().cloned()).collect()
-    }
     fn plan(&self, options: &UpOptions) -> String {
         format!(
             "({} × {}..{}, {} desired, in the private subnets)",
@@ -356,26 +312,20 @@ impl Resource for NodeGroup {
             if self.describe(ctx).await?.is_some_and(|g| g.status() == Some(&NodegroupStatus::Deleting)) {
                 return Ok(());
             }
-            ctx.aws
-                .eks
-                .delete_nodegroup()
-                .cluster_name(&ctx.name)
-                .nodegroup_name(&self.name)
-                .send()
-                .await
-                .map_err(aws_error(format!("deleting node group {}", self.name)))?;
+            let request = ctx.aws.eks.delete_nodegroup().cluster_name(&ctx.name).nodegroup_name(&self.name).send();
+            request.await.map_err(aws_error(format!("deleting node group {}", self.name)))?;
             Ok(())
         })
     }
     fn ready<'a>(&'a self, ctx: &'a Ctx, _name: &'a str, wait: &'a Wait) -> Step<'a, ()> {
         Box::pin(async move {
             let what = format!("node group {} ACTIVE", self.name);
-            progress::wait(&what, wait.timeout, Duration::from_secs(15), &wait.resume, || async {
+            wait_until(&what, Duration::from_secs(15), wait, || async {
                 let group = self.describe(ctx).await?.ok_or_else(|| {
                     Error::Invalid(format!("node group {} disappeared while waiting for it", self.name))
                 })?;
-                Ok::<_, Error>(match group.status() {
-                    Some(NodegroupStatus::Active) => Poll::Done(()),
+                Ok(match group.status() {
+                    Some(NodegroupStatus::Active) => None,
                     Some(status @ (NodegroupStatus::CreateFailed | NodegroupStatus::Degraded)) => {
                         return Err(Error::Invalid(format!(
                             "node group {} is {} ({:?}); run `down` and `up` again",
@@ -384,24 +334,19 @@ impl Resource for NodeGroup {
                             group.health().map(|h| h.issues())
                         )));
                     }
-                    _ => Poll::Pending(Self::status(&group)),
+                    _ => Some(Self::status(&group)),
                 })
             })
-            .await??;
-            Ok(())
+            .await
         })
     }
     fn gone<'a>(&'a self, ctx: &'a Ctx, _name: &'a str, wait: &'a Wait) -> Step<'a, ()> {
         Box::pin(async move {
             let what = format!("node group {} deleted", self.name);
-            progress::wait(&what, wait.timeout, Duration::from_secs(15), &wait.resume, || async {
-                Ok::<_, Error>(match self.describe(ctx).await? {
-                    None => Poll::Done(()),
-                    Some(group) => Poll::Pending(Self::status(&group)),
-                })
+            wait_until(&what, Duration::from_secs(15), wait, || async {
+                Ok(self.describe(ctx).await?.as_ref().map(Self::status))
             })
-            .await??;
-            Ok(())
+            .await
         })
     }
 }

@@ -7,7 +7,7 @@
 
 use aws_sdk_iam::types::Tag;
 
-use super::resources::{Group, Known, Lookup, Resource, Step};
+use super::resources::{Entry, Group, Known, Lookup, Resource, Step};
 use super::{Ctx, Error, UpOptions, aws_error};
 
 pub struct RoleSpec {
@@ -41,13 +41,15 @@ impl RoleSpec {
 }
 
 /// The roles' entries of the resource list, each followed by its policies' attachments.
-pub fn resources(ctx: &Ctx) -> Vec<Box<dyn Resource>> {
-    let mut list: Vec<Box<dyn Resource>> = Vec::new();
+pub fn resources(ctx: &Ctx) -> Vec<Entry> {
+    let mut list = Vec::new();
     for spec in [&CLUSTER_ROLE, &NODE_ROLE] {
-        let name = format!("{}-{}", ctx.name, spec.suffix);
-        list.push(Box::new(Role { spec, name: name.clone() }));
+        let role = format!("{}-{}", ctx.name, spec.suffix);
+        list.push(Entry::new(Group::Iam, spec.key(), format!("IAM role {role}"), Role { spec, name: role.clone() }));
         for policy in spec.policies {
-            list.push(Box::new(Attachment { spec, role: name.clone(), policy }));
+            let name = format!("attachment of {policy} to {role}");
+            let attachment = Attachment { role_key: spec.key(), role: role.clone(), policy };
+            list.push(Entry::new(Group::Iam, spec.attachment_key(policy), name, attachment).needs([spec.key()]));
         }
     }
     list
@@ -65,26 +67,14 @@ pub fn is_ours(ctx: &Ctx, tags: &[Tag]) -> bool {
 }
 
 async fn attached_policies(ctx: &Ctx, role: &str) -> Result<Vec<String>, Error> {
-    let attached = ctx
-        .aws
-        .iam
-        .list_attached_role_policies()
-        .role_name(role)
-        .send()
-        .await
-        .map_err(aws_error(format!("listing the policies of IAM role {role}")))?;
+    let request = ctx.aws.iam.list_attached_role_policies().role_name(role).send();
+    let attached = request.await.map_err(aws_error(format!("listing the policies of IAM role {role}")))?;
     Ok(attached.attached_policies().iter().filter_map(|p| p.policy_arn().map(str::to_owned)).collect())
 }
 
 async fn detach(ctx: &Ctx, role: &str, policy: &str) -> Result<(), Error> {
-    ctx.aws
-        .iam
-        .detach_role_policy()
-        .role_name(role)
-        .policy_arn(policy)
-        .send()
-        .await
-        .map_err(aws_error(format!("detaching {policy} from IAM role {role}")))?;
+    let request = ctx.aws.iam.detach_role_policy().role_name(role).policy_arn(policy).send();
+    request.await.map_err(aws_error(format!("detaching {policy} from IAM role {role}")))?;
     Ok(())
 }
 
@@ -95,15 +85,6 @@ struct Role {
 }
 
 impl Resource for Role {
-    fn key(&self) -> String {
-        self.spec.key().to_owned()
-    }
-    fn name(&self) -> String {
-        format!("IAM role {}", self.name)
-    }
-    fn group(&self) -> Group {
-        Group::Iam
-    }
     fn plan(&self, _options: &UpOptions) -> String {
         format!("(assumed by {})", self.spec.service)
     }
@@ -152,13 +133,8 @@ impl Resource for Role {
             for policy in attached_policies(ctx, &self.name).await? {
                 detach(ctx, &self.name, &policy).await?;
             }
-            ctx.aws
-                .iam
-                .delete_role()
-                .role_name(&self.name)
-                .send()
-                .await
-                .map_err(aws_error(format!("deleting IAM role {}", self.name)))?;
+            let request = ctx.aws.iam.delete_role().role_name(&self.name).send();
+            request.await.map_err(aws_error(format!("deleting IAM role {}", self.name)))?;
             Ok(())
         })
     }
@@ -166,7 +142,7 @@ impl Resource for Role {
 
 /// An AWS-managed policy attached to a role; its id is the policy's ARN.
 struct Attachment {
-    spec: &'static RoleSpec,
+    role_key: &'static str,
     role: String,
     policy: &'static str,
 }
@@ -178,21 +154,9 @@ impl Attachment {
 }
 
 impl Resource for Attachment {
-    fn key(&self) -> String {
-        self.spec.attachment_key(self.policy)
-    }
-    fn name(&self) -> String {
-        format!("attachment of {} to {}", self.policy, self.role)
-    }
-    fn group(&self) -> Group {
-        Group::Iam
-    }
-    fn deps(&self) -> Vec<String> {
-        vec![self.spec.key().to_owned()]
-    }
     fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
         Box::pin(async move {
-            if known.id(self.spec.key()).is_none() {
+            if known.id(self.role_key).is_none() {
                 return Ok(Lookup::Absent);
             }
             let arn = self.arn(ctx);
@@ -203,14 +167,8 @@ impl Resource for Attachment {
     fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
         Box::pin(async move {
             let arn = self.arn(ctx);
-            ctx.aws
-                .iam
-                .attach_role_policy()
-                .role_name(&self.role)
-                .policy_arn(&arn)
-                .send()
-                .await
-                .map_err(aws_error(format!("attaching {arn} to IAM role {}", self.role)))?;
+            let request = ctx.aws.iam.attach_role_policy().role_name(&self.role).policy_arn(&arn).send();
+            request.await.map_err(aws_error(format!("attaching {arn} to IAM role {}", self.role)))?;
             Ok(arn)
         })
     }

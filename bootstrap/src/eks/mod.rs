@@ -272,7 +272,7 @@ pub async fn down(options: &DownOptions) -> Result<(), Error> {
     let zones = network::zones_in_use(&ctx).await?;
     let mut list = resources::list(&ctx, &zones, zones.len());
     if options.keep_vpc {
-        list.retain(|r| r.group() != resources::Group::Network);
+        list.retain(|e| e.group != resources::Group::Network);
     }
     let wait = resources::Wait { timeout: options.timeout, resume: options.resume.clone() };
     resources::down(&ctx, &list, &wait).await?;

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use super::{CLUSTER_TAG, Ctx, Error, UpOptions, cluster, iam, network};
-use crate::progress::{self, Report};
+use crate::progress::{self, Poll, Report};
 
 /// A step's future: a resource's AWS calls.
 pub type Step<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + 'a>>;
@@ -70,18 +70,8 @@ impl Known {
     }
 }
 
-/// One AWS resource of the cluster.
+/// How to find, create and delete one kind of AWS resource.
 pub trait Resource {
-    /// How other entries name it as a dependency; for EC2 resources also the value of
-    /// their `gitops.scale.dev/resource` tag.
-    fn key(&self) -> String;
-    /// What the reports call it: `subnet public-subnet-us-west-2a`.
-    fn name(&self) -> String;
-    fn group(&self) -> Group;
-    /// The keys of the entries it needs, all earlier in the list.
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
     /// What `--dry-run` says it would be made with, after the name.
     fn plan(&self, _options: &UpOptions) -> String {
         String::new()
@@ -101,9 +91,53 @@ pub trait Resource {
     }
 }
 
+/// One entry of the list: a resource, what it is called, and what it needs.
+pub struct Entry {
+    pub group: Group,
+    /// How other entries name it; for EC2 resources also the value of their
+    /// `gitops.scale.dev/resource` tag.
+    pub key: String,
+    /// What the reports call it: `subnet public-subnet-us-west-2a`.
+    pub name: String,
+    /// The keys of the entries it needs, all earlier in the list.
+    pub deps: Vec<String>,
+    pub resource: Box<dyn Resource>,
+}
+
+impl Entry {
+    pub fn new(
+        group: Group,
+        key: impl Into<String>,
+        name: impl Into<String>,
+        resource: impl Resource + 'static,
+    ) -> Entry {
+        Entry { group, key: key.into(), name: name.into(), deps: Vec::new(), resource: Box::new(resource) }
+    }
+
+    pub fn needs(mut self, deps: impl IntoIterator<Item = impl Into<String>>) -> Entry {
+        self.deps.extend(deps.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// Polls `pending` every `every` until it says nothing is pending any more (`None`);
+/// `Some` says where things stand, for the spinner and a timeout's message.
+pub async fn wait_until<F, Fut>(what: &str, every: Duration, wait: &Wait, mut pending: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<String>, Error>>,
+{
+    progress::wait(what, wait.timeout, every, &wait.resume, || {
+        let pending = pending();
+        async move { Ok::<_, Error>(pending.await?.map_or(Poll::Done(()), Poll::Pending)) }
+    })
+    .await??;
+    Ok(())
+}
+
 /// Everything `up` makes, in dependency order: the network over `zones` with `nats` NAT
 /// gateways, the IAM roles, the cluster, its OIDC provider and the node group.
-pub fn list(ctx: &Ctx, zones: &[String], nats: usize) -> Vec<Box<dyn Resource>> {
+pub fn list(ctx: &Ctx, zones: &[String], nats: usize) -> Vec<Entry> {
     let mut list = network::resources(zones, nats);
     list.extend(iam::resources(ctx));
     list.extend(cluster::resources(ctx, zones));
@@ -113,48 +147,46 @@ pub fn list(ctx: &Ctx, zones: &[String], nats: usize) -> Vec<Box<dyn Resource>> 
 /// `up`'s walk: each resource found, else created (`--dry-run`: reported as what would
 /// be), and waited for before anything that needs it. Returns how many were (or would
 /// be) created.
-pub async fn up(ctx: &Ctx, list: &[Box<dyn Resource>], options: &UpOptions) -> Result<usize, Error> {
+pub async fn up(ctx: &Ctx, list: &[Entry], options: &UpOptions) -> Result<usize, Error> {
     let wait = Wait { timeout: options.timeout, resume: options.resume.clone() };
-    let by_key: HashMap<String, &dyn Resource> = list.iter().map(|r| (r.key(), r.as_ref())).collect();
+    let by_key: HashMap<&str, &dyn Resource> = list.iter().map(|e| (e.key.as_str(), e.resource.as_ref())).collect();
     let mut known = Known::default();
     let mut ready = HashSet::new();
     let mut heading = None;
     let mut created = 0;
-    for resource in list {
-        print_heading(&mut heading, resource.group());
-        let name = resource.name();
+    for entry in list {
+        print_heading(&mut heading, entry.group);
         if !options.dry_run {
-            for dep in resource.deps() {
-                if ready.insert(dep.clone()) {
-                    by_key[&dep].ready(ctx, known.get(&dep), &wait).await?;
+            for dep in &entry.deps {
+                if ready.insert(dep.as_str()) {
+                    by_key[dep.as_str()].ready(ctx, known.get(dep), &wait).await?;
                 }
             }
         }
-        match resource.find(ctx, &known).await? {
+        match entry.resource.find(ctx, &known).await? {
             Lookup::Ours(id) => {
-                progress::report(Report::Found, &name, &id);
-                known.0.insert(resource.key(), id);
+                progress::report(Report::Found, &entry.name, &id);
+                known.0.insert(entry.key.clone(), id);
             }
             Lookup::NotOurs => {
-                return Err(Error::NotOurs { what: name, tag: format!("{CLUSTER_TAG}={}", ctx.name) });
+                return Err(Error::NotOurs { what: entry.name.clone(), tag: format!("{CLUSTER_TAG}={}", ctx.name) });
             }
             Lookup::Absent if options.dry_run => {
                 created += 1;
-                let plan = resource.plan(options);
-                progress::report(Report::WouldCreate, &name, &plan);
+                progress::report(Report::WouldCreate, &entry.name, &entry.resource.plan(options));
             }
             Lookup::Absent => {
-                let id = resource.create(ctx, &known, options).await?;
+                let id = entry.resource.create(ctx, &known, options).await?;
                 created += 1;
-                progress::report(Report::Created, &name, &id);
-                known.0.insert(resource.key(), id);
+                progress::report(Report::Created, &entry.name, &id);
+                known.0.insert(entry.key.clone(), id);
             }
         }
     }
     if !options.dry_run {
-        for resource in list {
-            if ready.insert(resource.key()) {
-                resource.ready(ctx, known.get(&resource.key()), &wait).await?;
+        for entry in list {
+            if ready.insert(entry.key.as_str()) {
+                entry.resource.ready(ctx, known.get(&entry.key), &wait).await?;
             }
         }
     }
@@ -164,45 +196,42 @@ pub async fn up(ctx: &Ctx, list: &[Box<dyn Resource>], options: &UpOptions) -> R
 /// `down`'s walk: everything found first (finding some entries takes the ids of what
 /// they need), then deleted last to first, each once all that needs it is gone.
 /// Whatever is absent is skipped, so it can be re-run.
-pub async fn down(ctx: &Ctx, list: &[Box<dyn Resource>], wait: &Wait) -> Result<(), Error> {
+pub async fn down(ctx: &Ctx, list: &[Entry], wait: &Wait) -> Result<(), Error> {
     let mut known = Known::default();
     let mut found = Vec::new();
-    for resource in list {
-        let lookup = resource.find(ctx, &known).await?;
+    for entry in list {
+        let lookup = entry.resource.find(ctx, &known).await?;
         if let Lookup::Ours(id) = &lookup {
-            known.0.insert(resource.key(), id.clone());
+            known.0.insert(entry.key.clone(), id.clone());
         }
         found.push(lookup);
     }
     // Deleted, and not yet waited for until gone.
-    let mut deleting: Vec<usize> = Vec::new();
+    let mut deleting: Vec<&Entry> = Vec::new();
     let mut heading = None;
-    for (index, resource) in list.iter().enumerate().rev() {
-        print_heading(&mut heading, resource.group());
-        let key = resource.key();
+    for (index, entry) in list.iter().enumerate().rev() {
+        print_heading(&mut heading, entry.group);
         let mut still = Vec::new();
         for dependent in deleting {
-            if list[dependent].deps().contains(&key) {
-                let dependent = &list[dependent];
-                dependent.gone(ctx, known.get(&dependent.key()), wait).await?;
+            if dependent.deps.contains(&entry.key) {
+                dependent.resource.gone(ctx, known.get(&dependent.key), wait).await?;
             } else {
                 still.push(dependent);
             }
         }
         deleting = still;
-        let name = resource.name();
         match &found[index] {
             Lookup::Ours(id) => {
-                resource.delete(ctx, &known, id).await?;
-                progress::report(Report::Deleted, &name, id);
-                deleting.push(index);
+                entry.resource.delete(ctx, &known, id).await?;
+                progress::report(Report::Deleted, &entry.name, id);
+                deleting.push(entry);
             }
-            Lookup::Absent => progress::report(Report::Absent, &name, ""),
-            Lookup::NotOurs => progress::report(Report::NotOurs, &name, ""),
+            Lookup::Absent => progress::report(Report::Absent, &entry.name, ""),
+            Lookup::NotOurs => progress::report(Report::NotOurs, &entry.name, ""),
         }
     }
-    for index in deleting {
-        list[index].gone(ctx, known.get(&list[index].key()), wait).await?;
+    for entry in deleting {
+        entry.resource.gone(ctx, known.get(&entry.key), wait).await?;
     }
     Ok(())
 }
