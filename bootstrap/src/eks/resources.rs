@@ -1,12 +1,12 @@
-//! The cluster's AWS resources as one list in dependency order, each entry a [`Resource`]
-//! that knows how to find, create and delete itself. `up` walks the list forward (find,
-//! else create; `--dry-run` only finds), `down` backward; both report each step through
-//! [`progress::report`].
+//! The cluster's AWS resources as one list in dependency order: each [`Entry`] a
+//! [`Resource`] (how to find, create and delete it) with its name and what it needs.
+//! `up` walks the list forward (find, else create; `--dry-run` only finds), `down`
+//! backward; both report each step through [`progress::report`].
 //!
-//! An entry names what it needs by the others' keys ([`Resource::deps`]). That one
+//! An entry names what it needs by the others' keys ([`Entry::deps`]). That one
 //! relation orders three things: an entry is created after what it needs, waited for
-//! (a NAT gateway available, the cluster ACTIVE) only when something needing it comes
-//! next, and deleted only once everything needing it is gone.
+//! (a NAT gateway available, the cluster ACTIVE) just before the first entry that needs
+//! it, and deleted only once everything needing it is gone.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -20,7 +20,7 @@ use crate::progress::{self, Poll, Report};
 pub type Step<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + 'a>>;
 
 /// What looking for a resource found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Lookup {
     /// This cluster's, with its id (ARN, allocation id, …).
     Ours(String),
