@@ -584,6 +584,18 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     ];
     ok(&down, bootstrap(&env, &down));
     assert_eq!(counts(&aws, cluster).await, none());
+
+    // Nor does `down` delete a role of its name that is not tagged as the cluster's.
+    aws.iam
+        .create_role()
+        .role_name("resume-eks-node")
+        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let output = ok(&down, bootstrap(&env, &down));
+    assert!(output.contains("IAM role resume-eks-node is not tagged as this cluster's: left alone"), "{output}");
+    assert!(aws.iam.get_role().role_name("resume-eks-node").send().await.is_ok(), "{output}");
 }
 
 #[test]
