@@ -473,6 +473,12 @@ async fn up_creates_everything_up_again_creates_nothing_down_removes_it() {
     assert!(output.contains("no EKS cluster"), "{output}");
 }
 
+/// A role without the cluster's tag: someone else's.
+async fn foreign_role(aws: &Aws, name: &str) {
+    let trust = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    aws.iam.create_role().role_name(name).assume_role_policy_document(trust).send().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     let moto = Moto::start();
@@ -483,13 +489,7 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
 
     // Someone else's role under the name `up` wants: IAM refuses to create it, half-way
     // through (the network is made by then).
-    aws.iam
-        .create_role()
-        .role_name("resume-eks-node")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    foreign_role(&aws, "resume-eks-node").await;
     let kubeconfig = home.path().join("kubeconfig");
     let args = [
         "up",
@@ -586,13 +586,7 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     assert_eq!(counts(&aws, cluster).await, none());
 
     // Nor does `down` delete a role of its name that is not tagged as the cluster's.
-    aws.iam
-        .create_role()
-        .role_name("resume-eks-node")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    foreign_role(&aws, "resume-eks-node").await;
     let output = ok(&down, bootstrap(&env, &down));
     assert!(output.contains("IAM role resume-eks-node is not tagged as this cluster's: left alone"), "{output}");
     assert!(aws.iam.get_role().role_name("resume-eks-node").send().await.is_ok(), "{output}");
