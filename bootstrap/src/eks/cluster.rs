@@ -27,7 +27,7 @@ use super::{Ctx, Error, UpOptions, aws_error};
 const OIDC_THUMBPRINT: &str = "9e99a48a9960b14926bb7f3b02e22da2b0ab7280";
 
 /// What the kubeconfig needs of the cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClusterInfo {
     pub name: String,
     pub arn: String,
