@@ -7,7 +7,7 @@
 //! - [`eks`]: a VPC, IAM roles, an EKS cluster and node group on AWS, found again by tag.
 //!
 //! Both end in [`install`]: the agent's manifests, Secrets, and the wait for its first
-//! sync; [`progress`] shows the long waits.
+//! sync; [`progress`] reports each step and shows the long waits.
 
 pub mod eks;
 pub mod install;

@@ -43,8 +43,9 @@ enum Cmd {
         /// Local: start the cluster only, without the agent.
         #[arg(long)]
         no_agent: bool,
+        // Boxed: the EKS flags would make every `Cmd` as large as this variant.
         #[command(flatten)]
-        eks: EksUpArgs,
+        eks: Box<EksUpArgs>,
         #[command(flatten)]
         aws: AwsArgs,
         #[command(flatten)]
@@ -226,6 +227,7 @@ async fn main() -> Result<()> {
             up_local(&state_dir, repo, agent_listen, no_agent, &install).await
         }
         Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
+            let args = *args;
             let cluster_name = args.cluster_name.expect("clap requires --cluster-name for eks");
             if !(1 <= args.nodes_min && args.nodes_min <= args.nodes_desired && args.nodes_desired <= args.nodes_max) {
                 bail!("node counts must satisfy 1 <= --nodes-min <= --nodes-desired <= --nodes-max");

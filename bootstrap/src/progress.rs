@@ -1,11 +1,38 @@
-//! Progress for long waits: a spinner with the elapsed time and the current step on a
-//! terminal (indicatif draws nothing when stderr is not one), and one plain line per
-//! finished step on stdout, which logs and tests read.
+//! Progress: one plain line per finished step on stdout, which logs and tests read, and
+//! for long waits a spinner with the elapsed time and the current state on a terminal
+//! (indicatif draws nothing when stderr is not one).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// What became of one resource in `up`, `--dry-run` or `down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Found,
+    Created,
+    WouldCreate,
+    Deleted,
+    /// `down` found nothing to delete.
+    Absent,
+    /// `down` found it under our name but not tagged as ours.
+    NotOurs,
+}
+
+/// Prints a resource's step: `  found    VPC vpc-0abc`, `  would create VPC 10.0.0.0/16`.
+/// `detail` is the id, or (would create) what it would be made with.
+pub fn report(report: Report, what: &str, detail: &str) {
+    let line = match report {
+        Report::Found => format!("found    {what} {detail}"),
+        Report::Created => format!("created  {what} {detail}"),
+        Report::WouldCreate => format!("would create {what} {detail}"),
+        Report::Deleted => format!("deleted {what} {detail}"),
+        Report::Absent => format!("no {what}"),
+        Report::NotOurs => format!("{what} is not tagged as this cluster's: left alone"),
+    };
+    println!("  {}", line.trim_end());
+}
 
 /// What a probe of a wait found.
 pub enum Poll<T> {

@@ -366,7 +366,7 @@ async fn up_creates_everything_up_again_creates_nothing_down_removes_it() {
     ];
 
     let dry = ok(&args, bootstrap(&env, &[&args[..], &["--dry-run"]].concat()));
-    assert!(dry.contains("would create vpc"), "{dry}");
+    assert!(dry.contains("would create VPC"), "{dry}");
     assert_eq!(counts(&aws, cluster).await, none(), "--dry-run changes nothing");
 
     let first = ok(&args, bootstrap(&env, &args));
@@ -473,6 +473,12 @@ async fn up_creates_everything_up_again_creates_nothing_down_removes_it() {
     assert!(output.contains("no EKS cluster"), "{output}");
 }
 
+/// A role without the cluster's tag: someone else's.
+async fn foreign_role(aws: &Aws, name: &str) {
+    let trust = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    aws.iam.create_role().role_name(name).assume_role_policy_document(trust).send().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     let moto = Moto::start();
@@ -483,13 +489,7 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
 
     // Someone else's role under the name `up` wants: IAM refuses to create it, half-way
     // through (the network is made by then).
-    aws.iam
-        .create_role()
-        .role_name("resume-eks-node")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    foreign_role(&aws, "resume-eks-node").await;
     let kubeconfig = home.path().join("kubeconfig");
     let args = [
         "up",
@@ -516,8 +516,28 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     assert_eq!((half.vpcs, half.subnets, half.nat_gateways, half.clusters), (1, 4, 2, 0), "{half:?}");
 
     aws.iam.delete_role().role_name("resume-eks-node").send().await.unwrap();
+    // A dry run lists only what is missing (the node role and what needs it), and changes nothing.
+    let before = counts(&aws, cluster).await;
+    let dry = ok(&args, bootstrap(&env, &[&args[..], &["--dry-run"]].concat()));
+    let planned: Vec<&str> = dry.lines().filter_map(|l| l.trim_start().strip_prefix("would create ")).collect();
+    let missing = [
+        "IAM role resume-eks-node",
+        "attachment of AmazonEKSWorkerNodePolicy to resume-eks-node",
+        "attachment of AmazonEKS_CNI_Policy to resume-eks-node",
+        "attachment of AmazonEC2ContainerRegistryReadOnly to resume-eks-node",
+        "EKS cluster resume",
+        "IAM OIDC provider",
+        "node group resume-nodes",
+    ];
+    assert_eq!(planned.len(), missing.len(), "{dry}");
+    for (planned, missing) in planned.iter().zip(missing) {
+        assert!(planned.starts_with(missing), "{planned:?} is not {missing:?}:\n{dry}");
+    }
+    assert!(dry.contains("found    VPC") && dry.contains("found    IAM role resume-eks-cluster"), "{dry}");
+    assert!(dry.contains("dry run: 7 resources would be created"), "{dry}");
+    assert_eq!(counts(&aws, cluster).await, before, "--dry-run changes nothing");
     let resumed = ok(&args, bootstrap(&env, &args));
-    assert!(resumed.contains("found    vpc"), "{resumed}");
+    assert!(resumed.contains("found    VPC"), "{resumed}");
     assert_eq!(
         counts(&aws, cluster).await,
         Counts {
@@ -564,6 +584,12 @@ async fn an_up_that_failed_half_way_resumes_without_duplicates() {
     ];
     ok(&down, bootstrap(&env, &down));
     assert_eq!(counts(&aws, cluster).await, none());
+
+    // Nor does `down` delete a role of its name that is not tagged as the cluster's.
+    foreign_role(&aws, "resume-eks-node").await;
+    let output = ok(&down, bootstrap(&env, &down));
+    assert!(output.contains("IAM role resume-eks-node is not tagged as this cluster's: left alone"), "{output}");
+    assert!(aws.iam.get_role().role_name("resume-eks-node").send().await.is_ok(), "{output}");
 }
 
 #[test]

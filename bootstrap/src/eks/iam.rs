@@ -1,99 +1,115 @@
-//! IAM: the cluster's role (assumed by EKS), the nodes' role (assumed by EC2), each
-//! with the AWS-managed policies it needs, and the cluster's OIDC provider, through
-//! which service accounts assume roles of their own (IRSA).
+//! IAM: the cluster's role (assumed by EKS) and the nodes' role (assumed by EC2), each
+//! with the AWS-managed policies it needs. (The cluster's OIDC provider, also IAM, is
+//! in [`super::cluster`]: it is made from the cluster.)
 //!
 //! Role names are unique per account, so roles are found by name; a role of that name
 //! without this cluster's tag is someone else's and is never taken over.
 
 use aws_sdk_iam::types::Tag;
 
-use super::{Ctx, Error, Outcome, PLANNED, aws_error, is_planned};
+use super::resources::{Entry, Group, Known, Lookup, Resource, Step};
+use super::{Ctx, Error, UpOptions, aws_error};
 
-/// The thumbprint of the root CA that signs EKS's OIDC endpoints (Amazon Root CA 1 via
-/// Starfield), as eksctl registers it. IAM ignores thumbprints for issuers it trusts by
-/// other means, but older API versions require one.
-const OIDC_THUMBPRINT: &str = "9e99a48a9960b14926bb7f3b02e22da2b0ab7280";
-
-/// The two roles' ARNs.
-#[derive(Debug, Clone)]
-pub struct Roles {
-    pub cluster: String,
-    pub node: String,
-}
-
-struct RoleSpec {
+pub struct RoleSpec {
     suffix: &'static str,
     service: &'static str,
     policies: &'static [&'static str],
 }
 
-const CLUSTER_ROLE: RoleSpec =
+pub const CLUSTER_ROLE: RoleSpec =
     RoleSpec { suffix: "eks-cluster", service: "eks.amazonaws.com", policies: &["AmazonEKSClusterPolicy"] };
-const NODE_ROLE: RoleSpec = RoleSpec {
+pub const NODE_ROLE: RoleSpec = RoleSpec {
     suffix: "eks-node",
     service: "ec2.amazonaws.com",
     policies: &["AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly"],
 };
 
-pub fn role_name(ctx: &Ctx, suffix: &str) -> String {
-    format!("{}-{suffix}", ctx.name)
+impl RoleSpec {
+    pub fn key(&self) -> &'static str {
+        self.suffix
+    }
+
+    /// The keys of the role's entries: the role, then its policies' attachments. What
+    /// needs the role needs them all.
+    pub fn keys(&self) -> Vec<String> {
+        std::iter::once(self.key().to_owned()).chain(self.policies.iter().map(|p| self.attachment_key(p))).collect()
+    }
+
+    fn attachment_key(&self, policy: &str) -> String {
+        format!("{}/{policy}", self.suffix)
+    }
 }
 
-fn tags(ctx: &Ctx, resource: &str) -> Vec<Tag> {
+/// The roles' entries of the resource list, each followed by its policies' attachments.
+pub fn resources(ctx: &Ctx) -> Vec<Entry> {
+    let mut list = Vec::new();
+    for spec in [&CLUSTER_ROLE, &NODE_ROLE] {
+        let role = format!("{}-{}", ctx.name, spec.suffix);
+        list.push(Entry::new(Group::Iam, spec.key(), format!("IAM role {role}"), Role { spec, name: role.clone() }));
+        for policy in spec.policies {
+            let name = format!("attachment of {policy} to {role}");
+            let attachment = Attachment { role_key: spec.key(), role: role.clone(), policy };
+            list.push(Entry::new(Group::Iam, spec.attachment_key(policy), name, attachment).needs([spec.key()]));
+        }
+    }
+    list
+}
+
+pub fn tags(ctx: &Ctx, resource: &str) -> Vec<Tag> {
     ctx.tags(resource)
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("key and value set"))
         .collect()
 }
 
-fn is_ours(ctx: &Ctx, tags: &[Tag]) -> bool {
+pub fn is_ours(ctx: &Ctx, tags: &[Tag]) -> bool {
     tags.iter().any(|t| t.key() == super::CLUSTER_TAG && t.value() == ctx.name)
 }
 
-pub async fn ensure_roles(ctx: &Ctx, partition: &str) -> Result<Roles, Error> {
-    Ok(Roles {
-        cluster: ensure_role(ctx, partition, &CLUSTER_ROLE).await?,
-        node: ensure_role(ctx, partition, &NODE_ROLE).await?,
-    })
+async fn attached_policies(ctx: &Ctx, role: &str) -> Result<Vec<String>, Error> {
+    let request = ctx.aws.iam.list_attached_role_policies().role_name(role).send();
+    let attached = request.await.map_err(aws_error(format!("listing the policies of IAM role {role}")))?;
+    Ok(attached.attached_policies().iter().filter_map(|p| p.policy_arn().map(str::to_owned)).collect())
 }
 
-async fn get_role(ctx: &Ctx, name: &str) -> Result<Option<aws_sdk_iam::types::Role>, Error> {
-    match ctx.aws.iam.get_role().role_name(name).send().await {
-        Ok(found) => Ok(found.role().cloned()),
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_entity_exception()) => Ok(None),
-        Err(e) => Err(aws_error(format!("reading IAM role {name}"))(e)),
+async fn detach(ctx: &Ctx, role: &str, policy: &str) -> Result<(), Error> {
+    let request = ctx.aws.iam.detach_role_policy().role_name(role).policy_arn(policy).send();
+    request.await.map_err(aws_error(format!("detaching {policy} from IAM role {role}")))?;
+    Ok(())
+}
+
+/// A role; its id is its ARN.
+struct Role {
+    spec: &'static RoleSpec,
+    name: String,
+}
+
+impl Resource for Role {
+    fn plan(&self, _options: &UpOptions) -> String {
+        format!("(assumed by {})", self.spec.service)
     }
-}
-
-async fn ensure_role(ctx: &Ctx, partition: &str, spec: &RoleSpec) -> Result<String, Error> {
-    let name = role_name(ctx, spec.suffix);
-    let arn = match get_role(ctx, &name).await? {
-        Some(role) => {
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let role = match ctx.aws.iam.get_role().role_name(&self.name).send().await {
+                Ok(found) => found.role().cloned(),
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_entity_exception()) => None,
+                Err(e) => return Err(aws_error(format!("reading IAM role {}", self.name))(e)),
+            };
             // GetRole returns the role's tags.
-            if !is_ours(ctx, role.tags()) {
-                return Err(Error::Invalid(format!(
-                    "IAM role {name} exists but is not tagged {}={}: it is not this cluster's, and is left alone; \
-                     delete or rename it, or choose another --cluster-name",
-                    super::CLUSTER_TAG,
-                    ctx.name
-                )));
-            }
-            ctx.report(Outcome::Found, "IAM role", &name);
-            role.arn().to_owned()
-        }
-        None if ctx.dry_run => {
-            ctx.report(Outcome::Planned, &format!("IAM role {name} (assumed by {})", spec.service), "");
-            for policy in spec.policies {
-                ctx.report(Outcome::Planned, &format!("attachment of {policy} to {name}"), "");
-            }
-            return Ok(format!("{PLANNED} {name}"));
-        }
-        None => {
+            Ok(match role {
+                None => Lookup::Absent,
+                Some(role) if is_ours(ctx, role.tags()) => Lookup::Ours(role.arn().to_owned()),
+                Some(_) => Lookup::NotOurs,
+            })
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
             let trust = serde_json::json!({
                 "Version": "2012-10-17",
                 "Statement": [{
                     "Effect": "Allow",
-                    "Principal": { "Service": spec.service },
+                    "Principal": { "Service": self.spec.service },
                     "Action": "sts:AssumeRole",
                 }],
             });
@@ -101,149 +117,62 @@ async fn ensure_role(ctx: &Ctx, partition: &str, spec: &RoleSpec) -> Result<Stri
                 .aws
                 .iam
                 .create_role()
-                .role_name(&name)
+                .role_name(&self.name)
                 .assume_role_policy_document(trust.to_string())
-                .description(format!("EKS cluster {} ({}), made by gitops-bootstrap", ctx.name, spec.suffix))
-                .set_tags(Some(tags(ctx, spec.suffix)))
+                .description(format!("EKS cluster {} ({}), made by gitops-bootstrap", ctx.name, self.spec.suffix))
+                .set_tags(Some(tags(ctx, self.spec.suffix)))
                 .send()
                 .await
-                .map_err(aws_error(format!("creating IAM role {name}")))?;
-            ctx.report(Outcome::Created, "IAM role", &name);
-            created.role().map(|r| r.arn().to_owned()).unwrap_or_default()
-        }
-    };
-    let attached = ctx
-        .aws
-        .iam
-        .list_attached_role_policies()
-        .role_name(&name)
-        .send()
-        .await
-        .map_err(aws_error(format!("listing the policies of IAM role {name}")))?;
-    for policy in spec.policies {
-        let policy_arn = format!("arn:{partition}:iam::aws:policy/{policy}");
-        if attached.attached_policies().iter().any(|p| p.policy_arn() == Some(&policy_arn)) {
-            continue;
-        }
-        if ctx.dry_run {
-            ctx.report(Outcome::Planned, &format!("attachment of {policy} to {name}"), "");
-            continue;
-        }
-        ctx.aws
-            .iam
-            .attach_role_policy()
-            .role_name(&name)
-            .policy_arn(&policy_arn)
-            .send()
-            .await
-            .map_err(aws_error(format!("attaching {policy_arn} to IAM role {name}")))?;
-        ctx.report(Outcome::Created, &format!("attachment to {name} of"), policy);
+                .map_err(aws_error(format!("creating IAM role {}", self.name)))?;
+            Ok(created.role().map(|r| r.arn().to_owned()).unwrap_or_default())
+        })
     }
-    Ok(arn)
+    /// Policies attached by hand as well as ours: IAM deletes no role with any attached.
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _arn: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            for policy in attached_policies(ctx, &self.name).await? {
+                detach(ctx, &self.name, &policy).await?;
+            }
+            let request = ctx.aws.iam.delete_role().role_name(&self.name).send();
+            request.await.map_err(aws_error(format!("deleting IAM role {}", self.name)))?;
+            Ok(())
+        })
+    }
 }
 
-/// The OIDC providers tagged as this cluster's, by ARN.
-async fn our_oidc_providers(ctx: &Ctx) -> Result<Vec<String>, Error> {
-    let listed =
-        ctx.aws.iam.list_open_id_connect_providers().send().await.map_err(aws_error("listing IAM OIDC providers"))?;
-    let mut ours = Vec::new();
-    for arn in listed.open_id_connect_provider_list().iter().filter_map(|p| p.arn()) {
-        let provider = ctx
-            .aws
-            .iam
-            .get_open_id_connect_provider()
-            .open_id_connect_provider_arn(arn)
-            .send()
-            .await
-            .map_err(aws_error(format!("reading IAM OIDC provider {arn}")))?;
-        if is_ours(ctx, provider.tags()) {
-            ours.push(arn.to_owned());
-        }
-    }
-    Ok(ours)
+/// An AWS-managed policy attached to a role; its id is the policy's ARN.
+struct Attachment {
+    role_key: &'static str,
+    role: String,
+    policy: &'static str,
 }
 
-/// Registers the cluster's service-account token issuer with IAM, unless it is.
-pub async fn ensure_oidc_provider(ctx: &Ctx, issuer: Option<&str>) -> Result<(), Error> {
-    let Some(issuer) = issuer.filter(|i| !is_planned(i)) else {
-        ctx.report(Outcome::Planned, "IAM OIDC provider for the cluster's issuer", "");
-        return Ok(());
-    };
-    // A provider's ARN ends with its URL without the scheme.
-    let host_path = issuer.trim_start_matches("https://");
-    let existing = our_oidc_providers(ctx).await?;
-    if let Some(arn) = existing.iter().find(|arn| arn.ends_with(host_path)) {
-        ctx.report(Outcome::Found, "IAM OIDC provider", arn);
-        return Ok(());
+impl Attachment {
+    fn arn(&self, ctx: &Ctx) -> String {
+        format!("arn:{}:iam::aws:policy/{}", ctx.partition, self.policy)
     }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &format!("IAM OIDC provider {issuer}"), "");
-        return Ok(());
-    }
-    let created = ctx
-        .aws
-        .iam
-        .create_open_id_connect_provider()
-        .url(issuer)
-        .client_id_list("sts.amazonaws.com")
-        .thumbprint_list(OIDC_THUMBPRINT)
-        .set_tags(Some(tags(ctx, "oidc")))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating IAM OIDC provider {issuer}")))?;
-    ctx.report(Outcome::Created, "IAM OIDC provider", created.open_id_connect_provider_arn().unwrap_or_default());
-    Ok(())
 }
 
-pub async fn delete_oidc_provider(ctx: &Ctx) -> Result<(), Error> {
-    for arn in our_oidc_providers(ctx).await? {
-        ctx.aws
-            .iam
-            .delete_open_id_connect_provider()
-            .open_id_connect_provider_arn(&arn)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting IAM OIDC provider {arn}")))?;
-        println!("  deleted IAM OIDC provider {arn}");
+impl Resource for Attachment {
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            if known.id(self.role_key).is_none() {
+                return Ok(Lookup::Absent);
+            }
+            let arn = self.arn(ctx);
+            let attached = attached_policies(ctx, &self.role).await?.contains(&arn);
+            Ok(if attached { Lookup::Ours(arn) } else { Lookup::Absent })
+        })
     }
-    Ok(())
-}
-
-/// Detaches the roles' policies and deletes them; roles not tagged as ours stay.
-pub async fn delete_roles(ctx: &Ctx) -> Result<(), Error> {
-    for spec in [&NODE_ROLE, &CLUSTER_ROLE] {
-        let name = role_name(ctx, spec.suffix);
-        let Some(role) = get_role(ctx, &name).await? else { continue };
-        if !is_ours(ctx, role.tags()) {
-            println!("  IAM role {name} is not tagged as this cluster's: left alone");
-            continue;
-        }
-        let attached = ctx
-            .aws
-            .iam
-            .list_attached_role_policies()
-            .role_name(&name)
-            .send()
-            .await
-            .map_err(aws_error(format!("listing the policies of IAM role {name}")))?;
-        for policy in attached.attached_policies().iter().filter_map(|p| p.policy_arn()) {
-            ctx.aws
-                .iam
-                .detach_role_policy()
-                .role_name(&name)
-                .policy_arn(policy)
-                .send()
-                .await
-                .map_err(aws_error(format!("detaching {policy} from IAM role {name}")))?;
-        }
-        ctx.aws
-            .iam
-            .delete_role()
-            .role_name(&name)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting IAM role {name}")))?;
-        println!("  deleted IAM role {name}");
+    fn create<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let arn = self.arn(ctx);
+            let request = ctx.aws.iam.attach_role_policy().role_name(&self.role).policy_arn(&arn).send();
+            request.await.map_err(aws_error(format!("attaching {arn} to IAM role {}", self.role)))?;
+            Ok(arn)
+        })
     }
-    Ok(())
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, arn: &'a str) -> Step<'a, ()> {
+        Box::pin(async move { detach(ctx, &self.role, arn).await })
+    }
 }

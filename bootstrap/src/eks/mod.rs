@@ -2,27 +2,31 @@
 //! an OIDC provider on AWS, then the agent installed into it.
 //!
 //! Every resource carries the tag `gitops.scale.dev/cluster = NAME` and one naming its
-//! place (`gitops.scale.dev/resource = vpc`, `public-subnet-us-west-2a`, …), and every
-//! step first looks for its resource by those tags (IAM roles and EKS objects by their
-//! names, which are unique): a second `up` finds everything and creates nothing, an
-//! `up` after a failure resumes at the first missing resource, and `--dry-run` prints
-//! the steps that would create something. Tags are set in the create call itself
-//! (`TagSpecifications`), so there is no window in which a resource exists untagged.
+//! place (`gitops.scale.dev/resource = vpc`, `public-subnet-us-west-2a`, …), and is
+//! looked for by those tags first (IAM roles and EKS objects by their names, which are
+//! unique): a second `up` finds everything and creates nothing, an `up` after a failure
+//! resumes at the first missing resource, and `--dry-run` prints what would be created.
+//! Tags are set in the create call itself (`TagSpecifications`), so there is no window
+//! in which a resource exists untagged.
 //!
-//! Modules: [`network`] (VPC, subnets, gateways, addresses, routes), [`iam`] (roles,
-//! OIDC provider), [`cluster`] (EKS cluster and node group), [`token`] (the bearer
-//! token of `gitops-bootstrap token`), [`kubeconfig`].
+//! Modules: [`resources`] (the list of resources and its walks, forward for `up`,
+//! backward for `down`), whose entries are in [`network`] (VPC, subnets, gateways,
+//! addresses, routes), [`iam`] (roles and their policies) and [`cluster`] (EKS cluster,
+//! OIDC provider, node group); [`token`] (the bearer token of `gitops-bootstrap
+//! token`), [`kubeconfig`].
 
 pub mod cluster;
 pub mod iam;
 pub mod kubeconfig;
 pub mod network;
+pub mod resources;
 pub mod token;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sts::operation::get_caller_identity::GetCallerIdentityOutput;
 
 use crate::install::{self, InstallError, InstallOptions};
 use crate::progress::Timeout;
@@ -39,6 +43,11 @@ pub enum Error {
     Aws { action: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "{what} exists but is not tagged {tag}: it is not this cluster's, and is left alone; delete or rename it, \
+         or choose another --cluster-name"
+    )]
+    NotOurs { what: String, tag: String },
     #[error(transparent)]
     Timeout(#[from] Timeout),
     #[error("writing kubeconfig {}: {source}", path.display())]
@@ -147,44 +156,27 @@ pub struct UpOptions {
     pub resume: String,
 }
 
-/// Whether a step found its resource, created it, or (dry run) would create it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Found,
-    Created,
-    Planned,
-}
-
-/// A step's context: the clients, the cluster's name, and dry-run mode.
+/// What every resource's calls need: the clients and the cluster's name.
 pub struct Ctx {
     pub aws: Aws,
     pub name: String,
-    pub dry_run: bool,
-    /// Creations made (or planned) in this run; 0 on a second `up`.
-    pub created: std::sync::atomic::AtomicUsize,
-}
-
-/// The id a dry run gives a resource it would create; later steps recognise it.
-pub const PLANNED: &str = "(planned)";
-
-pub fn is_planned(id: &str) -> bool {
-    id.starts_with(PLANNED)
+    /// The caller's AWS partition (`aws`, `aws-cn`, …), for the ARNs of AWS-managed policies.
+    pub partition: String,
 }
 
 impl Ctx {
-    /// Reports a step: `found vpc vpc-0abc`, `created …`, `would create …`.
-    pub fn report(&self, outcome: Outcome, what: &str, id: &str) {
-        match outcome {
-            Outcome::Found => println!("  found    {what} {id}"),
-            Outcome::Created => {
-                self.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                println!("  created  {what} {id}")
-            }
-            Outcome::Planned => {
-                self.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                println!("  would create {what}")
-            }
-        }
+    /// The clients, and who we are according to STS (which fails first when no
+    /// credentials are set).
+    async fn new(options: &AwsOptions, name: &str) -> Result<(Ctx, GetCallerIdentityOutput), Error> {
+        let aws = Aws::new(&sdk_config(options).await?);
+        let caller = aws
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(aws_error("asking STS who we are (are AWS credentials set?)"))?;
+        let partition = caller.arn().and_then(|a| a.split(':').nth(1)).filter(|p| !p.is_empty()).unwrap_or("aws");
+        Ok((Ctx { partition: partition.to_owned(), aws, name: name.to_owned() }, caller))
     }
 
     /// The tags every resource of this cluster carries, plus `resource`.
@@ -200,47 +192,31 @@ impl Ctx {
 /// `up --provider eks`: provisions what is missing, writes the kubeconfig, installs the
 /// agent and (unless `--no-wait`) waits for its first sync.
 pub async fn up(options: &UpOptions) -> Result<(), Error> {
-    let config = sdk_config(&options.aws).await?;
-    let ctx = Ctx {
-        aws: Aws::new(&config),
-        name: options.cluster_name.clone(),
-        dry_run: options.dry_run,
-        created: Default::default(),
-    };
-    let caller = ctx
-        .aws
-        .sts
-        .get_caller_identity()
-        .send()
-        .await
-        .map_err(aws_error("asking STS who we are (are AWS credentials set?)"))?;
-    let caller_arn = caller.arn().unwrap_or_default().to_owned();
-    println!("AWS account {} as {caller_arn}, region {}", caller.account().unwrap_or("?"), ctx.aws.region);
+    let (ctx, caller) = Ctx::new(&options.aws, &options.cluster_name).await?;
+    println!(
+        "AWS account {} as {}, region {}",
+        caller.account().unwrap_or("?"),
+        caller.arn().unwrap_or_default(),
+        ctx.aws.region
+    );
     if options.dry_run {
         println!("dry run: nothing is changed; what `up` would do:");
     }
-    let partition = caller_arn.split(':').nth(1).filter(|p| !p.is_empty()).unwrap_or("aws").to_owned();
-
-    println!("network:");
-    let net = network::ensure(&ctx, options.zones, options.nat_per_zone, options.timeout, &options.resume).await?;
-    println!("IAM:");
-    let roles = iam::ensure_roles(&ctx, &partition).await?;
-    println!("EKS:");
-    let cluster = cluster::ensure_cluster(&ctx, options, &net, &roles).await?;
-    iam::ensure_oidc_provider(&ctx, cluster.oidc_issuer.as_deref()).await?;
-    cluster::ensure_node_group(&ctx, options, &net, &roles).await?;
+    let zones = network::zones(&ctx, options.zones).await?;
+    let nats = if options.nat_per_zone { zones.len() } else { 1 };
+    let created = resources::up(&ctx, &resources::list(&ctx, &zones, nats), options).await?;
 
     if options.dry_run {
         println!(
-            "dry run: {} resources would be created; then the kubeconfig is written and the agent installed",
-            ctx.created.load(std::sync::atomic::Ordering::Relaxed)
+            "dry run: {created} resources would be created; then the kubeconfig is written and the agent installed"
         );
         return Ok(());
     }
+    let cluster = cluster::info(&ctx).await?;
     let kubeconfig =
         kubeconfig::write(&options.kubeconfig, &ctx.name, &ctx.aws.region, options.aws.profile.as_deref(), &cluster)?;
     println!("kubeconfig: {} (export KUBECONFIG={})", kubeconfig.display(), kubeconfig.display());
-    if ctx.created.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    if created == 0 {
         println!("AWS: everything was in place, nothing created");
     }
     if options.no_install {
@@ -284,27 +260,25 @@ pub struct DownOptions {
 }
 
 /// `down --provider eks`: the agent first (so nothing re-creates objects while the rest
-/// goes), then node group, OIDC provider, cluster, network (unless `--keep-vpc`) and
-/// roles, each waited for. Whatever is already gone is skipped, so it can be re-run.
+/// goes), then the resources `up` makes, last to first (the network kept with
+/// `--keep-vpc`), each waited for. Whatever is already gone is skipped, so it can be
+/// re-run.
 pub async fn down(options: &DownOptions) -> Result<(), Error> {
-    let config = sdk_config(&options.aws).await?;
-    let ctx =
-        Ctx { aws: Aws::new(&config), name: options.cluster_name.clone(), dry_run: false, created: Default::default() };
+    let (ctx, _) = Ctx::new(&options.aws, &options.cluster_name).await?;
 
     println!("agent:");
     remove_agent(&ctx, options).await?;
-    println!("EKS:");
-    cluster::delete_node_group(&ctx, options.timeout, &options.resume).await?;
-    iam::delete_oidc_provider(&ctx).await?;
-    cluster::delete_cluster(&ctx, options.timeout, &options.resume).await?;
+    // `up` may have made a NAT gateway per zone.
+    let zones = network::zones_in_use(&ctx).await?;
+    let mut list = resources::list(&ctx, &zones, zones.len());
+    if options.keep_vpc {
+        list.retain(|e| e.group != resources::Group::Network);
+    }
+    let wait = resources::Wait { timeout: options.timeout, resume: options.resume.clone() };
+    resources::down(&ctx, &list, &wait).await?;
     if options.keep_vpc {
         println!("network: kept (--keep-vpc)");
-    } else {
-        println!("network:");
-        network::delete(&ctx, options.timeout, &options.resume).await?;
     }
-    println!("IAM:");
-    iam::delete_roles(&ctx).await?;
     Ok(())
 }
 

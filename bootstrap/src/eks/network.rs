@@ -13,19 +13,124 @@
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, DomainType, Filter, NatGatewayState, ResourceType, Tag, TagSpecification,
+    AttributeBooleanValue, DomainType, Filter, NatGatewayState, ResourceType, RouteTable, Tag, TagSpecification,
 };
 
-use super::{Ctx, Error, Outcome, PLANNED, aws_error, is_planned};
-use crate::progress::{self, Poll};
+use super::resources::{Entry, Group, Known, Lookup, Resource, Step, Wait, wait_until};
+use super::{Ctx, Error, UpOptions, aws_error};
 
-/// What [`ensure`] found or made.
-#[derive(Debug, Clone)]
-pub struct Network {
-    pub vpc_id: String,
-    pub zones: Vec<String>,
-    pub public_subnets: Vec<String>,
-    pub private_subnets: Vec<String>,
+/// The network's entries of the resource list, in dependency order, over `zones` with
+/// `nats` NAT gateways (1 or one per zone).
+pub fn resources(zones: &[String], nats: usize) -> Vec<Entry> {
+    let tagged = |key: &str, name: String, kind: Kind| {
+        let needs = if matches!(kind, Kind::Subnet { .. } | Kind::RouteTable) { vec!["vpc"] } else { vec![] };
+        Entry::new(Group::Network, key, name, Tagged { resource: key.to_owned(), kind }).needs(needs)
+    };
+    let mut list = vec![
+        tagged("vpc", "VPC".into(), Kind::Vpc),
+        tagged("igw", "internet gateway".into(), Kind::InternetGateway),
+        Entry::new(
+            Group::Network,
+            "igw-attachment",
+            "attachment of the internet gateway to the VPC",
+            GatewayAttachment,
+        )
+        .needs(["igw", "vpc"]),
+    ];
+    for (index, zone) in zones.iter().enumerate() {
+        // 10.0.192.0/20, 10.0.208.0/20, … public; 10.0.0.0/18, 10.0.64.0/18, … private.
+        for (public, cidr) in
+            [(true, format!("10.0.{}.0/20", 192 + 16 * index)), (false, format!("10.0.{}.0/18", 64 * index))]
+        {
+            let key = subnet_key(zone, public);
+            list.push(tagged(&key, format!("subnet {key}"), Kind::Subnet { zone: zone.clone(), cidr, public }));
+        }
+    }
+    // Addresses before gateways, so that `down` deletes all NAT gateways before it waits
+    // for the first to be gone.
+    for index in 0..nats {
+        let key = format!("nat-eip-{index}");
+        list.push(tagged(&key, format!("Elastic IP {key}"), Kind::Address));
+    }
+    for (index, zone) in zones.iter().take(nats).enumerate() {
+        let (key, subnet) = (format!("nat-{index}"), subnet_key(zone, true));
+        let nat = NatGateway { resource: key.clone(), subnet: subnet.clone(), address: format!("nat-eip-{index}") };
+        list.push(
+            Entry::new(Group::Network, &key, format!("NAT gateway {key}"), nat)
+                .needs([subnet, format!("nat-eip-{index}")]),
+        );
+    }
+    // One public table to the internet gateway for all public subnets; one private table
+    // per zone to its NAT gateway, or to the one for all.
+    let public = ("public-rt".to_owned(), "igw".to_owned(), zones.iter().map(|z| subnet_key(z, true)).collect());
+    let private = zones.iter().enumerate().map(|(index, zone)| {
+        (
+            format!("private-rt-{zone}"),
+            format!("nat-{}", index.min(nats.saturating_sub(1))),
+            vec![subnet_key(zone, false)],
+        )
+    });
+    for (table, target, subnets) in std::iter::once(public).chain(private) {
+        list.push(tagged(&table, format!("route table {table}"), Kind::RouteTable));
+        let via = if target == "igw" { "the internet gateway".to_owned() } else { format!("NAT gateway {target}") };
+        let route = Route { table: table.clone(), target: target.clone() };
+        let name = format!("default route of {table} through {via}");
+        list.push(Entry::new(Group::Network, format!("{table}-default-route"), name, route).needs([&table, &target]));
+        for subnet in subnets {
+            let name = format!("association of {subnet} with {table}");
+            let association = Association { table: table.clone(), subnet: subnet.clone() };
+            list.push(
+                Entry::new(Group::Network, format!("{table}/{subnet}"), name, association).needs([&table, &subnet]),
+            );
+        }
+    }
+    list
+}
+
+/// The key (and resource tag) of a zone's subnet.
+pub fn subnet_key(zone: &str, public: bool) -> String {
+    format!("{}-subnet-{zone}", if public { "public" } else { "private" })
+}
+
+/// The first `count` available zones of the region, by name (a stable choice, so a
+/// re-run picks the same ones).
+pub async fn zones(ctx: &Ctx, count: usize) -> Result<Vec<String>, Error> {
+    let answer = ctx
+        .aws
+        .ec2
+        .describe_availability_zones()
+        .filters(filter("state", "available"))
+        .send()
+        .await
+        .map_err(aws_error(format!("listing availability zones of {}", ctx.aws.region)))?;
+    let mut zones: Vec<String> =
+        answer.availability_zones().iter().filter_map(|z| z.zone_name().map(str::to_owned)).collect();
+    zones.sort();
+    if zones.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "region {} has {} available zones; EKS needs subnets in at least 2",
+            ctx.aws.region,
+            zones.len()
+        )));
+    }
+    zones.truncate(count.clamp(2, 3));
+    Ok(zones)
+}
+
+/// The zones this cluster's subnets are in, which are the zones `up` chose (whatever
+/// their state now); everything of a zone needs its subnets, so is deleted before them.
+pub async fn zones_in_use(ctx: &Ctx) -> Result<Vec<String>, Error> {
+    let found = ctx
+        .aws
+        .ec2
+        .describe_subnets()
+        .filters(tag_filter(super::CLUSTER_TAG, &ctx.name))
+        .send()
+        .await
+        .map_err(aws_error(format!("listing the subnets of cluster {}", ctx.name)))?;
+    let zones: std::collections::BTreeSet<String> =
+        found.subnets().iter().filter_map(|s| s.availability_zone().map(str::to_owned)).collect();
+    Ok(zones.into_iter().collect())
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
@@ -51,573 +156,391 @@ fn has_tags(tags: &[Tag], ctx: &Ctx, resource: &str) -> bool {
     has(super::CLUSTER_TAG, &ctx.name) && has(super::RESOURCE_TAG, resource)
 }
 
-/// Finds or creates the whole network; waits for NAT gateways to become available.
-pub async fn ensure(
-    ctx: &Ctx,
-    zone_count: usize,
-    nat_per_zone: bool,
-    timeout: Duration,
-    resume: &str,
-) -> Result<Network, Error> {
-    let zones = zones(ctx, zone_count).await?;
-    let vpc_id = ensure_vpc(ctx).await?;
-    let igw = ensure_internet_gateway(ctx, &vpc_id).await?;
-
-    let mut public_subnets = Vec::new();
-    let mut private_subnets = Vec::new();
-    for (index, zone) in zones.iter().enumerate() {
-        // 10.0.0.0/18, 10.0.64.0/18, 10.0.128.0/18 private; 10.0.192.0/20, … public.
-        let private = format!("10.0.{}.0/18", 64 * index);
-        let public = format!("10.0.{}.0/20", 192 + 16 * index);
-        public_subnets.push(ensure_subnet(ctx, &vpc_id, zone, &public, true).await?);
-        private_subnets.push(ensure_subnet(ctx, &vpc_id, zone, &private, false).await?);
-    }
-
-    let nat_count = if nat_per_zone { zones.len() } else { 1 };
-    let mut nats = Vec::new();
-    for (index, subnet) in public_subnets.iter().take(nat_count).enumerate() {
-        let allocation = ensure_address(ctx, &format!("nat-eip-{index}")).await?;
-        nats.push(ensure_nat_gateway(ctx, &vpc_id, subnet, &allocation, &format!("nat-{index}")).await?);
-    }
-    wait_nat_gateways(ctx, &nats, timeout, resume).await?;
-
-    let public_table = ensure_route_table(ctx, &vpc_id, "public-rt").await?;
-    ensure_route(ctx, &public_table, Target::InternetGateway(&igw)).await?;
-    for subnet in &public_subnets {
-        ensure_association(ctx, &public_table, subnet).await?;
-    }
-    for (index, (zone, subnet)) in zones.iter().zip(&private_subnets).enumerate() {
-        let table = ensure_route_table(ctx, &vpc_id, &format!("private-rt-{zone}")).await?;
-        ensure_route(ctx, &table, Target::NatGateway(&nats[index.min(nats.len() - 1)])).await?;
-        ensure_association(ctx, &table, subnet).await?;
-    }
-    Ok(Network { vpc_id, zones, public_subnets, private_subnets })
+fn found(id: Option<&str>) -> Lookup {
+    id.map_or(Lookup::Absent, |id| Lookup::Ours(id.to_owned()))
 }
 
-/// The first `count` available zones of the region, by name (a stable choice, so a
-/// re-run picks the same ones).
-async fn zones(ctx: &Ctx, count: usize) -> Result<Vec<String>, Error> {
-    let answer = ctx
-        .aws
-        .ec2
-        .describe_availability_zones()
-        .filters(filter("state", "available"))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing availability zones of {}", ctx.aws.region)))?;
-    let mut zones: Vec<String> =
-        answer.availability_zones().iter().filter_map(|z| z.zone_name().map(str::to_owned)).collect();
-    zones.sort();
-    if zones.len() < 2 {
-        return Err(Error::Invalid(format!(
-            "region {} has {} available zones; EKS needs subnets in at least 2",
-            ctx.aws.region,
-            zones.len()
-        )));
-    }
-    zones.truncate(count.clamp(2, 3));
-    Ok(zones)
+/// The EC2 resources found by their tags alone and deleted by their ids.
+enum Kind {
+    Vpc,
+    InternetGateway,
+    /// A private subnet holds nodes and internal load balancers; a public one
+    /// internet-facing load balancers and the NAT gateways.
+    Subnet {
+        zone: String,
+        cidr: String,
+        public: bool,
+    },
+    /// An Elastic IP of a NAT gateway; its id is the allocation id.
+    Address,
+    RouteTable,
 }
 
-pub async fn find_vpc(ctx: &Ctx) -> Result<Option<String>, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_vpcs()
-        .set_filters(Some(ours(ctx, "vpc")))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for the VPC of cluster {}", ctx.name)))?;
-    Ok(found.vpcs().first().and_then(|v| v.vpc_id()).map(str::to_owned))
+/// A resource of a [`Kind`], tagged `gitops.scale.dev/resource = resource`.
+struct Tagged {
+    resource: String,
+    kind: Kind,
 }
 
-async fn ensure_vpc(ctx: &Ctx) -> Result<String, Error> {
-    if let Some(id) = find_vpc(ctx).await? {
-        ctx.report(Outcome::Found, "vpc", &id);
-        return Ok(id);
+impl Tagged {
+    fn what(&self) -> String {
+        let kind = match self.kind {
+            Kind::Vpc => "VPC",
+            Kind::InternetGateway => "internet gateway",
+            Kind::Subnet { .. } => "subnet",
+            Kind::Address => "Elastic IP",
+            Kind::RouteTable => "route table",
+        };
+        format!("{kind} {}", self.resource)
     }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, "vpc 10.0.0.0/16", "");
-        return Ok(format!("{PLANNED} vpc"));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .tag_specifications(tag_spec(ctx, ResourceType::Vpc, "vpc", &[]))
-        .send()
-        .await
-        .map_err(aws_error("creating the VPC"))?;
-    let id = created.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_owned();
-    // Nodes register with the API server by their private DNS names; EKS needs both.
-    for hostnames in [false, true] {
-        let on = AttributeBooleanValue::builder().value(true).build();
-        let request = ctx.aws.ec2.modify_vpc_attribute().vpc_id(&id);
-        let request = if hostnames { request.enable_dns_hostnames(on) } else { request.enable_dns_support(on) };
-        request.send().await.map_err(aws_error(format!("enabling DNS on VPC {id}")))?;
-    }
-    ctx.report(Outcome::Created, "vpc", &id);
-    Ok(id)
 }
 
-async fn ensure_internet_gateway(ctx: &Ctx, vpc_id: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_internet_gateways()
-        .set_filters(Some(ours(ctx, "igw")))
-        .send()
-        .await
-        .map_err(aws_error("looking for the internet gateway"))?;
-    let (id, attached) = match found.internet_gateways().first() {
-        Some(igw) => {
-            let id = igw.internet_gateway_id().unwrap_or_default().to_owned();
-            ctx.report(Outcome::Found, "internet gateway", &id);
-            let attached = igw.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id));
-            (id, attached)
+impl Resource for Tagged {
+    fn plan(&self, _options: &UpOptions) -> String {
+        match &self.kind {
+            Kind::Vpc => "10.0.0.0/16".into(),
+            Kind::Subnet { cidr, .. } => cidr.clone(),
+            _ => String::new(),
         }
-        None if ctx.dry_run => {
-            ctx.report(Outcome::Planned, "internet gateway, attached to the VPC", "");
-            return Ok(format!("{PLANNED} igw"));
-        }
-        None => {
+    }
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let (ec2, filters) = (&ctx.aws.ec2, Some(ours(ctx, &self.resource)));
+            let failed = format!("looking for {} of cluster {}", self.what(), ctx.name);
+            let id = match self.kind {
+                Kind::Vpc => {
+                    let found = ec2.describe_vpcs().set_filters(filters).send().await.map_err(aws_error(failed))?;
+                    found.vpcs().first().and_then(|v| v.vpc_id()).map(str::to_owned)
+                }
+                Kind::InternetGateway => {
+                    let found = ec2.describe_internet_gateways().set_filters(filters).send();
+                    let found = found.await.map_err(aws_error(failed))?;
+                    found.internet_gateways().first().and_then(|g| g.internet_gateway_id()).map(str::to_owned)
+                }
+                Kind::Subnet { .. } => {
+                    let found = ec2.describe_subnets().set_filters(filters).send().await.map_err(aws_error(failed))?;
+                    found.subnets().first().and_then(|s| s.subnet_id()).map(str::to_owned)
+                }
+                Kind::Address => {
+                    let found =
+                        ec2.describe_addresses().set_filters(filters).send().await.map_err(aws_error(failed))?;
+                    found.addresses().first().and_then(|a| a.allocation_id()).map(str::to_owned)
+                }
+                Kind::RouteTable => {
+                    let found = ec2.describe_route_tables().set_filters(filters).send();
+                    let found = found.await.map_err(aws_error(failed))?;
+                    found.route_tables().first().and_then(|t| t.route_table_id()).map(str::to_owned)
+                }
+            };
+            Ok(found(id.as_deref()))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let ec2 = &ctx.aws.ec2;
+            let failed = format!("creating {}", self.what());
+            let tags = |kind, extra: &[(String, String)]| tag_spec(ctx, kind, &self.resource, extra);
+            let id = match &self.kind {
+                Kind::Vpc => {
+                    let created =
+                        ec2.create_vpc().cidr_block("10.0.0.0/16").tag_specifications(tags(ResourceType::Vpc, &[]));
+                    let created = created.send().await.map_err(aws_error(failed))?;
+                    let id = created.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_owned();
+                    // Nodes register with the API server by their private DNS names; EKS needs both.
+                    for hostnames in [false, true] {
+                        let on = AttributeBooleanValue::builder().value(true).build();
+                        let request = ec2.modify_vpc_attribute().vpc_id(&id);
+                        let request =
+                            if hostnames { request.enable_dns_hostnames(on) } else { request.enable_dns_support(on) };
+                        request.send().await.map_err(aws_error(format!("enabling DNS on VPC {id}")))?;
+                    }
+                    id
+                }
+                Kind::InternetGateway => {
+                    let created =
+                        ec2.create_internet_gateway().tag_specifications(tags(ResourceType::InternetGateway, &[]));
+                    let created = created.send().await.map_err(aws_error(failed))?;
+                    created.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned()
+                }
+                Kind::Subnet { zone, cidr, public } => {
+                    let role = if *public { "kubernetes.io/role/elb" } else { "kubernetes.io/role/internal-elb" };
+                    let extra = [
+                        (role.to_owned(), "1".to_owned()),
+                        (format!("kubernetes.io/cluster/{}", ctx.name), "shared".to_owned()),
+                    ];
+                    let vpc = known.get("vpc");
+                    let created = ec2
+                        .create_subnet()
+                        .vpc_id(vpc)
+                        .cidr_block(cidr)
+                        .availability_zone(zone)
+                        .tag_specifications(tags(ResourceType::Subnet, &extra));
+                    let created = created.send().await.map_err(aws_error(format!("{failed} ({cidr}) in VPC {vpc}")))?;
+                    created.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned()
+                }
+                Kind::Address => {
+                    let created = ec2
+                        .allocate_address()
+                        .domain(DomainType::Vpc)
+                        .tag_specifications(tags(ResourceType::ElasticIp, &[]));
+                    let created = created.send().await.map_err(aws_error(failed))?;
+                    created.allocation_id().unwrap_or_default().to_owned()
+                }
+                Kind::RouteTable => {
+                    let created = ec2
+                        .create_route_table()
+                        .vpc_id(known.get("vpc"))
+                        .tag_specifications(tags(ResourceType::RouteTable, &[]));
+                    let created = created.send().await.map_err(aws_error(failed))?;
+                    created.route_table().and_then(|t| t.route_table_id()).unwrap_or_default().to_owned()
+                }
+            };
+            Ok(id)
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let ec2 = &ctx.aws.ec2;
+            let failed = format!("deleting {} {id}", self.what());
+            match self.kind {
+                // Security groups EKS made for the cluster are deleted with it; any other
+                // but the default one would make this fail with a message naming it.
+                Kind::Vpc => drop(ec2.delete_vpc().vpc_id(id).send().await.map_err(aws_error(failed))?),
+                Kind::InternetGateway => drop(
+                    ec2.delete_internet_gateway().internet_gateway_id(id).send().await.map_err(aws_error(failed))?,
+                ),
+                Kind::Subnet { .. } => drop(ec2.delete_subnet().subnet_id(id).send().await.map_err(aws_error(failed))?),
+                Kind::Address => drop(ec2.release_address().allocation_id(id).send().await.map_err(aws_error(failed))?),
+                Kind::RouteTable => {
+                    drop(ec2.delete_route_table().route_table_id(id).send().await.map_err(aws_error(failed))?)
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The internet gateway's attachment to the VPC; its id is the VPC's.
+struct GatewayAttachment;
+
+impl Resource for GatewayAttachment {
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let (Some(igw), Some(vpc)) = (known.id("igw"), known.id("vpc")) else { return Ok(Lookup::Absent) };
+            let found = ctx.aws.ec2.describe_internet_gateways().internet_gateway_ids(igw).send();
+            let found = found.await.map_err(aws_error(format!("reading internet gateway {igw}")))?;
+            let attached =
+                found.internet_gateways().iter().flat_map(|g| g.attachments()).any(|a| a.vpc_id() == Some(vpc));
+            Ok(if attached { Lookup::Ours(vpc.to_owned()) } else { Lookup::Absent })
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (igw, vpc) = (known.get("igw"), known.get("vpc"));
+            let attach = ctx.aws.ec2.attach_internet_gateway().internet_gateway_id(igw).vpc_id(vpc).send();
+            attach.await.map_err(aws_error(format!("attaching internet gateway {igw} to VPC {vpc}")))?;
+            Ok(vpc.to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, vpc: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let igw = known.get("igw");
+            let detach = ctx.aws.ec2.detach_internet_gateway().internet_gateway_id(igw).vpc_id(vpc).send();
+            detach.await.map_err(aws_error(format!("detaching internet gateway {igw} from VPC {vpc}")))?;
+            Ok(())
+        })
+    }
+}
+
+/// A NAT gateway in a public subnet, with its Elastic IP.
+struct NatGateway {
+    resource: String,
+    subnet: String,
+    address: String,
+}
+
+impl NatGateway {
+    async fn state(&self, ctx: &Ctx, id: &str) -> Result<Option<aws_sdk_ec2::types::NatGateway>, Error> {
+        let found = ctx.aws.ec2.describe_nat_gateways().nat_gateway_ids(id).send();
+        let found =
+            found.await.map_err(aws_error(format!("reading the state of NAT gateway {} {id}", self.resource)))?;
+        Ok(found.nat_gateways().first().cloned())
+    }
+}
+
+impl Resource for NatGateway {
+    fn plan(&self, _options: &UpOptions) -> String {
+        format!("in {}", self.subnet)
+    }
+    /// Selected by tag here rather than by a filter: not every EC2 implementation filters
+    /// NAT gateways by tag. One deleted, being deleted or failed does not count: a failed
+    /// one never becomes usable, and is replaced.
+    fn find<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let listed = ctx.aws.ec2.describe_nat_gateways().send();
+            let listed = listed.await.map_err(aws_error(format!("looking for NAT gateway {}", self.resource)))?;
+            let usable = listed.nat_gateways().iter().find(|n| {
+                let gone = [NatGatewayState::Deleted, NatGatewayState::Deleting, NatGatewayState::Failed];
+                !n.state().is_some_and(|s| gone.contains(s)) && has_tags(n.tags(), ctx, &self.resource)
+            });
+            Ok(found(usable.and_then(|n| n.nat_gateway_id())))
+        })
+    }
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (subnet, allocation) = (known.get(&self.subnet), known.get(&self.address));
             let created = ctx
                 .aws
                 .ec2
-                .create_internet_gateway()
-                .tag_specifications(tag_spec(ctx, ResourceType::InternetGateway, "igw", &[]))
+                .create_nat_gateway()
+                .subnet_id(subnet)
+                .allocation_id(allocation)
+                .tag_specifications(tag_spec(ctx, ResourceType::Natgateway, &self.resource, &[]))
                 .send()
                 .await
-                .map_err(aws_error("creating the internet gateway"))?;
-            let id = created.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned();
-            ctx.report(Outcome::Created, "internet gateway", &id);
-            (id, false)
-        }
-    };
-    if !attached {
-        if ctx.dry_run || is_planned(vpc_id) {
-            ctx.report(Outcome::Planned, &format!("attachment of {id} to the VPC"), "");
-        } else {
-            ctx.aws
-                .ec2
-                .attach_internet_gateway()
-                .internet_gateway_id(&id)
-                .vpc_id(vpc_id)
-                .send()
-                .await
-                .map_err(aws_error(format!("attaching internet gateway {id} to VPC {vpc_id}")))?;
-            ctx.report(Outcome::Created, "attachment of the internet gateway to", vpc_id);
-        }
+                .map_err(aws_error(format!("creating NAT gateway {} in subnet {subnet}", self.resource)))?;
+            Ok(created.nat_gateway().and_then(|n| n.nat_gateway_id()).unwrap_or_default().to_owned())
+        })
     }
-    Ok(id)
-}
-
-async fn ensure_subnet(ctx: &Ctx, vpc_id: &str, zone: &str, cidr: &str, public: bool) -> Result<String, Error> {
-    let resource = format!("{}-subnet-{zone}", if public { "public" } else { "private" });
-    let found = ctx
-        .aws
-        .ec2
-        .describe_subnets()
-        .set_filters(Some(ours(ctx, &resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for subnet {resource}")))?;
-    if let Some(id) = found.subnets().first().and_then(|s| s.subnet_id()) {
-        ctx.report(Outcome::Found, &format!("subnet {resource}"), id);
-        return Ok(id.to_owned());
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let delete = ctx.aws.ec2.delete_nat_gateway().nat_gateway_id(id).send();
+            delete.await.map_err(aws_error(format!("deleting NAT gateway {} {id}", self.resource)))?;
+            Ok(())
+        })
     }
-    if ctx.dry_run || is_planned(vpc_id) {
-        ctx.report(Outcome::Planned, &format!("subnet {resource} {cidr}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
-    }
-    let role = if public { "kubernetes.io/role/elb" } else { "kubernetes.io/role/internal-elb" };
-    let extra =
-        [(role.to_owned(), "1".to_owned()), (format!("kubernetes.io/cluster/{}", ctx.name), "shared".to_owned())];
-    let created = ctx
-        .aws
-        .ec2
-        .create_subnet()
-        .vpc_id(vpc_id)
-        .cidr_block(cidr)
-        .availability_zone(zone)
-        .tag_specifications(tag_spec(ctx, ResourceType::Subnet, &resource, &extra))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating subnet {resource} ({cidr}) in VPC {vpc_id}")))?;
-    let id = created.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("subnet {resource}"), &id);
-    Ok(id)
-}
-
-/// An Elastic IP for a NAT gateway; returns its allocation id.
-async fn ensure_address(ctx: &Ctx, resource: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_addresses()
-        .set_filters(Some(ours(ctx, resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for Elastic IP {resource}")))?;
-    if let Some(id) = found.addresses().first().and_then(|a| a.allocation_id()) {
-        ctx.report(Outcome::Found, &format!("Elastic IP {resource}"), id);
-        return Ok(id.to_owned());
-    }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &format!("Elastic IP {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .allocate_address()
-        .domain(DomainType::Vpc)
-        .tag_specifications(tag_spec(ctx, ResourceType::ElasticIp, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("allocating Elastic IP {resource}")))?;
-    let id = created.allocation_id().unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("Elastic IP {resource}"), &id);
-    Ok(id)
-}
-
-/// This cluster's NAT gateways that are not deleted or being deleted. Selected by tag
-/// here rather than by a filter: not every EC2 implementation filters NAT gateways by tag.
-async fn nat_gateways(ctx: &Ctx, vpc_id: Option<&str>) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, Error> {
-    let mut request = ctx.aws.ec2.describe_nat_gateways();
-    if let Some(vpc_id) = vpc_id {
-        request = request.filter(filter("vpc-id", vpc_id));
-    }
-    let found = request.send().await.map_err(aws_error("listing NAT gateways"))?;
-    Ok(found
-        .nat_gateways()
-        .iter()
-        .filter(|n| !matches!(n.state(), Some(NatGatewayState::Deleted | NatGatewayState::Deleting)))
-        .filter(|n| n.tags().iter().any(|t| t.key() == Some(super::CLUSTER_TAG) && t.value() == Some(&ctx.name)))
-        .cloned()
-        .collect())
-}
-
-async fn ensure_nat_gateway(
-    ctx: &Ctx,
-    vpc_id: &str,
-    subnet: &str,
-    allocation: &str,
-    resource: &str,
-) -> Result<String, Error> {
-    if !is_planned(vpc_id) {
-        let existing = nat_gateways(ctx, Some(vpc_id)).await?;
-        // A failed NAT gateway is replaced: it never becomes usable.
-        if let Some(nat) =
-            existing.iter().find(|n| has_tags(n.tags(), ctx, resource) && n.state() != Some(&NatGatewayState::Failed))
-        {
-            let id = nat.nat_gateway_id().unwrap_or_default();
-            ctx.report(Outcome::Found, &format!("NAT gateway {resource}"), id);
-            return Ok(id.to_owned());
-        }
-    }
-    if ctx.dry_run || is_planned(subnet) || is_planned(allocation) {
-        ctx.report(Outcome::Planned, &format!("NAT gateway {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .create_nat_gateway()
-        .subnet_id(subnet)
-        .allocation_id(allocation)
-        .tag_specifications(tag_spec(ctx, ResourceType::Natgateway, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating NAT gateway {resource} in subnet {subnet}")))?;
-    let id = created.nat_gateway().and_then(|n| n.nat_gateway_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("NAT gateway {resource}"), &id);
-    Ok(id)
-}
-
-async fn wait_nat_gateways(ctx: &Ctx, ids: &[String], timeout: Duration, resume: &str) -> Result<(), Error> {
-    let ids: Vec<String> = ids.iter().filter(|id| !is_planned(id)).cloned().collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    progress::wait("NAT gateways available", timeout, Duration::from_secs(5), resume, || async {
-        let found = ctx
-            .aws
-            .ec2
-            .describe_nat_gateways()
-            .set_nat_gateway_ids(Some(ids.clone()))
-            .send()
+    fn ready<'a>(&'a self, ctx: &'a Ctx, id: &'a str, wait: &'a Wait) -> Step<'a, ()> {
+        Box::pin(async move {
+            let what = format!("NAT gateway {} {id} available", self.resource);
+            wait_until(&what, Duration::from_secs(5), wait, || async {
+                let nat = self.state(ctx, id).await?;
+                Ok(match nat.as_ref().and_then(|n| n.state()) {
+                    Some(NatGatewayState::Available) => None,
+                    Some(NatGatewayState::Failed) => {
+                        return Err(Error::Invalid(format!(
+                            "NAT gateway {} {id} failed: {}",
+                            self.resource,
+                            nat.as_ref().and_then(|n| n.failure_message()).unwrap_or("no reason given")
+                        )));
+                    }
+                    state => Some(format!("state {}", state.map(|s| s.as_str()).unwrap_or("unknown"))),
+                })
+            })
             .await
-            .map_err(aws_error("reading the NAT gateways' state"))?;
-        let states: Vec<String> = found
-            .nat_gateways()
-            .iter()
-            .map(|n| format!("{} {}", n.nat_gateway_id().unwrap_or("?"), n.state().map(|s| s.as_str()).unwrap_or("?")))
-            .collect();
-        if let Some(failed) = found.nat_gateways().iter().find(|n| n.state() == Some(&NatGatewayState::Failed)) {
-            return Err(Error::Invalid(format!(
-                "NAT gateway {} failed: {}",
-                failed.nat_gateway_id().unwrap_or("?"),
-                failed.failure_message().unwrap_or("no reason given")
-            )));
-        }
-        let available = found.nat_gateways().iter().all(|n| n.state() == Some(&NatGatewayState::Available));
-        Ok::<_, Error>(if available { Poll::Done(()) } else { Poll::Pending(states.join(", ")) })
-    })
-    .await??;
-    Ok(())
-}
-
-async fn ensure_route_table(ctx: &Ctx, vpc_id: &str, resource: &str) -> Result<String, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_route_tables()
-        .set_filters(Some(ours(ctx, resource)))
-        .send()
-        .await
-        .map_err(aws_error(format!("looking for route table {resource}")))?;
-    if let Some(id) = found.route_tables().first().and_then(|t| t.route_table_id()) {
-        ctx.report(Outcome::Found, &format!("route table {resource}"), id);
-        return Ok(id.to_owned());
+        })
     }
-    if ctx.dry_run || is_planned(vpc_id) {
-        ctx.report(Outcome::Planned, &format!("route table {resource}"), "");
-        return Ok(format!("{PLANNED} {resource}"));
+    /// Until then it holds its address and its subnet.
+    fn gone<'a>(&'a self, ctx: &'a Ctx, id: &'a str, wait: &'a Wait) -> Step<'a, ()> {
+        Box::pin(async move {
+            let what = format!("NAT gateway {} {id} deleted", self.resource);
+            wait_until(&what, Duration::from_secs(5), wait, || async {
+                let state = self.state(ctx, id).await?.and_then(|n| n.state().cloned());
+                Ok(state.filter(|s| *s != NatGatewayState::Deleted).map(|s| format!("state {}", s.as_str())))
+            })
+            .await
+        })
     }
-    let created = ctx
-        .aws
-        .ec2
-        .create_route_table()
-        .vpc_id(vpc_id)
-        .tag_specifications(tag_spec(ctx, ResourceType::RouteTable, resource, &[]))
-        .send()
-        .await
-        .map_err(aws_error(format!("creating route table {resource}")))?;
-    let id = created.route_table().and_then(|t| t.route_table_id()).unwrap_or_default().to_owned();
-    ctx.report(Outcome::Created, &format!("route table {resource}"), &id);
-    Ok(id)
 }
 
-enum Target<'a> {
-    InternetGateway(&'a str),
-    NatGateway(&'a str),
-}
-
-async fn route_table(ctx: &Ctx, id: &str) -> Result<Option<aws_sdk_ec2::types::RouteTable>, Error> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_route_tables()
-        .route_table_ids(id)
-        .send()
-        .await
-        .map_err(aws_error(format!("reading route table {id}")))?;
+async fn route_table(ctx: &Ctx, id: &str) -> Result<Option<RouteTable>, Error> {
+    let request = ctx.aws.ec2.describe_route_tables().route_table_ids(id).send();
+    let found = request.await.map_err(aws_error(format!("reading route table {id}")))?;
     Ok(found.route_tables().first().cloned())
 }
 
-/// The default route (0.0.0.0/0) of `table` through `target`.
-async fn ensure_route(ctx: &Ctx, table: &str, target: Target<'_>) -> Result<(), Error> {
-    let (target_id, what) = match target {
-        Target::InternetGateway(id) => (id, "internet gateway"),
-        Target::NatGateway(id) => (id, "NAT gateway"),
-    };
-    let description = format!("default route of {table} through {what} {target_id}");
-    if is_planned(table) || is_planned(target_id) {
-        ctx.report(Outcome::Planned, &description, "");
-        return Ok(());
-    }
-    let existing = route_table(ctx, table).await?;
-    let routes = existing.as_ref().map(|t| t.routes()).unwrap_or_default();
-    let default = routes.iter().find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
-    let current = default.and_then(|r| r.gateway_id().or(r.nat_gateway_id()));
-    if current == Some(target_id) {
-        ctx.report(Outcome::Found, "default route of", table);
-        return Ok(());
-    }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &description, "");
-        return Ok(());
-    }
-    let failed = format!("setting the {description}");
-    match default {
-        // A default route to something else (a NAT gateway replaced after failing).
-        Some(_) => {
-            let r = ctx.aws.ec2.replace_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
-            let r = match target {
-                Target::InternetGateway(id) => r.gateway_id(id),
-                Target::NatGateway(id) => r.nat_gateway_id(id),
-            };
-            r.send().await.map_err(aws_error(failed))?;
-        }
-        None => {
-            let r = ctx.aws.ec2.create_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
-            let r = match target {
-                Target::InternetGateway(id) => r.gateway_id(id),
-                Target::NatGateway(id) => r.nat_gateway_id(id),
-            };
-            r.send().await.map_err(aws_error(failed))?;
-        }
-    }
-    ctx.report(Outcome::Created, "default route of", table);
-    Ok(())
+/// The route table keyed `table` and the id of `other`, where both exist.
+async fn table_and<'k>(
+    ctx: &Ctx,
+    known: &'k Known,
+    table: &str,
+    other: &str,
+) -> Result<Option<(RouteTable, &'k str)>, Error> {
+    let (Some(table), Some(other)) = (known.id(table), known.id(other)) else { return Ok(None) };
+    Ok(route_table(ctx, table).await?.map(|table| (table, other)))
 }
 
-async fn ensure_association(ctx: &Ctx, table: &str, subnet: &str) -> Result<(), Error> {
-    if is_planned(table) || is_planned(subnet) {
-        ctx.report(Outcome::Planned, &format!("association of {subnet} with {table}"), "");
-        return Ok(());
-    }
-    let existing = route_table(ctx, table).await?;
-    let associated = existing.iter().flat_map(|t| t.associations()).any(|a| a.subnet_id() == Some(subnet));
-    if associated {
-        ctx.report(Outcome::Found, &format!("association with {table} of"), subnet);
-        return Ok(());
-    }
-    if ctx.dry_run {
-        ctx.report(Outcome::Planned, &format!("association of {subnet} with {table}"), "");
-        return Ok(());
-    }
-    ctx.aws
-        .ec2
-        .associate_route_table()
-        .route_table_id(table)
-        .subnet_id(subnet)
-        .send()
-        .await
-        .map_err(aws_error(format!("associating subnet {subnet} with route table {table}")))?;
-    ctx.report(Outcome::Created, &format!("association with {table} of"), subnet);
-    Ok(())
+/// The default route (0.0.0.0/0) of `table` through `target`, the internet gateway or a
+/// NAT gateway; its id is the target's.
+struct Route {
+    table: String,
+    target: String,
 }
 
-/// Deletes the network in dependency order: NAT gateways (waited for: they hold their
-/// addresses and subnets), their Elastic IPs, route tables, subnets, the internet
-/// gateway, the VPC. Anything already gone is skipped.
-pub async fn delete(ctx: &Ctx, timeout: Duration, resume: &str) -> Result<(), Error> {
-    let ec2 = &ctx.aws.ec2;
-    let vpc = find_vpc(ctx).await?;
-
-    let nats: Vec<String> =
-        nat_gateways(ctx, None).await?.iter().filter_map(|n| n.nat_gateway_id().map(str::to_owned)).collect();
-    for id in &nats {
-        ec2.delete_nat_gateway()
-            .nat_gateway_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting NAT gateway {id}")))?;
-        println!("  deleting NAT gateway {id}");
-    }
-    if !nats.is_empty() {
-        progress::wait("NAT gateways deleted", timeout, Duration::from_secs(5), resume, || async {
-            let left = nat_gateways(ctx, None).await?;
-            Ok::<_, Error>(if left.is_empty() {
-                Poll::Done(())
-            } else {
-                Poll::Pending(format!("{} NAT gateway(s) still deleting", left.len()))
-            })
+impl Resource for Route {
+    /// A default route to anything else (a NAT gateway replaced after it failed) counts
+    /// as absent, and is replaced.
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let Some((table, target)) = table_and(ctx, known, &self.table, &self.target).await? else {
+                return Ok(Lookup::Absent);
+            };
+            let default = table.routes().iter().find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
+            let current = default.and_then(|r| r.gateway_id().or(r.nat_gateway_id()));
+            Ok(if current == Some(target) { Lookup::Ours(target.to_owned()) } else { Lookup::Absent })
         })
-        .await??;
     }
-
-    let addresses = ec2
-        .describe_addresses()
-        .filters(tag_filter(super::CLUSTER_TAG, &ctx.name))
-        .send()
-        .await
-        .map_err(aws_error("listing Elastic IPs"))?;
-    for address in addresses.addresses() {
-        let id = address.allocation_id().unwrap_or_default();
-        ec2.release_address()
-            .allocation_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("releasing Elastic IP {id}")))?;
-        println!("  released Elastic IP {id}");
-    }
-
-    let Some(vpc) = vpc else {
-        println!("  no VPC of cluster {}", ctx.name);
-        return Ok(());
-    };
-    let tables = ec2
-        .describe_route_tables()
-        .filters(filter("vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing route tables of VPC {vpc}")))?;
-    for table in tables.route_tables() {
-        let id = table.route_table_id().unwrap_or_default();
-        // The VPC's main route table goes with the VPC and cannot be deleted before.
-        if table.associations().iter().any(|a| a.main() == Some(true)) {
-            continue;
-        }
-        for association in table.associations() {
-            if let Some(association) = association.route_table_association_id() {
-                ec2.disassociate_route_table()
-                    .association_id(association)
-                    .send()
-                    .await
-                    .map_err(aws_error(format!("disassociating route table {id}")))?;
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (table, target) = (known.get(&self.table), known.get(&self.target));
+            let existing = route_table(ctx, table).await?;
+            let replace =
+                existing.iter().flat_map(|t| t.routes()).any(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
+            let failed = format!("setting the default route of route table {} ({table}) to {target}", self.table);
+            let igw = self.target == "igw";
+            if replace {
+                let r = ctx.aws.ec2.replace_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
+                let r = if igw { r.gateway_id(target) } else { r.nat_gateway_id(target) };
+                r.send().await.map_err(aws_error(failed))?;
+            } else {
+                let r = ctx.aws.ec2.create_route().route_table_id(table).destination_cidr_block("0.0.0.0/0");
+                let r = if igw { r.gateway_id(target) } else { r.nat_gateway_id(target) };
+                r.send().await.map_err(aws_error(failed))?;
             }
-        }
-        ec2.delete_route_table()
-            .route_table_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting route table {id}")))?;
-        println!("  deleted route table {id}");
+            Ok(target.to_owned())
+        })
     }
-
-    let subnets = ec2
-        .describe_subnets()
-        .filters(filter("vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing subnets of VPC {vpc}")))?;
-    for subnet in subnets.subnets() {
-        let id = subnet.subnet_id().unwrap_or_default();
-        ec2.delete_subnet().subnet_id(id).send().await.map_err(aws_error(format!("deleting subnet {id}")))?;
-        println!("  deleted subnet {id}");
+    fn delete<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _target: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let table = known.get(&self.table);
+            let request = ctx.aws.ec2.delete_route().route_table_id(table).destination_cidr_block("0.0.0.0/0").send();
+            let failed = format!("deleting the default route of route table {} ({table})", self.table);
+            request.await.map_err(aws_error(failed))?;
+            Ok(())
+        })
     }
+}
 
-    let gateways = ec2
-        .describe_internet_gateways()
-        .filters(filter("attachment.vpc-id", &vpc))
-        .send()
-        .await
-        .map_err(aws_error(format!("listing internet gateways of VPC {vpc}")))?;
-    let tagged = ec2
-        .describe_internet_gateways()
-        .set_filters(Some(ours(ctx, "igw")))
-        .send()
-        .await
-        .map_err(aws_error("looking for the internet gateway"))?;
-    let mut seen = std::collections::BTreeSet::new();
-    for igw in gateways.internet_gateways().iter().chain(tagged.internet_gateways()) {
-        let id = igw.internet_gateway_id().unwrap_or_default();
-        if !seen.insert(id.to_owned()) {
-            continue;
-        }
-        if igw.attachments().iter().any(|a| a.vpc_id() == Some(&vpc)) {
-            ec2.detach_internet_gateway()
-                .internet_gateway_id(id)
-                .vpc_id(&vpc)
-                .send()
-                .await
-                .map_err(aws_error(format!("detaching internet gateway {id} from VPC {vpc}")))?;
-        }
-        ec2.delete_internet_gateway()
-            .internet_gateway_id(id)
-            .send()
-            .await
-            .map_err(aws_error(format!("deleting internet gateway {id}")))?;
-        println!("  deleted internet gateway {id}");
+/// A subnet's association with a route table; its id is the association's.
+struct Association {
+    table: String,
+    subnet: String,
+}
+
+impl Resource for Association {
+    fn find<'a>(&'a self, ctx: &'a Ctx, known: &'a Known) -> Step<'a, Lookup> {
+        Box::pin(async move {
+            let Some((table, subnet)) = table_and(ctx, known, &self.table, &self.subnet).await? else {
+                return Ok(Lookup::Absent);
+            };
+            let association = table.associations().iter().find(|a| a.subnet_id() == Some(subnet));
+            Ok(found(association.and_then(|a| a.route_table_association_id())))
+        })
     }
-
-    // Security groups EKS made for the cluster are deleted with it; any other but the
-    // default one would make the VPC's deletion fail with a message naming it.
-    ec2.delete_vpc().vpc_id(&vpc).send().await.map_err(aws_error(format!("deleting VPC {vpc}")))?;
-    println!("  deleted VPC {vpc}");
-    Ok(())
+    fn create<'a>(&'a self, ctx: &'a Ctx, known: &'a Known, _options: &'a UpOptions) -> Step<'a, String> {
+        Box::pin(async move {
+            let (table, subnet) = (known.get(&self.table), known.get(&self.subnet));
+            let request = ctx.aws.ec2.associate_route_table().route_table_id(table).subnet_id(subnet).send();
+            let associated =
+                request.await.map_err(aws_error(format!("associating subnet {subnet} with route table {table}")))?;
+            Ok(associated.association_id().unwrap_or_default().to_owned())
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx, _known: &'a Known, id: &'a str) -> Step<'a, ()> {
+        Box::pin(async move {
+            let request = ctx.aws.ec2.disassociate_route_table().association_id(id).send();
+            let failed = format!("disassociating {} from route table {} ({id})", self.subnet, self.table);
+            request.await.map_err(aws_error(failed))?;
+            Ok(())
+        })
+    }
 }
