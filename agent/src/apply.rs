@@ -56,6 +56,11 @@ pub struct Change {
     #[serde(serialize_with = "display")]
     pub id: ObjectId,
     pub action: Action,
+    /// The [`fingerprint`] of the object as the API server holds it now, when the
+    /// change saw it (not for deleted objects, nor for ones vouched for unseen): the
+    /// drift watch takes an event showing this state as in line without a request.
+    #[serde(skip)]
+    pub fingerprint: Option<u64>,
 }
 
 fn display<S: serde::Serializer>(id: &ObjectId, s: S) -> Result<S::Ok, S::Error> {
@@ -175,6 +180,21 @@ pub fn comparable(object: &DynamicObject) -> serde_json::Value {
         }
     }
     value
+}
+
+/// What identifies an object's state as far as drift goes: [`comparable`], without the
+/// field ownership of its status (written by controllers as status changes, which no
+/// one applies from git). Two states with the same fingerprint hold the same values
+/// and owners of everything git can set.
+pub fn fingerprint(object: &DynamicObject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut value = comparable(object);
+    if let Some(fields) = value.pointer_mut("/metadata/managedFields").and_then(|m| m.as_array_mut()) {
+        fields.retain(|entry| entry.get("subresource").and_then(|s| s.as_str()) != Some("status"));
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    serde_json::to_vec(&value).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Server-side apply as one field manager.
@@ -317,32 +337,35 @@ impl Applier {
     /// Re-applies an object the drift watch found changed (`live`) or deleted (`None`)
     /// out of band.
     pub async fn correct(&self, object: &Planned, live: Option<&DynamicObject>) -> Result<Change, ApplyError> {
-        self.write(object).await?;
+        let stored = self.write(object).await?;
         let action = if live.is_some() { Action::Configured } else { Action::Created };
-        Ok(Change { id: object.id.clone(), action })
+        Ok(Change { id: object.id.clone(), action, fingerprint: Some(fingerprint(&stored)) })
     }
 
     async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
         let action = preview.map_or(Action::Unchanged, Preview::action);
-        if action != Action::Unchanged {
-            self.write(object).await?;
-        }
-        Ok(Change { id: object.id.clone(), action })
+        let fingerprint = match preview {
+            Some(_) if action != Action::Unchanged => Some(fingerprint(&self.write(object).await?)),
+            Some(preview) => preview.live.as_ref().map(fingerprint),
+            None => None,
+        };
+        Ok(Change { id: object.id.clone(), action, fingerprint })
     }
 
-    async fn write(&self, object: &Planned) -> Result<(), ApplyError> {
+    /// Applies `object`; returns it as the API server stored it.
+    async fn write(&self, object: &Planned) -> Result<DynamicObject, ApplyError> {
         let patch = Patch::Apply(&object.object);
-        match self.writer.patch(&self.api(object), &object.id.name, &self.params(), &patch).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(ApplyError::new(object, "apply", e)),
-        }
+        self.writer
+            .patch(&self.api(object), &object.id.name, &self.params(), &patch)
+            .await
+            .map_err(|e| ApplyError::new(object, "apply", e))
     }
 
     async fn delete_one(&self, object: &Planned) -> Result<Option<Change>, ApplyError> {
         let api = self.api(object);
         let live = api.get_opt(&object.id.name).await.map_err(|e| ApplyError::new(object, "read", e))?;
         let Some(live) = live else {
-            return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }));
+            return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None }));
         };
         if live
             .metadata
@@ -356,7 +379,7 @@ impl Applier {
         }
         let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
         self.writer.delete(&api, &object.id.name, &params).await.map_err(|e| ApplyError::new(object, "delete", e))?;
-        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted }))
+        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None }))
     }
 
     /// Waits until every named CRD is Established, so objects of its kinds can be

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::access::{self, Access};
-use crate::apply::{Applier, Planned, comparable};
+use crate::apply::{Applier, ChangeSet, Planned, comparable, fingerprint};
 use crate::inventory::ObjectId;
 use crate::server::{AppState, DriftedObject};
 
@@ -75,12 +75,15 @@ struct Tracked {
     resource: ApiResource,
     origin: String,
     json: Box<[u8]>,
+    /// The [`fingerprint`] of a live state known to hold this object: an event showing
+    /// it again (a status update, a re-list) is in line without a dry run.
+    settled: Option<u64>,
 }
 
 impl Tracked {
-    fn new(planned: Planned) -> Tracked {
+    fn new(planned: Planned, settled: Option<u64>) -> Tracked {
         let json = serde_json::to_vec(&planned.object).expect("an object from YAML or JSON serializes");
-        Tracked { resource: planned.resource, origin: planned.origin, json: json.into() }
+        Tracked { resource: planned.resource, origin: planned.origin, json: json.into(), settled }
     }
 
     /// Whether `object` is the object tracked (the same input renders the same JSON).
@@ -167,8 +170,24 @@ impl DriftWatch {
     /// Tracks a newly applied revision's objects, replacing the previous ones. A kind
     /// the revision adds gets a watcher, which starts with a list; one it no longer
     /// has loses its watcher.
-    pub fn track(&self, objects: Vec<Planned>) {
-        *self.shared.desired.lock().unwrap() = objects.into_iter().map(|p| (p.id.clone(), Tracked::new(p))).collect();
+    /// `changes`: what the sync saw of each object, so the first events need no dry run.
+    pub fn track(&self, objects: Vec<Planned>, changes: &ChangeSet) {
+        let seen: BTreeMap<&ObjectId, u64> =
+            changes.changes.iter().filter_map(|c| Some((&c.id, c.fingerprint?))).collect();
+        {
+            let mut desired = self.shared.desired.lock().unwrap();
+            let previous = std::mem::take(&mut *desired);
+            for planned in objects {
+                let id = planned.id.clone();
+                let mut tracked = Tracked::new(planned, seen.get(&id).copied());
+                // Vouched for without a request: what held git before still does.
+                if tracked.settled.is_none() {
+                    tracked.settled =
+                        previous.get(&id).filter(|old| old.json == tracked.json).and_then(|old| old.settled);
+                }
+                desired.insert(id, tracked);
+            }
+        }
         // The sync just applied git: what was drifted is in line again, or is found anew;
         // it also dry-ran whatever was unchecked, and a new revision is a new contest.
         self.shared.drifted.lock().unwrap().clear();
@@ -340,13 +359,19 @@ impl Shared {
         if ignored(&planned.object) || live.as_ref().is_some_and(ignored) {
             return self.settle(id);
         }
+        let settled = self.desired.lock().unwrap().get(id).and_then(|tracked| tracked.settled);
+        let live_fingerprint = live.as_ref().map(fingerprint);
         let verdict = match &live {
             None => Verdict::Drifted(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
+            Some(_) if settled.is_some() && settled == live_fingerprint => Verdict::InLine,
             Some(live) if !suspicious(&planned.object, live) => Verdict::InLine,
             Some(live) => self.confirm(&api, &planned, live).await,
         };
         match verdict {
-            Verdict::InLine => self.settle(id),
+            Verdict::InLine => {
+                self.record_settled(id, live_fingerprint);
+                self.settle(id)
+            }
             Verdict::Drifted(finding) => self.drifted(&planned, live.as_ref(), finding).await,
             // What the object was found to be stays so until a check can tell.
             Verdict::Unknown => {
@@ -403,6 +428,7 @@ impl Shared {
                 Ok(change) => {
                     self.state.metrics.drift_corrected(&id.kind);
                     tracing::info!(object = %id, action = ?change.action, "drift corrected from git");
+                    self.record_settled(id, change.fingerprint);
                     self.corrected(id);
                     return self.settle(id);
                 }
@@ -418,6 +444,13 @@ impl Shared {
         };
         self.drifted.lock().unwrap().insert(id.clone(), entry);
         self.publish();
+    }
+
+    /// `fingerprint`'s state holds git.
+    fn record_settled(&self, id: &ObjectId, fingerprint: Option<u64>) {
+        if let Some(tracked) = self.desired.lock().unwrap().get_mut(id) {
+            tracked.settled = fingerprint;
+        }
     }
 
     /// Whether corrections of `id` pause because it is contested.

@@ -159,7 +159,7 @@ async fn reconcile(
             }
             state.record_sync_success(&revision, started.elapsed());
             report(config, &revision, Phase::Synced, "").await;
-            drift.track(objects);
+            drift.track(objects, &changes);
             runs.update(jobs, &revision).await;
             Ok(head)
         }
