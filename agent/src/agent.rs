@@ -16,13 +16,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::access::Access;
+use crate::batch::BatchRuns;
 use crate::drift::{self, DriftWatch};
-use crate::jobs::Runs;
 use crate::leader::{LeaderError, Leadership};
+use crate::reconcile::{self, Config};
 use crate::report::StatusReport;
-use crate::run::{self, Config};
-use crate::server::{self, AppState, WebhookSecret};
+use crate::server::{self, WebhookSecret};
 use crate::source::GitSource;
+use crate::status::AppState;
 use crate::sync::{self, Syncer};
 use crate::write::Writer;
 
@@ -102,19 +103,22 @@ impl Agent {
             None => Leadership::always(),
         };
         let writer = Writer::new(client, leadership.lead());
-        let state = Arc::new(AppState::new(&options.branch, options.webhook_secret));
+        let state = AppState::new(&options.branch, options.webhook_secret);
+        let state = Arc::new(match options.status_report {
+            true => state.with_report(StatusReport::new(writer.clone(), &namespace)),
+            false => state,
+        });
         let access = options.sync.access.clone();
         let default_namespace = options.sync.default_namespace.clone();
         let syncer = Syncer::new(writer.clone(), options.sync);
         let drift = DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone());
-        let runs = Runs::new(writer.clone(), access, state.clone(), &default_namespace);
+        let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace);
         let config = Config {
             source: options.source,
             path: options.path,
             interval: options.interval,
             work_dir: options.work_dir,
             local_repo: options.local_repo,
-            report: options.status_report.then(|| StatusReport::new(writer, &namespace)),
         };
 
         let address = listener.local_addr().expect("a bound listener has an address");
@@ -134,7 +138,8 @@ impl Agent {
             }
         });
         let loop_state = state.clone();
-        let sync_loop = tokio::spawn(run::run(config, syncer, drift, runs, loop_state, leadership.changes(), stopped));
+        let sync_loop =
+            tokio::spawn(reconcile::run(config, syncer, drift, runs, loop_state, leadership.changes(), stopped));
         Ok(Agent { state, address, stop, sync_loop, server, leader_shown, leadership })
     }
 

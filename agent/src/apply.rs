@@ -24,7 +24,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
 
-use crate::inventory::ObjectId;
+use crate::object::ObjectId;
 use crate::write::{WriteError, Writer};
 
 /// Requests in flight at once per stage: enough to keep the API server busy, few

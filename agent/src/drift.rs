@@ -37,8 +37,8 @@ use tokio::time::Instant;
 
 use crate::access::{self, Access};
 use crate::apply::{Applier, ChangeSet, Planned, comparable, fingerprint};
-use crate::inventory::ObjectId;
-use crate::server::{AppState, DriftedObject};
+use crate::object::ObjectId;
+use crate::status::{AppState, DriftedObject};
 
 /// Annotation that exempts an object from drift detection (`ignore`).
 pub const DRIFT_ANNOTATION: &str = "gitops.scale.dev/drift";
@@ -279,18 +279,18 @@ impl Shared {
         while let Some(event) = events.next().await {
             match event {
                 Ok(Event::InitApply(object)) => {
-                    if let Some(id) = identify(&resource, &object) {
+                    if let Some(id) = ObjectId::of(&resource, &object) {
                         in_list.insert(id.clone());
                         self.see(id, Some(object)).await;
                     }
                 }
                 Ok(Event::Apply(object)) => {
-                    if let Some(id) = identify(&resource, &object) {
+                    if let Some(id) = ObjectId::of(&resource, &object) {
                         self.see(id, Some(object)).await;
                     }
                 }
                 Ok(Event::Delete(object)) => {
-                    if let Some(id) = identify(&resource, &object) {
+                    if let Some(id) = ObjectId::of(&resource, &object) {
                         self.see(id, None).await;
                     }
                 }
@@ -507,15 +507,6 @@ impl Shared {
         let drifted: Vec<DriftedObject> = self.drifted.lock().unwrap().values().cloned().collect();
         self.state.set_drifted(drifted);
     }
-}
-
-fn identify(resource: &ApiResource, object: &DynamicObject) -> Option<ObjectId> {
-    Some(ObjectId {
-        group: resource.group.clone(),
-        kind: resource.kind.clone(),
-        namespace: object.metadata.namespace.clone().unwrap_or_default(),
-        name: object.metadata.name.clone()?,
-    })
 }
 
 /// What a check of one object found.

@@ -18,12 +18,12 @@
 //! have none, and are never deleted by prune.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 
+use crate::object::ObjectId;
 use crate::write::Writer;
 
 /// The ConfigMap's name in the agent's namespace.
@@ -39,44 +39,21 @@ pub enum InventoryError {
     Malformed { namespace: String, name: String, line: usize, entry: String },
 }
 
-/// An object's identity across versions of its API.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectId {
-    /// Empty for the core group.
-    pub group: String,
-    pub kind: String,
-    /// Empty for cluster-scoped objects.
-    pub namespace: String,
-    pub name: String,
+/// An object's line in the inventory: `namespace_name_group_kind`.
+fn entry(id: &ObjectId) -> String {
+    format!("{}_{}_{}_{}", id.namespace, id.name, id.group, id.kind)
 }
 
-impl fmt::Display for ObjectId {
-    /// `kind group/namespace/name`, the form log lines and errors use.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let group = if self.group.is_empty() { String::new() } else { format!(".{}", self.group) };
-        match self.namespace.as_str() {
-            "" => write!(f, "{}{group} {}", self.kind, self.name),
-            ns => write!(f, "{}{group} {ns}/{}", self.kind, self.name),
-        }
-    }
-}
-
-impl ObjectId {
-    fn entry(&self) -> String {
-        format!("{}_{}_{}_{}", self.namespace, self.name, self.group, self.kind)
-    }
-
-    fn parse(entry: &str) -> Option<ObjectId> {
-        // Names and namespaces are DNS labels/subdomains (no `_`); kinds are identifiers.
-        let mut parts = entry.splitn(4, '_');
-        let (namespace, name, group, kind) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        (!name.is_empty() && !kind.is_empty()).then(|| ObjectId {
-            group: group.to_owned(),
-            kind: kind.to_owned(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
+fn parse_entry(entry: &str) -> Option<ObjectId> {
+    // Names and namespaces are DNS labels/subdomains (no `_`); kinds are identifiers.
+    let mut parts = entry.splitn(4, '_');
+    let (namespace, name, group, kind) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (!name.is_empty() && !kind.is_empty()).then(|| ObjectId {
+        group: group.to_owned(),
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 /// Whether the agent created an object or found it in place.
@@ -222,7 +199,7 @@ fn parse_entries(text: &str) -> Result<Entries, (usize, String)> {
             Some(rest) => (Origin::Created, rest),
             None => (Origin::Adopted, line),
         };
-        let id = ObjectId::parse(entry).ok_or_else(|| (index + 1, line.to_owned()))?;
+        let id = parse_entry(entry).ok_or_else(|| (index + 1, line.to_owned()))?;
         entries.insert(id, origin);
     }
     Ok(entries)
@@ -232,8 +209,8 @@ fn format_entries(entries: &Entries) -> String {
     entries
         .iter()
         .map(|(id, origin)| match origin {
-            Origin::Created => format!("+{}\n", id.entry()),
-            Origin::Adopted => format!("{}\n", id.entry()),
+            Origin::Created => format!("+{}\n", entry(id)),
+            Origin::Adopted => format!("{}\n", entry(id)),
         })
         .collect()
 }

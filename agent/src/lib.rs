@@ -10,7 +10,8 @@
 //! - [`drift`] watches the applied objects between commits;
 //! - [`jobs`] makes a batch run of each job spec that changed, and follows it;
 //! - [`report`] writes each sync's outcome into a ConfigMap, for `kubectl get` and gitops-bootstrap;
-//! - [`metrics`] and [`server`] report it all over HTTP;
+//! - [`status`] holds what the agent shows, recorded once per outcome; [`metrics`] and
+//!   [`server`] report it over HTTP;
 //! - [`access`] says what the agent may touch: the cluster, or some namespaces;
 //! - [`write`] is the one way anything is written, and only while this replica leads ([`leader`]);
 //! - [`agent`] wires it all together: [`agent::Agent::start`].
@@ -18,17 +19,19 @@
 pub mod access;
 pub mod agent;
 pub mod apply;
+pub mod batch;
 pub mod drift;
 pub mod inventory;
-pub mod jobs;
 pub mod leader;
 pub mod metrics;
+pub mod object;
 pub mod plan;
+pub mod reconcile;
 pub mod render;
 pub mod report;
-pub mod run;
 pub mod server;
 pub mod source;
+pub mod status;
 pub mod sync;
 pub mod write;
 

@@ -51,12 +51,12 @@ impl SyncResult {
 /// How a finished batch run ended (`gitops_batch_runs_total{result="succeeded|failed"}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RunOutcome {
+pub enum BatchOutcome {
     Succeeded,
     Failed,
 }
 
-impl RunOutcome {
+impl BatchOutcome {
     fn label(self) -> &'static str {
         match self {
             Self::Succeeded => "succeeded",
@@ -276,7 +276,7 @@ impl Metrics {
     }
 
     /// A run of batch job `job` ended after `duration`.
-    pub fn batch_run_finished(&self, job: &str, outcome: RunOutcome, duration: Duration) {
+    pub fn batch_run_finished(&self, job: &str, outcome: BatchOutcome, duration: Duration) {
         self.batch_runs.with_label_values(&[job, outcome.label()]).inc();
         self.batch_run_duration.with_label_values(&[job]).observe(duration.as_secs_f64());
     }

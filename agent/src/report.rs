@@ -19,24 +19,17 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use tokio::sync::Mutex;
 
+use crate::metrics::SyncResult;
 use crate::write::Writer;
 
 /// The ConfigMap's name in the agent's namespace.
 pub const STATUS_NAME: &str = "gitops-agent-status";
 
-/// The outcome of one reconcile, as reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Synced,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Synced => "synced",
-            Phase::Failed => "failed",
-        }
+/// The ConfigMap's `phase` of a reconcile's result.
+fn phase(result: SyncResult) -> &'static str {
+    match result {
+        SyncResult::Success => "synced",
+        SyncResult::Failure => "failed",
     }
 }
 
@@ -47,7 +40,7 @@ pub struct StatusReport {
     namespace: String,
     /// What the ConfigMap holds now, as far as this agent knows: `None` until read once,
     /// so a restarted agent that finds its own last status in place writes nothing.
-    last: Mutex<Option<(String, Phase, String)>>,
+    last: Mutex<Option<(String, SyncResult, String)>>,
 }
 
 impl StatusReport {
@@ -62,7 +55,7 @@ impl StatusReport {
 
     /// Records `phase` for `revision`. A failure to write is logged, not returned: the
     /// report is for people, and must never fail a sync.
-    pub async fn report(&self, revision: &str, phase: Phase, message: &str) {
+    pub async fn report(&self, revision: &str, phase: SyncResult, message: &str) {
         let next = (revision.to_owned(), phase, message.to_owned());
         let mut last = self.last.lock().await;
         if last.is_none() {
@@ -80,7 +73,7 @@ impl StatusReport {
                 "namespace": self.namespace,
                 "labels": { crate::MANAGED_BY_LABEL: crate::FIELD_MANAGER },
             },
-            "data": { "revision": revision, "phase": phase.as_str(), "message": message, "lastSyncTime": now },
+            "data": { "revision": revision, "phase": self::phase(phase), "message": message, "lastSyncTime": now },
         });
         let params = PatchParams::apply(crate::FIELD_MANAGER).force();
         match self.writer.patch(&self.api, STATUS_NAME, &params, &Patch::Apply(status)).await {
@@ -91,11 +84,11 @@ impl StatusReport {
         }
     }
 
-    async fn read(&self) -> Option<(String, Phase, String)> {
+    async fn read(&self) -> Option<(String, SyncResult, String)> {
         let data: BTreeMap<String, String> = self.api.get_opt(STATUS_NAME).await.ok()??.data?;
         let phase = match data.get("phase")?.as_str() {
-            "synced" => Phase::Synced,
-            "failed" => Phase::Failed,
+            "synced" => SyncResult::Success,
+            "failed" => SyncResult::Failure,
             _ => return None,
         };
         Some((data.get("revision")?.clone(), phase, data.get("message").cloned().unwrap_or_default()))

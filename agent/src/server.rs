@@ -1,9 +1,9 @@
 //! The agent's HTTP endpoints, on the `--listen` address.
 //!
 //! Input: a bound listener and the shared [`AppState`], which the sync loop keeps up to
-//! date through its `record_*`/`set_*` methods.
+//! date through its `record` and `set_*` methods.
 //! Output: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (a sync
-//! has succeeded), `/status` (JSON, see [`Status`]) and `/hooks/git`: a push webhook from
+//! has succeeded), `/status` (JSON, see [`crate::status::Status`]) and `/hooks/git`: a push webhook from
 //! GitHub, Gitea or GitLab that, once authenticated, wakes the sync loop
 //! ([`AppState::fetch_requested`]) instead of letting it wait for the next poll.
 //! Anything else is 404.
@@ -12,8 +12,8 @@ use std::convert::Infallible;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -24,13 +24,12 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::Deserialize;
 use sha2::Sha256;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Metrics, RunOutcome, SyncResult};
+use crate::status::AppState;
 
 /// Push payloads are a few KiB; anything much larger is not a push webhook.
 const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
@@ -38,151 +37,6 @@ const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 /// How long shutdown waits for in-flight requests before dropping them, so a stalled
 /// client cannot hold the process up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------
-// Shared state
-
-/// What the endpoints serve and the sync loop updates, shared as `Arc<AppState>`.
-pub struct AppState {
-    /// Metric-only events (fetch errors, drift, prune, batch runs) go straight here;
-    /// events that also show in `/status` go through the methods of [`AppState`].
-    pub metrics: Metrics,
-    /// The branch the agent follows: pushes to other branches do not trigger a fetch.
-    branch: String,
-    webhook_secret: Option<WebhookSecret>,
-    fetch_now: Notify,
-    status: Mutex<Status>,
-}
-
-/// The body of `/status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Status {
-    /// The commit now applied; `null` until the first successful sync.
-    pub revision: Option<String>,
-    /// Whether this replica holds the leader lease, and so applies, corrects and runs.
-    pub leader: bool,
-    /// `null` until the first sync ends.
-    pub last_sync: Option<LastSync>,
-    /// Why the last sync failed; empty after a success.
-    pub errors: Vec<String>,
-    pub drifted: Vec<DriftedObject>,
-    pub batch_runs: Vec<BatchRun>,
-    /// Jobs whose runs could not be made, each as `file:line: job NAME: why`.
-    pub batch_errors: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct LastSync {
-    /// When the sync ended, RFC 3339 in UTC.
-    #[serde(serialize_with = "rfc3339")]
-    pub time: SystemTime,
-    pub result: SyncResult,
-    pub duration_seconds: f64,
-}
-
-/// A managed object whose live state differs from git.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DriftedObject {
-    pub kind: String,
-    /// `None` for cluster-scoped objects.
-    pub namespace: Option<String>,
-    pub name: String,
-    /// The fields that differ, as paths such as `spec.replicas`.
-    pub fields: Vec<String>,
-    /// Something else keeps changing it back: corrections pause for a while.
-    pub contested: bool,
-}
-
-/// A run of a batch job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BatchRun {
-    pub job: String,
-    /// The run's object name, `<job>-<n>`.
-    pub run: String,
-    /// The commit whose job spec the run was made from.
-    pub revision: String,
-    /// `None` while the run is still going.
-    pub result: Option<RunOutcome>,
-}
-
-impl AppState {
-    /// `branch`: the branch the agent follows. `webhook_secret`: when `None`, webhooks are
-    /// accepted unauthenticated (harmless: the worst a forged push does is an early fetch).
-    pub fn new(branch: impl Into<String>, webhook_secret: Option<WebhookSecret>) -> Self {
-        Self {
-            metrics: Metrics::new(),
-            branch: branch.into(),
-            webhook_secret,
-            fetch_now: Notify::new(),
-            status: Mutex::new(Status::default()),
-        }
-    }
-
-    /// A sync applied `revision`, taking `duration`. Makes the agent ready.
-    pub fn record_sync_success(&self, revision: &str, duration: Duration) {
-        self.metrics.sync_succeeded(revision, duration);
-        let mut status = self.status();
-        status.revision = Some(revision.to_owned());
-        status.last_sync = Some(LastSync::now(SyncResult::Success, duration));
-        status.errors.clear();
-    }
-
-    /// A sync failed after `duration` because of `errors`; the applied revision is unchanged.
-    pub fn record_sync_failure(&self, duration: Duration, errors: Vec<String>) {
-        self.metrics.sync_failed(duration);
-        let mut status = self.status();
-        status.last_sync = Some(LastSync::now(SyncResult::Failure, duration));
-        status.errors = errors;
-    }
-
-    /// Whether this replica leads now.
-    pub fn set_leader(&self, leads: bool) {
-        self.metrics.set_leader(leads);
-        self.status().leader = leads;
-    }
-
-    /// The objects drifted now (replaces the previous list and the drift gauge).
-    pub fn set_drifted(&self, drifted: Vec<DriftedObject>) {
-        self.metrics.set_drifted(drifted.iter().map(|o| (o.kind.as_str(), o.namespace.as_deref().unwrap_or(""))));
-        self.status().drifted = drifted;
-    }
-
-    /// The batch runs to show in `/status` (replaces the previous list).
-    pub fn set_batch_runs(&self, runs: Vec<BatchRun>) {
-        self.status().batch_runs = runs;
-    }
-
-    /// Why jobs' runs could not be made (replaces the previous list; empty when all could).
-    pub fn set_batch_errors(&self, errors: Vec<String>) {
-        self.status().batch_errors = errors;
-    }
-
-    /// Completes when a webhook asked for a fetch. A request that arrives while nobody
-    /// waits is kept (at most one), so a push during a sync still triggers the next one.
-    pub async fn fetch_requested(&self) {
-        self.fetch_now.notified().await;
-    }
-
-    fn is_ready(&self) -> bool {
-        self.status().revision.is_some()
-    }
-
-    fn status(&self) -> MutexGuard<'_, Status> {
-        // A panic while holding the lock leaves a Status that is still well-formed, and
-        // the status endpoint must keep answering.
-        self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl LastSync {
-    fn now(result: SyncResult, duration: Duration) -> Self {
-        Self { time: SystemTime::now(), result, duration_seconds: duration.as_secs_f64() }
-    }
-}
-
-fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&humantime::format_rfc3339_seconds(*time))
-}
 
 // ---------------------------------------------------------------------------------------
 // Serving

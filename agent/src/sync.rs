@@ -1,5 +1,5 @@
 //! One revision, end to end: render → plan → dry run → staged apply → prune →
-//! inventory. Batch runs come after, from the job specs it returns. The loop in [`crate::run`] calls [`Syncer::sync`] for each new commit.
+//! inventory. Batch runs come after, from the job specs it returns. The loop in [`crate::reconcile`] calls [`Syncer::sync`] for each new commit.
 //!
 //! A revision is applied all or nothing at the validation level: it is rendered and
 //! dry-run in full before anything of it is written, so a broken file or an object the
@@ -14,7 +14,8 @@ use kube::discovery::Discovery;
 
 use crate::access::Access;
 use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
-use crate::inventory::{Inventory, InventoryError, ObjectId, Store};
+use crate::inventory::{Inventory, InventoryError, Store};
+use crate::object::ObjectId;
 use crate::plan::{self, Plan};
 use crate::render::{self, JobSpec, Problem, RenderError};
 use crate::write::Writer;
@@ -244,7 +245,7 @@ fn exists(preview: &Option<Preview>) -> bool {
 }
 
 /// What a sync did, the objects the revision holds now (what drift is measured
-/// against), and its batch job specs (which [`crate::jobs`] makes runs of).
+/// against), and its batch job specs (which [`crate::batch`] makes runs of).
 #[derive(Debug)]
 pub struct Synced {
     pub changes: ChangeSet,

@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gitops_agent::metrics::RunOutcome;
-use gitops_agent::server::{self, AppState, BatchRun, DriftedObject, WebhookSecret};
+use gitops_agent::metrics::BatchOutcome;
+use gitops_agent::server::{self, WebhookSecret};
+use gitops_agent::status::{AppState, BatchRun, DriftedObject};
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -102,13 +103,13 @@ async fn healthz_unknown_paths_and_wrong_methods() {
 async fn readyz_turns_ready_after_the_first_successful_sync() {
     let agent = Agent::start(None).await;
     assert_eq!(agent.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    agent.state.record_sync_failure(Duration::from_secs(1), vec!["clone failed".to_owned()]);
+    agent.state.record(failed("clone failed"), Duration::from_secs(1)).await;
     assert_eq!(agent.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    agent.state.record_sync_success("0123abcd", Duration::from_secs(2));
+    agent.state.record(synced("0123abcd"), Duration::from_secs(2)).await;
     assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
     // A later failure does not make a running agent unready: it still serves the last
     // applied revision.
-    agent.state.record_sync_failure(Duration::from_secs(1), vec!["apply failed".to_owned()]);
+    agent.state.record(failed("apply failed"), Duration::from_secs(1)).await;
     assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
 }
 
@@ -153,9 +154,9 @@ fn label_sets(exposition: &str, name: &str, kind: &str) -> Vec<BTreeSet<String>>
 async fn metrics_expose_every_contract_metric() {
     let agent = Agent::start(None).await;
     let (state, metrics) = (&agent.state, &agent.state.metrics);
-    state.record_sync_failure(Duration::from_millis(300), vec!["boom".to_owned()]);
-    state.record_sync_success("aaaa", Duration::from_secs(3));
-    state.record_sync_success("bbbb", Duration::from_secs(4));
+    state.record(failed("boom"), Duration::from_millis(300)).await;
+    state.record(synced("aaaa"), Duration::from_secs(3)).await;
+    state.record(synced("bbbb"), Duration::from_secs(4)).await;
     metrics.fetch_failed();
     metrics.set_managed(["Deployment", "Deployment", "Service"]);
     state.set_drifted(vec![DriftedObject {
@@ -169,9 +170,9 @@ async fn metrics_expose_every_contract_metric() {
     metrics.drift_corrected("Deployment");
     metrics.pruned("ConfigMap");
     metrics.batch_run_triggered("nightly");
-    metrics.batch_run_finished("nightly", RunOutcome::Succeeded, Duration::from_secs(600));
+    metrics.batch_run_finished("nightly", BatchOutcome::Succeeded, Duration::from_secs(600));
     metrics.batch_run_triggered("nightly");
-    metrics.batch_run_finished("nightly", RunOutcome::Failed, Duration::from_secs(20));
+    metrics.batch_run_finished("nightly", BatchOutcome::Failed, Duration::from_secs(20));
 
     let request = Request::get(format!("{}/metrics", agent.base)).body(Full::default()).unwrap();
     let response = agent.client.request(request).await.unwrap();
@@ -230,7 +231,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         json!({"revision": null, "leader": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": []})
     );
 
-    agent.state.record_sync_success("0123abcd", Duration::from_millis(1500));
+    agent.state.record(synced("0123abcd"), Duration::from_millis(1500)).await;
     agent.state.set_drifted(vec![DriftedObject {
         kind: "Namespace".to_owned(),
         namespace: None,
@@ -243,7 +244,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             job: "nightly".to_owned(),
             run: "nightly-3".to_owned(),
             revision: "0123abcd".to_owned(),
-            result: Some(RunOutcome::Succeeded),
+            result: Some(BatchOutcome::Succeeded),
         },
         BatchRun {
             job: "nightly".to_owned(),
@@ -253,7 +254,20 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         },
     ]);
     agent.state.set_batch_errors(vec!["jobs/spark.yaml:1: job spark: no CRD".to_owned()]);
-    agent.state.record_sync_failure(Duration::from_millis(250), vec!["apply: forbidden".to_owned()]);
+    let rejected = gitops_agent::apply::ApplyError {
+        origin: "manifests/web.yaml:3".to_owned(),
+        id: gitops_agent::object::ObjectId {
+            group: String::new(),
+            kind: "Namespace".to_owned(),
+            namespace: String::new(),
+            name: "web".to_owned(),
+        },
+        message: "apply rejected: forbidden".to_owned(),
+        not_found: false,
+    };
+    let error = gitops_agent::sync::SyncError::Apply(vec![rejected]);
+    let outcome = gitops_agent::status::Outcome::sync_failed("89abcdef", &error);
+    agent.state.record(outcome, Duration::from_millis(250)).await;
 
     let mut status = parse(agent.get("/status").await.1);
     let time = status["last_sync"]["time"].take();
@@ -265,7 +279,10 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             "revision": "0123abcd",
             "leader": false,
             "last_sync": {"time": null, "result": "failure", "duration_seconds": 0.25},
-            "errors": ["apply: forbidden"],
+            "errors": [{
+                "file": "manifests/web.yaml", "line": 3, "object": "Namespace web",
+                "message": "apply rejected: forbidden",
+            }],
             "drifted": [{
                 "kind": "Namespace", "namespace": null, "name": "web",
                 "fields": ["metadata.labels.team"], "contested": false,
@@ -277,7 +294,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             "batch_errors": ["jobs/spark.yaml:1: job spark: no CRD"],
         })
     );
-    agent.state.record_sync_success("4567ef01", Duration::from_secs(1));
+    agent.state.record(synced("4567ef01"), Duration::from_secs(1)).await;
     let status = parse(agent.get("/status").await.1);
     assert_eq!(status["revision"], "4567ef01");
     assert_eq!(status["last_sync"]["result"], "success");
@@ -354,4 +371,16 @@ async fn shutdown_stops_the_server() {
     assert_eq!(agent.get("/healthz").await.0, StatusCode::OK);
     agent.stop.send(()).unwrap();
     timeout(Duration::from_secs(5), agent.server).await.unwrap().unwrap();
+}
+
+/// A reconcile that failed with `message` alone.
+fn failed(message: &str) -> gitops_agent::status::Outcome {
+    use gitops_agent::status::{Cause, ErrorEntry, Outcome};
+    let error = ErrorEntry { file: None, line: None, object: None, message: message.to_owned() };
+    Outcome::Failed { revision: None, cause: Cause::Sync, errors: vec![error] }
+}
+
+/// A reconcile that found `revision` applied.
+fn synced(revision: &str) -> gitops_agent::status::Outcome {
+    gitops_agent::status::Outcome::Synced { revision: revision.to_owned(), changes: None }
 }

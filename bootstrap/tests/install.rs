@@ -121,8 +121,8 @@ async fn install_applies_manifests_and_secrets_and_the_agent_reports_synced() {
         gitops_agent::write::Writer::sole(client.clone()),
         install::AGENT_NAMESPACE,
     );
-    reporter.report(&revision, gitops_agent::report::Phase::Synced, "").await;
-    reporter.report(&revision, gitops_agent::report::Phase::Synced, "").await;
+    reporter.report(&revision, gitops_agent::metrics::SyncResult::Success, "").await;
+    reporter.report(&revision, gitops_agent::metrics::SyncResult::Success, "").await;
     assert_eq!(configmaps.get("gitops-agent-status").await.unwrap().metadata.resource_version, version);
 
     // A broken commit: the status says failed, with the error.

@@ -165,7 +165,7 @@ async fn an_unreachable_remote_keeps_the_last_good_revision_and_recovers() {
     })
     .await;
     let status = agent.status().await;
-    assert!(status["errors"][0].as_str().unwrap_or_default().contains("127.0.0.1"), "{status}");
+    assert!(status["errors"][0]["message"].as_str().unwrap_or_default().contains("127.0.0.1"), "{status}");
     assert_eq!(value_of(&client, &ns, "app").await.as_deref(), Some("1"), "nothing pruned");
 
     // The server is back on the same address: the backoff retries pick the push up.

@@ -219,6 +219,7 @@ async fn with_the_api_server_down_the_watches_back_off_and_recover() {
     let lines = during.lines().count();
     plane.start_component("kube-apiserver").unwrap();
     plane.wait_ready().await.unwrap();
+    eprintln!("API server down 30 s: {interrupted} watch warnings, {lines} log lines");
     assert!(interrupted > 0, "the watches noticed the API server was gone:\n{during}");
     // Four watchers; an exponential backoff from 0.8 s allows about six tries each in 30 s.
     assert!(interrupted <= 4 * 10, "{interrupted} watch warnings in 30 s:\n{}", &during[..during.len().min(4000)]);

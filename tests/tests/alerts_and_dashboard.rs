@@ -10,8 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gitops_agent::metrics::RunOutcome;
-use gitops_agent::server::{self, AppState, DriftedObject};
+use gitops_agent::metrics::BatchOutcome;
+use gitops_agent::server;
+use gitops_agent::status::{AppState, DriftedObject};
 use gitops_tests::cluster::eventually;
 use gitops_tests::prometheus::{Alert, PROMTOOL, Prometheus};
 use http_body_util::{BodyExt, Full};
@@ -391,8 +392,8 @@ async fn every_query_of_the_dashboard_and_the_rules_runs_on_the_agents_metrics()
     // The agent's server, with every kind of event recorded once.
     let agent = AgentServer::start().await;
     let state = &agent.state;
-    state.record_sync_success("0123456789abcdef0123456789abcdef01234567", Duration::from_millis(1200));
-    state.record_sync_failure(Duration::from_millis(300), vec!["the API server said no".to_owned()]);
+    state.record(synced("0123456789abcdef0123456789abcdef01234567"), Duration::from_millis(1200)).await;
+    state.record(failed("the API server said no"), Duration::from_millis(300)).await;
     state.metrics.fetch_failed();
     state.metrics.set_managed(["Namespace", "Deployment", "Service", "ConfigMap"]);
     state.set_drifted(vec![drifted("Deployment", Some("web"), "api")]);
@@ -400,9 +401,9 @@ async fn every_query_of_the_dashboard_and_the_rules_runs_on_the_agents_metrics()
     state.metrics.drift_corrected("Deployment");
     state.metrics.pruned("ConfigMap");
     state.metrics.batch_run_triggered("scale-batch");
-    state.metrics.batch_run_finished("scale-batch", RunOutcome::Failed, Duration::from_secs(42));
+    state.metrics.batch_run_finished("scale-batch", BatchOutcome::Failed, Duration::from_secs(42));
     state.metrics.batch_run_triggered("nightly");
-    state.metrics.batch_run_finished("nightly", RunOutcome::Succeeded, Duration::from_secs(640));
+    state.metrics.batch_run_finished("nightly", BatchOutcome::Succeeded, Duration::from_secs(640));
 
     // Every metric the dashboard and the rules name is one the agent exports.
     let exported = exported_families(&agent.metrics().await);
@@ -473,7 +474,7 @@ async fn every_query_of_the_dashboard_and_the_rules_runs_on_the_agents_metrics()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_fires_the_drift_alert_and_its_end_resolves_it() {
     let agent = AgentServer::start().await;
-    agent.state.record_sync_success("0123456789abcdef0123456789abcdef01234567", Duration::from_secs(1));
+    agent.state.record(synced("0123456789abcdef0123456789abcdef01234567"), Duration::from_secs(1)).await;
 
     // The rules with `for: 1s` instead of 5 minutes.
     let rules = read(&rules_file());
@@ -548,7 +549,7 @@ async fn the_repo_templates_dashboards_query_prometheus_correctly() {
     let agent = AgentServer::start().await;
     // Labelled metrics are exported once they have a series.
     agent.state.metrics.batch_run_triggered("midi-batch");
-    agent.state.metrics.batch_run_finished("midi-batch", RunOutcome::Succeeded, Duration::from_secs(60));
+    agent.state.metrics.batch_run_finished("midi-batch", BatchOutcome::Succeeded, Duration::from_secs(60));
     let exported = exported_families(&agent.metrics().await);
     let prometheus = Prometheus::start(&[], &[]).await;
     let dir = repo_root().join("repo-template/dashboards");
@@ -573,4 +574,16 @@ async fn the_repo_templates_dashboards_query_prometheus_correctly() {
         }
     }
     assert!(checked >= 8, "the pipeline's and the pods' panels: {checked}");
+}
+
+/// A reconcile that failed with `message` alone.
+fn failed(message: &str) -> gitops_agent::status::Outcome {
+    use gitops_agent::status::{Cause, ErrorEntry, Outcome};
+    let error = ErrorEntry { file: None, line: None, object: None, message: message.to_owned() };
+    Outcome::Failed { revision: None, cause: Cause::Sync, errors: vec![error] }
+}
+
+/// A reconcile that found `revision` applied.
+fn synced(revision: &str) -> gitops_agent::status::Outcome {
+    gitops_agent::status::Outcome::Synced { revision: revision.to_owned(), changes: None }
 }

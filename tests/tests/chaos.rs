@@ -695,7 +695,7 @@ async fn fetch_failures(agent: &Agent, before: f64, more: f64) -> String {
     eventually(&format!("{more} more fetch failures"), || async {
         let count = agent.metric(FETCH_ERRORS).await;
         let status = agent.status().await;
-        let error = status["errors"].as_array()?.first()?.as_str()?.to_owned();
+        let error = status["errors"].as_array()?.first()?["message"].as_str()?.to_owned();
         (count >= before + more).then_some(error)
     })
     .await
@@ -850,7 +850,7 @@ async fn a_remote_that_never_answers_times_out_and_the_loop_goes_on() {
     let error = eventually("three timed-out fetches", || async {
         let errors = agent.metric(FETCH_ERRORS).await?;
         let status = agent.status().await?;
-        let error = status["errors"].as_array()?.first()?.as_str()?.to_owned();
+        let error = status["errors"].as_array()?.first()?["message"].as_str()?.to_owned();
         (errors >= 3.0).then_some(error)
     })
     .await;

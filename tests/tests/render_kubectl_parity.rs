@@ -120,7 +120,7 @@ fn agent(case: &Path, discovery: &Discovery) -> Outcome {
     let mut manifests = render::render(repo.path(), "default").map_err(lines)?.manifests;
     let namespaced =
         |gvk: &GroupVersionKind| discovery.resolve_gvk(gvk).map(|(_, caps)| caps.scope == Scope::Namespaced);
-    render::resolve_scope(&mut manifests, namespaced, "default", &gitops_agent::access::Access::Cluster)
+    gitops_agent::plan::resolve_scope(&mut manifests, namespaced, "default", &gitops_agent::access::Access::Cluster)
         .map_err(lines)?;
     Ok(manifests.into_iter().map(|m: Manifest| m.object).collect())
 }

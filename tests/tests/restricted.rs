@@ -77,7 +77,14 @@ async fn the_agent_stays_inside_its_namespaces_and_cannot_escalate() {
         (errors != json!([])).then_some(errors)
     })
     .await;
-    let message = errors[0].as_str().unwrap();
+    // One entry per refused object, each with its file and line.
+    let message: Vec<String> = errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}:{}: {}", e["file"].as_str().unwrap(), e["line"], e["message"].as_str().unwrap()))
+        .collect();
+    let message = message.join("\n");
     assert!(
         message.contains(
             "manifests/admin.yaml:1: ClusterRoleBinding.rbac.authorization.k8s.io take-over is refused: it is \

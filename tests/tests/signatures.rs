@@ -65,7 +65,7 @@ async fn only_heads_signed_by_an_allowed_key_are_applied() {
         };
         let error = eventually(&format!("the {attempt} head refused in /status"), || async {
             let errors = agent.status().await["errors"].clone();
-            errors[0].as_str().filter(|e| e.contains(&head)).map(str::to_owned)
+            errors[0]["message"].as_str().filter(|e| e.contains(&head)).map(str::to_owned)
         })
         .await;
         assert!(error.starts_with(&format!("commit {head} {expected}")), "{error}");
@@ -76,7 +76,7 @@ async fn only_heads_signed_by_an_allowed_key_are_applied() {
     let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
     let fingerprint = fingerprint.split_whitespace().nth(1).unwrap();
     let status = agent.status().await;
-    assert!(status["errors"][0].as_str().unwrap().ends_with(&format!("({fingerprint})")), "{status}");
+    assert!(status["errors"][0]["message"].as_str().unwrap().ends_with(&format!("({fingerprint})")), "{status}");
     assert!(agent.metric("gitops_unverified_commits_total").await >= 2.0);
 
     repo.write("manifests/app.yaml", &config_map("2"));

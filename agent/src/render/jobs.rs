@@ -1,7 +1,7 @@
 //! Batch job specs (`jobs/**.{yaml,yml}`): a `batch/v1` Job or a
 //! `sparkoperator.k8s.io/v1beta2` SparkApplication, used as the template of its runs.
 //! Checked here, with the per-job settings read from its annotations, so `validate`
-//! reports a bad spec as `file:line` like any other problem; [`crate::jobs`] makes
+//! reports a bad spec as `file:line` like any other problem; [`crate::batch`] makes
 //! the runs.
 
 use std::fmt;

@@ -19,7 +19,7 @@
 //! `kind: List` (or any `*List` kind) is expanded into its items. Each object must have
 //! an apiVersion, a kind and a metadata.name, and be defined once.
 //!
-//! Which kinds exist and which are namespaced only the API server knows: [`resolve_scope`]
+//! Which kinds exist and which are namespaced only the API server knows: [`crate::plan`]
 //! takes that from discovery, fills in default namespaces and checks scopes.
 
 mod dashboards;
@@ -27,7 +27,6 @@ mod decode;
 mod jobs;
 mod libyaml;
 mod scalar;
-mod scope;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -44,7 +43,6 @@ pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
 pub use decode::DecodeError;
 pub use jobs::{CONCURRENCY_ANNOTATION, ConcurrencyPolicy, HISTORY_LIMIT_ANNOTATION, JobSpec};
 pub use scalar::ScalarError;
-pub use scope::resolve_scope;
 
 use decode::Document;
 
@@ -102,7 +100,7 @@ impl Manifest {
     }
 
     /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let gvk = self.gvk();
         let group = if gvk.group.is_empty() { String::new() } else { format!(".{}", gvk.group) };
         let namespace = self.namespace().map(|ns| format!("{ns}/")).unwrap_or_default();
@@ -466,7 +464,7 @@ fn json_type(value: &Value) -> &'static str {
 
 /// An error for every object defined again (same group, kind, namespace and name),
 /// naming where it was first defined.
-fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
+pub(crate) fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
     let mut first: HashMap<(String, &str, Option<&str>, &str), &Location> = HashMap::new();
     let mut errors = Vec::new();
     for manifest in manifests {

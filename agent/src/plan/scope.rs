@@ -4,8 +4,8 @@
 use kube::core::GroupVersionKind;
 use serde_json::Value;
 
-use super::{Manifest, Problem, RenderError, duplicates};
 use crate::access::Access;
+use crate::render::{Manifest, Problem, RenderError, duplicates};
 
 /// Checks every manifest's kind against `namespaced` (filled from API discovery: `None`
 /// for a kind the server does not serve, else whether it is namespaced), gives
@@ -53,8 +53,8 @@ pub fn resolve_scope(
 mod tests {
     use serde_json::json;
 
-    use super::super::Location;
     use super::*;
+    use crate::render::Location;
 
     fn manifest(line: usize, object: Value) -> Manifest {
         Manifest { object, location: Location { file: "manifests/a.yaml".into(), line } }

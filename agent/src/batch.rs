@@ -8,7 +8,7 @@
 //! two agents racing create one run: both pick the same next name and the API server
 //! lets one of them create it.
 //!
-//! After each successful sync the loop calls [`Runs::update`] with the revision's specs.
+//! After each successful sync the loop calls [`BatchRuns::update`] with the revision's specs.
 //! One watcher per run kind (Job, SparkApplication) follows the runs: their outcome goes
 //! to `gitops_batch_runs_total`, `gitops_batch_run_duration_seconds` and `/status`,
 //! and a run that ends re-evaluates the specs, which starts a run that `Forbid` held
@@ -29,9 +29,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::access::{self, Access};
-use crate::metrics::RunOutcome;
+use crate::metrics::BatchOutcome;
 use crate::render::{ConcurrencyPolicy, JobSpec};
-use crate::server::{AppState, BatchRun};
+use crate::status::{AppState, BatchRun};
 use crate::write::{WriteError, Writer};
 
 /// Label: the job a run belongs to.
@@ -60,7 +60,7 @@ pub enum JobError {
 }
 
 /// Makes and follows the runs of the applied revision's job specs.
-pub struct Runs {
+pub struct BatchRuns {
     shared: Arc<Shared>,
     retry_task: JoinHandle<()>,
 }
@@ -94,9 +94,9 @@ struct Seen {
     counted: bool,
 }
 
-impl Runs {
+impl BatchRuns {
     /// `default_namespace`: where the runs of specs that name no namespace go.
-    pub fn new(writer: Writer, access: Access, state: Arc<AppState>, default_namespace: &str) -> Runs {
+    pub fn new(writer: Writer, access: Access, state: Arc<AppState>, default_namespace: &str) -> BatchRuns {
         let shared = Arc::new(Shared {
             client: writer.client().clone(),
             writer,
@@ -112,7 +112,7 @@ impl Runs {
             wake: Notify::new(),
         });
         let retry_task = tokio::spawn(shared.clone().reconcile_when_woken());
-        Runs { shared, retry_task }
+        BatchRuns { shared, retry_task }
     }
 
     /// Makes the runs that `specs`, from commit `revision`, call for. Errors are per
@@ -123,7 +123,7 @@ impl Runs {
     }
 }
 
-impl Drop for Runs {
+impl Drop for BatchRuns {
     fn drop(&mut self) {
         self.retry_task.abort();
         for watcher in self.shared.watchers.lock().unwrap().values().flatten() {
@@ -377,7 +377,7 @@ struct Run {
     revision: String,
     finished: bool,
     deleting: bool,
-    outcome: Option<(RunOutcome, Option<SystemTime>)>,
+    outcome: Option<(BatchOutcome, Option<SystemTime>)>,
     started_at: Option<SystemTime>,
 }
 
@@ -407,18 +407,18 @@ impl Run {
 
 /// How a run ended, and the status field holding when: a Job's `Complete` or `Failed`
 /// condition; a SparkApplication's terminal `applicationState`.
-fn outcome(status: &serde_json::Value) -> Option<(RunOutcome, &serde_json::Value)> {
+fn outcome(status: &serde_json::Value) -> Option<(BatchOutcome, &serde_json::Value)> {
     for condition in status["conditions"].as_array().into_iter().flatten() {
         let outcome = match (condition["type"].as_str(), condition["status"].as_str()) {
-            (Some("Complete"), Some("True")) => RunOutcome::Succeeded,
-            (Some("Failed"), Some("True")) => RunOutcome::Failed,
+            (Some("Complete"), Some("True")) => BatchOutcome::Succeeded,
+            (Some("Failed"), Some("True")) => BatchOutcome::Failed,
             _ => continue,
         };
         return Some((outcome, &condition["lastTransitionTime"]));
     }
     let outcome = match status["applicationState"]["state"].as_str()? {
-        "COMPLETED" => RunOutcome::Succeeded,
-        "FAILED" | "SUBMISSION_FAILED" => RunOutcome::Failed,
+        "COMPLETED" => BatchOutcome::Succeeded,
+        "FAILED" | "SUBMISSION_FAILED" => BatchOutcome::Failed,
         _ => return None,
     };
     Some((outcome, &status["terminationTime"]))

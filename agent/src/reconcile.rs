@@ -15,12 +15,10 @@ use git2::Oid;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, watch};
 
-use crate::apply::Action;
+use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
-use crate::jobs::Runs;
-use crate::report::{Phase, StatusReport};
-use crate::server::AppState;
 use crate::source::{self, GitSource};
+use crate::status::{AppState, Outcome};
 use crate::sync::{Synced, Syncer};
 
 /// The first retry after a failure; doubled on each further failure, up to the poll
@@ -38,9 +36,6 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// A repository on this machine to watch for new commits, if `--repo` is one.
     pub local_repo: Option<PathBuf>,
-    /// Where each reconcile's outcome is written in the cluster (ConfigMap
-    /// `gitops-agent-status`), if anywhere.
-    pub report: Option<StatusReport>,
 }
 
 /// Runs until `shutdown` turns true; a sync in flight finishes first.
@@ -51,7 +46,7 @@ pub async fn run(
     config: Config,
     syncer: Syncer,
     drift: DriftWatch,
-    runs: Runs,
+    runs: BatchRuns,
     state: Arc<AppState>,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
@@ -98,21 +93,16 @@ pub async fn run(
 }
 
 /// One look at the source. Returns the head now applied, or `Err` after recording
-/// the failure in metrics and `/status` (the cluster stays at the last good revision).
+/// the failure (the cluster stays at the last good revision).
 async fn reconcile(
     config: &Arc<Config>,
     syncer: &Syncer,
     drift: &DriftWatch,
-    runs: &Runs,
+    runs: &BatchRuns,
     state: &AppState,
     applied: Option<Oid>,
 ) -> Result<Oid, ()> {
     let started = Instant::now();
-    let fail = |stage: &str, message: String| {
-        tracing::error!(stage, error = %message, "sync failed");
-        state.record_sync_failure(started.elapsed(), vec![message]);
-    };
-
     let fetched = tokio::task::spawn_blocking({
         let config = config.clone();
         move || fetch_and_checkout(&config, applied)
@@ -125,20 +115,13 @@ async fn reconcile(
             // The source answered and the cluster holds its head: that is a successful
             // sync, and what `GitOpsSourceStale` watches for.
             let head = applied.expect("unchanged means applied before");
-            state.record_sync_success(&head.to_string(), started.elapsed());
-            report(config, &head.to_string(), Phase::Synced, "").await;
+            let outcome = Outcome::Synced { revision: head.to_string(), changes: None };
+            state.record(outcome, started.elapsed()).await;
             return Ok(head);
         }
-        Err(e @ source::SourceError::Signature(_)) => {
-            state.metrics.commit_unverified();
-            fail("verify", e.to_string());
-            report(config, &applied.map(|a| a.to_string()).unwrap_or_default(), Phase::Failed, &e.to_string()).await;
-            return Err(());
-        }
         Err(e) => {
-            state.metrics.fetch_failed();
-            fail("fetch", e.to_string());
-            report(config, &applied.map(|a| a.to_string()).unwrap_or_default(), Phase::Failed, &e.to_string()).await;
+            tracing::error!(stage = "fetch", error = %e, "sync failed");
+            state.record(Outcome::fetch_failed(&e), started.elapsed()).await;
             return Err(());
         }
     };
@@ -152,29 +135,18 @@ async fn reconcile(
     match result {
         Ok(Synced { changes, objects, jobs }) => {
             tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
-            let managed = changes.changes.iter().filter(|c| c.action != Action::Deleted);
-            state.metrics.set_managed(managed.map(|c| c.id.kind.as_str()));
-            for pruned in changes.changes.iter().filter(|c| c.action == Action::Deleted) {
-                state.metrics.pruned(&pruned.id.kind);
-            }
-            state.record_sync_success(&revision, started.elapsed());
-            report(config, &revision, Phase::Synced, "").await;
             drift.track(objects, &changes);
+            let outcome = Outcome::Synced { revision: revision.clone(), changes: Some(changes) };
+            state.record(outcome, started.elapsed()).await;
             runs.update(jobs, &revision).await;
             Ok(head)
         }
         Err(e) => {
-            fail("sync", e.to_string());
-            report(config, &revision, Phase::Failed, &e.to_string()).await;
+            tracing::error!(stage = "sync", error = %e, "sync failed");
+            state.record(Outcome::sync_failed(&revision, &e), started.elapsed()).await;
             drift.resume();
             Err(())
         }
-    }
-}
-
-async fn report(config: &Config, revision: &str, phase: Phase, message: &str) {
-    if let Some(report) = &config.report {
-        report.report(revision, phase, message).await;
     }
 }
 

@@ -17,9 +17,13 @@ use kube::discovery::{Discovery, Scope};
 
 use crate::access::Access;
 use crate::apply::Planned;
-use crate::inventory::{Entries, Inventory, ObjectId, Origin};
-use crate::render::{self, Manifest, RenderError};
+use crate::inventory::{Entries, Inventory, Origin};
+use crate::object::ObjectId;
+use crate::render::{Manifest, RenderError};
 use crate::{FIELD_MANAGER, MANAGED_BY_LABEL};
+
+mod scope;
+pub use scope::resolve_scope;
 
 /// What one revision applies, stage by stage, and what it prunes.
 #[derive(Debug, Default)]
@@ -94,7 +98,7 @@ pub fn plan(
     inventory: &Inventory,
 ) -> Result<Plan, Vec<RenderError>> {
     let kinds = Kinds::new(discovery, &manifests);
-    render::resolve_scope(
+    scope::resolve_scope(
         &mut manifests,
         |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced),
         default_namespace,
