@@ -127,6 +127,11 @@ pub struct ApplyError {
 }
 
 impl ApplyError {
+    /// Reading `object` failed.
+    pub fn read(object: &Planned, error: kube::Error) -> ApplyError {
+        ApplyError::new(object, "read", error)
+    }
+
     fn new(object: &Planned, action: &str, error: impl Into<WriteError>) -> ApplyError {
         let error = error.into();
         let not_found = error.is_status(404);
@@ -367,13 +372,7 @@ impl Applier {
         let Some(live) = live else {
             return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None }));
         };
-        if live
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(crate::PRUNE_ANNOTATION))
-            .is_some_and(|v| v == "disabled")
-        {
+        if keeps(&live) {
             tracing::info!(object = %object.id, "not pruned: annotated {}: disabled", crate::PRUNE_ANNOTATION);
             return Ok(None);
         }
@@ -411,6 +410,11 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// Whether `live` is annotated `gitops.scale.dev/prune: disabled`, never to be pruned.
+pub fn keeps(live: &DynamicObject) -> bool {
+    live.metadata.annotations.as_ref().and_then(|a| a.get(crate::PRUNE_ANNOTATION)).is_some_and(|v| v == "disabled")
 }
 
 /// Runs the requests concurrently; all results, or all errors if there is any.

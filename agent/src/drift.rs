@@ -16,7 +16,8 @@
 //!    (`1000m` is `1`) and int-or-string made the difference, not a person. A conflict
 //!    means another manager took a field git sets.
 //!
-//! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object.
+//! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object's
+//! changes; its deletion is drift all the same.
 //!
 //! Corrections go through the sync's [`Applier`], so a replica that lost the Lease
 //! corrects nothing (it does not even check: its revision may be an old one). An object
@@ -356,7 +357,9 @@ impl Shared {
                 }
             },
         };
-        if ignored(&planned.object) || live.as_ref().is_some_and(ignored) {
+        // `drift: ignore` means "do not undo changes", not "do not notice it is gone"
+        // (Argo CD's and Flux's meaning): a deleted object comes back all the same.
+        if live.as_ref().is_some_and(|live| ignored(&planned.object) || ignored(live)) {
             return self.settle(id);
         }
         let settled = self.desired.lock().unwrap().get(id).and_then(|tracked| tracked.settled);

@@ -26,7 +26,7 @@ struct Cli {
 enum Cmd {
     /// Follow the repository and apply every new commit.
     Run(Box<RunArgs>),
-    /// Show what `run` would change in the current cluster; exit 0 no changes, 1 changes.
+    /// Show what `run` would change in the current cluster; exit 0 no changes, 1 changes, 2 error.
     Diff {
         #[command(flatten)]
         source: SourceArgs,
@@ -173,7 +173,9 @@ fn main() -> ExitCode {
     // notify logs at INFO each watch descriptor the kernel already dropped, which git
     // causes on every ref update of a watched local repository.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,notify=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: a log file or collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if in_cluster() {
         logs.json().init()
     } else {
@@ -195,7 +197,14 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::Validate { dir, dashboards_namespace } => validate(&dir, &dashboards_namespace),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
-        Cmd::Diff { source, apply } => runtime().and_then(|rt| rt.block_on(diff(source, apply))),
+        // Like diff(1) and `kubectl diff`: 1 means "changes", so an error is 2.
+        Cmd::Diff { source, apply } => match runtime().and_then(|rt| rt.block_on(diff(source, apply))) {
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+            done => done,
+        },
     };
     match outcome {
         Ok(code) => code,
@@ -211,6 +220,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn validate(dir: &std::path::Path, dashboards_namespace: &str) -> Result<ExitCode> {
+    // `validate repo/manifests` would find nothing to check and pass.
+    if !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
+        let named = dir.file_name().and_then(|name| name.to_str()).filter(|name| render::SOURCE_DIRS.contains(name));
+        let hint = match (named, dir.parent()) {
+            (Some(_), Some(parent)) => format!("; did you mean {}?", parent.display()),
+            _ => String::new(),
+        };
+        let sources = render::SOURCE_DIRS.map(|source| format!("{source}/")).join(", ");
+        println!("{}: holds none of {sources}, so there is nothing to validate{hint}", dir.display());
+        return Ok(ExitCode::FAILURE);
+    }
     match render::render(dir, dashboards_namespace) {
         Ok(rendered) => {
             let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());

@@ -120,10 +120,7 @@ impl Syncer {
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
     ) -> Result<Synced, SyncError> {
         let (plan, mut inventory, jobs) = self.plan(root).await?;
-        let owned = inventory.owned().len();
-        if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
-            return Err(SyncError::EmptyRevision(owned));
-        }
+        refuse_empty(&plan, &inventory, root)?;
 
         let mut changes = ChangeSet::default();
         let definitions = self.dry_run(&plan.definitions, in_line).await?;
@@ -185,14 +182,18 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, _, _) = self.plan(root).await?;
+        let (plan, inventory, _) = self.plan(root).await?;
+        refuse_empty(&plan, &inventory, root)?;
         let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();
         let mut rejected = Vec::new();
         for (object, preview) in objects.iter().zip(self.applier.previews(&objects).await) {
             let (action, live, desired) = match preview {
                 Ok(preview) => (preview.action(), preview.live.as_ref().map(shown), Some(shown(&preview.result))),
-                Err(e) if e.not_found => (Action::Created, None, Some(shown(&object.object))),
+                // Only what `sync` creates first (a Namespace, a CRD's kind) may be missing.
+                Err(e) if e.not_found && plan.defines_home_of(object) => {
+                    (Action::Created, None, Some(shown(&object.object)))
+                }
                 Err(e) => {
                     rejected.push(e);
                     continue;
@@ -213,6 +214,12 @@ impl Syncer {
         }
         if self.options.prune {
             for object in plan.prune.iter().flatten() {
+                // As `sync` prunes: what is gone already, or annotated to stay, is left.
+                let live = self.applier.api(object).get_opt(&object.id.name).await;
+                let live = live.map_err(|e| SyncError::Prune(vec![ApplyError::read(object, e)]))?;
+                if live.is_none_or(|live| crate::apply::keeps(&live)) {
+                    continue;
+                }
                 let action = Action::Deleted;
                 differences.push(Difference {
                     id: object.id.clone(),
@@ -237,6 +244,16 @@ impl Syncer {
         let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }
+}
+
+/// An empty revision prunes everything the agent owns: refused unless the repository
+/// says it means it ([`ALLOW_EMPTY_FILE`]).
+fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), SyncError> {
+    let owned = inventory.owned().len();
+    if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
+        return Err(SyncError::EmptyRevision(owned));
+    }
+    Ok(())
 }
 
 /// Whether an object exists: it does if it is in line (no preview).

@@ -36,6 +36,19 @@ fn every_error_is_reported_as_file_and_line_with_exit_1() {
 }
 
 #[test]
+fn a_directory_without_manifests_dashboards_or_jobs_fails_naming_the_one_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(manifests.join("good.yaml"), GOOD).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_gitops-agent")).arg("validate").arg(&manifests).output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "nothing validated is no pass: {out}");
+    assert!(out.contains("holds none of manifests/, dashboards/, jobs/"), "{out}");
+    assert!(out.contains(&format!("did you mean {}?", dir.path().display())), "{out}");
+}
+
+#[test]
 fn the_repo_template_passes() {
     let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-agent")).arg("validate").arg(&template).output().unwrap();

@@ -272,4 +272,48 @@ async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
     assert!(log.contains(&format!("the agent's namespace \"{missing}\" does not exist")), "{log}");
     assert!(log.contains("--namespace"), "{log}");
     assert_eq!(log.lines().filter(|l| l.contains("error")).count(), 1, "one clear line:\n{log}");
+    assert!(!log.contains('\u{1b}'), "no colour codes in a log file:\n{log}");
+}
+
+/// `gitops-agent diff` exits as diff(1) and `kubectl diff` do: 0 when nothing would
+/// change, 1 when something would, 2 on an error (here: a revision `run` would refuse).
+#[tokio::test]
+async fn diff_exits_0_for_no_change_1_for_changes_2_for_an_error() {
+    let binary = agent_binary();
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "diff-exit").await;
+    let repo = GitRepo::new();
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.commit("v1");
+    let diff = || {
+        let output = Command::new(&binary)
+            .args(["diff", &format!("--repo={}", repo.file_url()), &format!("--namespace={ns}")])
+            .arg(format!("--default-namespace={ns}"))
+            .env("KUBECONFIG", cluster::shared().kubeconfig())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let (code, out) = diff();
+    assert_eq!(code, Some(1), "x would be created:\n{out}");
+    assert!(out.contains("+ ConfigMap") && out.contains("created"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let args = [format!("--namespace={ns}"), "--leader-election=false".to_owned()];
+    let agent = Replica::spawn(&binary, cluster::shared().kubeconfig(), &repo, &ns, &args, dir.path(), "agent");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
+    drop(agent);
+    let (code, out) = diff();
+    assert_eq!(code, Some(0), "nothing would change:\n{out}");
+
+    repo.write(
+        "manifests/x.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: nowhere-at-all\n",
+    );
+    repo.commit("nowhere");
+    let (code, out) = diff();
+    assert_eq!(code, Some(2), "a revision run would refuse is an error:\n{out}");
+    assert!(out.contains("manifests/x.yaml:1") && out.contains("nowhere-at-all"), "{out}");
 }

@@ -194,9 +194,14 @@ async fn an_object_annotated_drift_ignore_is_left_alone() {
         (f.metric("gitops_drift_corrected_total{kind=\"Deployment\"}").await >= 1.0).then_some(())
     })
     .await;
-    let live = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).get("settings").await.unwrap();
-    assert_eq!(live.data.unwrap()["value"], "mine");
+    let cms = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns);
+    assert_eq!(cms.get("settings").await.unwrap().data.unwrap()["value"], "mine");
     assert_eq!(f.metric("gitops_drift_detected_total{kind=\"ConfigMap\"}").await, 0.0);
+
+    // "Do not undo changes" is not "do not notice it is gone": deleted, it comes back.
+    cms.delete("settings", &DeleteParams::default()).await.unwrap();
+    let back = eventually("the ignored ConfigMap to come back", || async { cms.get_opt("settings").await.ok()? }).await;
+    assert_eq!(back.data.unwrap()["value"], "from git");
 }
 
 /// `kubectl` against the shared control plane.

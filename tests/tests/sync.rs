@@ -335,6 +335,64 @@ async fn diff_shows_what_a_sync_would_change_and_changes_nothing() {
     assert_eq!(f.live().await, pairs(&[("cm-x", "a"), ("cm-y", "a")]), "diff writes nothing");
 }
 
+/// `diff` runs the checks `sync` runs: what `sync` would refuse, `diff` refuses with the
+/// same error; and it lists as pruned only what `sync` would delete.
+#[tokio::test]
+async fn diff_refuses_what_sync_refuses_and_prunes_what_sync_prunes() {
+    let f = Fixture::with_a_good_revision("diff-agrees").await;
+
+    // An empty revision: sync refuses to prune everything; so does diff.
+    f.repo.remove("manifests/a.yaml");
+    f.repo.write("manifests/README.md", "nothing here\n");
+    f.repo.commit("empty");
+    let (_, tree) = f.checkout();
+    assert!(matches!(f.syncer.diff(&tree).await, Err(SyncError::EmptyRevision(1))));
+    assert!(matches!(f.sync().await, Err(SyncError::EmptyRevision(1))));
+
+    // A namespace that does not exist: rejected by both; one the revision makes: created.
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "1"));
+    let missing = format!("{}-missing", f.ns);
+    f.repo.write(
+        "manifests/lost.yaml",
+        &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lost\n  namespace: {missing}\n"),
+    );
+    f.repo.commit("lost");
+    let (_, tree) = f.checkout();
+    let diff = f.syncer.diff(&tree).await;
+    assert!(matches!(&diff, Err(SyncError::Rejected(e)) if e[0].id.name == "lost"), "{diff:?}");
+    assert!(matches!(f.sync().await, Err(SyncError::Rejected(_))));
+    let made = format!("{}-made", f.ns);
+    f.repo.write(
+        "manifests/lost.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {made}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: found\n  namespace: {made}\n"
+        ),
+    );
+    f.repo.commit("made");
+    let (_, tree) = f.checkout();
+    let mut diff: Vec<(String, Action)> =
+        f.syncer.diff(&tree).await.unwrap().into_iter().map(|d| (d.id.name, d.action)).collect();
+    diff.sort();
+    assert_eq!(diff, vec![(made.clone(), Action::Created), ("found".into(), Action::Created)]);
+    f.sync().await.unwrap();
+
+    // An object annotated to stay is not pruned by sync, so diff does not list it.
+    let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    let keep = serde_json::json!({ "metadata": { "annotations": { "gitops.scale.dev/prune": "disabled" } } });
+    cms.patch("a", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&keep)).await.unwrap();
+    f.repo.remove("manifests/a.yaml");
+    f.repo.commit("a leaves git");
+    let (_, tree) = f.checkout();
+    assert!(f.syncer.diff(&tree).await.unwrap().is_empty(), "nothing would change");
+    f.sync().await.unwrap();
+    assert!(cms.get_opt("a").await.unwrap().is_some(), "kept, as diff said");
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(f.client.clone())
+        .delete(&made, &Default::default())
+        .await
+        .unwrap();
+}
+
 /// The dashboards the agent delivers in `ns`: ConfigMap name → (folder, uid, title).
 async fn dashboards(client: &kube::Client, ns: &str) -> Vec<(String, String, String, String)> {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);

@@ -47,6 +47,20 @@ impl Plan {
     pub fn crds(&self) -> Vec<Planned> {
         self.definitions.iter().filter(|p| is_crd(&p.id)).cloned().collect()
     }
+
+    /// Whether the revision itself defines what `object` needs to exist in: its
+    /// namespace, or the CRD of its kind. Only such an object cannot be dry-run
+    /// before the revision's definitions are applied.
+    pub fn defines_home_of(&self, object: &Planned) -> bool {
+        self.definitions.iter().any(|definition| {
+            let id = &definition.id;
+            let data = &definition.object.data;
+            (id.group.is_empty() && id.kind == "Namespace" && id.name == object.id.namespace)
+                || (is_crd(id)
+                    && data["spec"]["group"] == object.id.group.as_str()
+                    && data["spec"]["names"]["kind"] == object.id.kind.as_str())
+        })
+    }
 }
 
 fn is_crd(id: &ObjectId) -> bool {

@@ -179,6 +179,9 @@ pub struct Rendered {
     pub jobs: Vec<JobSpec>,
 }
 
+/// The directories under `--path` that [`render`] reads.
+pub const SOURCE_DIRS: [&str; 3] = ["manifests", "dashboards", "jobs"];
+
 /// Renders the repository at `root`; dashboards' ConfigMaps go to `dashboards_namespace`.
 pub fn render(root: &Path, dashboards_namespace: &str) -> Result<Rendered, Vec<RenderError>> {
     let mut findings = Findings::default();
