@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::access::{self, Access};
 use crate::metrics::BatchOutcome;
 use crate::render::{ConcurrencyPolicy, JobSpec};
-use crate::status::{AppState, BatchRun};
+use crate::status::{AppState, BatchRun, BatchWaiting};
 use crate::write::{WriteError, Writer};
 
 /// Label: the job a run belongs to.
@@ -151,20 +151,25 @@ impl Shared {
     async fn reconcile(self: &Arc<Self>) -> bool {
         let _one_at_a_time = self.reconciling.lock().await;
         let (specs, revision) = self.desired.lock().unwrap().clone();
-        let mut errors = Vec::new();
+        let (mut errors, mut waiting) = (Vec::new(), Vec::new());
         for spec in &specs {
-            if let Err(e) = self.reconcile_job(spec, &revision).await {
-                tracing::error!(job = spec.name(), error = %e, "batch job");
-                errors.push(e.to_string());
+            match self.reconcile_job(spec, &revision).await {
+                Ok(waits) => waiting.extend(waits),
+                Err(e) => {
+                    tracing::error!(job = spec.name(), error = %e, "batch job");
+                    errors.push(e.to_string());
+                }
             }
         }
         let ok = errors.is_empty();
         self.state.set_batch_errors(errors);
+        self.state.set_batch_waiting(waiting);
         self.publish();
         ok
     }
 
-    async fn reconcile_job(self: &Arc<Self>, spec: &JobSpec, revision: &str) -> Result<(), JobError> {
+    /// Brings one job in line with its spec; `Some` when its new run has to wait.
+    async fn reconcile_job(self: &Arc<Self>, spec: &JobSpec, revision: &str) -> Result<Option<BatchWaiting>, JobError> {
         let job = spec.name();
         let origin = spec.template.location.to_string();
         let api_error = |action, target: &str| {
@@ -186,12 +191,19 @@ impl Shared {
         let hash = &spec.hash[..HASH_CHARS];
 
         let newest = runs.last();
+        let mut waits = None;
         if newest.is_none_or(|run| run.hash != hash) {
             let running: Vec<&Run> = runs.iter().filter(|run| !run.finished && !run.deleting).collect();
             match spec.concurrency {
                 ConcurrencyPolicy::Forbid if !running.is_empty() => {
-                    let waiting_for = running.iter().map(|run| run.name.as_str()).collect::<Vec<_>>();
-                    tracing::info!(job, ?waiting_for, "spec changed; the new run waits (concurrency policy Forbid)");
+                    let waits_for: Vec<String> = running.iter().map(|run| run.name.clone()).collect();
+                    tracing::info!(job, ?waits_for, "spec changed; the new run waits (concurrency policy Forbid)");
+                    waits = Some(BatchWaiting {
+                        job: job.to_owned(),
+                        revision: revision.to_owned(),
+                        reason: "concurrency policy Forbid: the spec changed while a run is going".to_owned(),
+                        waits_for,
+                    });
                 }
                 policy => {
                     if policy == ConcurrencyPolicy::Replace {
@@ -225,7 +237,7 @@ impl Shared {
             self.delete(&api, &run.name).await.map_err(api_error("deleting the old", &run.name))?;
             tracing::info!(job, run = run.name, "deleted a run beyond the history limit");
         }
-        Ok(())
+        Ok(waits)
     }
 
     /// Deletes a run and, in the background, what it made (a Job's pods). One that is

@@ -46,6 +46,8 @@ pub struct Status {
     pub batch_runs: Vec<BatchRun>,
     /// Jobs whose runs could not be made, each as `file:line: job NAME: why`.
     pub batch_errors: Vec<String>,
+    /// Jobs whose new spec waits for its run, and why.
+    pub batch_waiting: Vec<BatchWaiting>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,6 +160,11 @@ impl AppState {
         self.status().batch_runs = runs;
     }
 
+    /// The jobs whose new run waits (replaces the previous list).
+    pub fn set_batch_waiting(&self, waiting: Vec<BatchWaiting>) {
+        self.status().batch_waiting = waiting;
+    }
+
     /// Why jobs' runs could not be made (replaces the previous list; empty when all could).
     pub fn set_batch_errors(&self, errors: Vec<String>) {
         self.status().batch_errors = errors;
@@ -188,6 +195,17 @@ impl LastSync {
 
 fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&humantime::format_rfc3339_seconds(*time))
+}
+
+/// A job spec whose new run is held back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BatchWaiting {
+    pub job: String,
+    /// The commit whose spec waits.
+    pub revision: String,
+    pub reason: String,
+    /// The runs it waits for.
+    pub waits_for: Vec<String>,
 }
 
 /// How a reconcile ended.

@@ -228,7 +228,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
         parse(body),
-        json!({"revision": null, "leader": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": []})
+        json!({"revision": null, "leader": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": [], "batch_waiting": []})
     );
 
     agent.state.record(synced("0123abcd"), Duration::from_millis(1500)).await;
@@ -292,6 +292,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
                 {"job": "nightly", "run": "nightly-4", "revision": "0123abcd", "result": null},
             ],
             "batch_errors": ["jobs/spark.yaml:1: job spark: no CRD"],
+            "batch_waiting": [],
         })
     );
     agent.state.record(synced("4567ef01"), Duration::from_secs(1)).await;

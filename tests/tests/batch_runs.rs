@@ -216,10 +216,19 @@ async fn forbid_holds_the_new_spec_until_the_running_run_ends() {
     let newest = f.commit_spec("f.yaml", &job_spec("f", "three", &policy));
     synced(&agent, &newest).await;
     assert_eq!(f.run_names("f").await, ["f-1"], "no second run while f-1 runs");
+    let waiting = agent.status().await["batch_waiting"].clone();
+    assert_eq!(waiting[0]["job"], "f", "/status says which spec waits: {waiting}");
+    assert_eq!(waiting[0]["revision"], newest.as_str(), "{waiting}");
+    assert_eq!(waiting[0]["waits_for"], serde_json::json!(["f-1"]), "and for which run: {waiting}");
+    assert!(waiting[0]["reason"].as_str().unwrap().contains("Forbid"), "{waiting}");
 
     f.finish("f-1", "Succeeded").await;
     f.wait_for_runs("f", &["f-1", "f-2"]).await;
     assert_eq!(f.runs("f").await[1].2, newest, "the run waiting is of the newest spec");
+    eventually("nothing to wait for", || async {
+        (agent.status().await["batch_waiting"] == serde_json::json!([])).then_some(())
+    })
+    .await;
     agent.stop().await;
 }
 
