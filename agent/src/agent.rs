@@ -84,6 +84,8 @@ pub struct Agent {
     server: JoinHandle<()>,
     /// Shows leadership in `/status` and `gitops_leader`.
     leader_shown: JoinHandle<()>,
+    /// Follows suspend, resume and sync requests ([`crate::control`]).
+    control: JoinHandle<()>,
     leadership: Leadership,
 }
 
@@ -137,10 +139,19 @@ impl Agent {
                 }
             }
         });
-        let loop_state = state.clone();
-        let sync_loop =
-            tokio::spawn(reconcile::run(config, syncer, drift, runs, loop_state, leadership.changes(), stopped));
-        Ok(Agent { state, address, stop, sync_loop, server, leader_shown, leadership })
+        let control = tokio::spawn(crate::control::follow(writer.clone(), namespace.clone(), state.clone()));
+        let (loop_state, suspension) = (state.clone(), writer.suspension());
+        let sync_loop = tokio::spawn(reconcile::run(
+            config,
+            syncer,
+            drift,
+            runs,
+            loop_state,
+            leadership.changes(),
+            suspension,
+            stopped,
+        ));
+        Ok(Agent { state, address, stop, sync_loop, server, leader_shown, control, leadership })
     }
 
     /// Where the HTTP server listens.
@@ -161,6 +172,7 @@ impl Agent {
         }
         self.leadership.release().await;
         self.leader_shown.abort();
+        self.control.abort();
         if let Err(e) = self.server.await {
             tracing::error!(error = %e, "the HTTP server failed");
         }

@@ -141,7 +141,7 @@ impl Shared {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(RETRY), if failing => {}
             }
-            if self.writer.leads() {
+            if self.writer.may_write() {
                 failing = !self.reconcile().await;
             }
         }

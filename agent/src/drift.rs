@@ -338,9 +338,10 @@ impl Shared {
     /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
     async fn check(self: &Arc<Self>, id: &ObjectId, seen: Option<DynamicObject>) {
         let Some(planned) = self.desired.lock().unwrap().get(id).map(|tracked| tracked.planned(id)) else { return };
-        // A replica that does not lead may hold an old revision: it neither corrects nor
-        // settles, and the next sync it leads dry-runs what it saw change.
-        if !self.applier.writer().leads() {
+        // A replica that does not lead may hold an old revision, and a suspended one
+        // must not write: neither corrects nor settles, and the next sync it makes
+        // dry-runs what it saw change.
+        if !self.applier.writer().may_write() {
             self.unchecked.lock().unwrap().insert(id.clone());
             return;
         }

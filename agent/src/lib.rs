@@ -14,12 +14,14 @@
 //!   [`server`] report it over HTTP;
 //! - [`access`] says what the agent may touch: the cluster, or some namespaces;
 //! - [`write`] is the one way anything is written, and only while this replica leads ([`leader`]);
+//! - [`control`] takes requests through the API server: suspend, resume, sync now;
 //! - [`agent`] wires it all together: [`agent::Agent::start`].
 
 pub mod access;
 pub mod agent;
 pub mod apply;
 pub mod batch;
+pub mod control;
 pub mod drift;
 pub mod inventory;
 pub mod leader;

@@ -13,7 +13,7 @@ use gitops_agent::leader::{self, Leadership};
 use gitops_agent::server::WebhookSecret;
 use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
 use gitops_agent::write::Writer;
-use gitops_agent::{drift, render, sync};
+use gitops_agent::{control, drift, render, sync};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -33,6 +33,12 @@ enum Cmd {
         #[command(flatten)]
         apply: ApplyArgs,
     },
+    /// Ask the running agent to apply, correct, prune and run nothing until resumed.
+    Suspend(AgentNamespace),
+    /// Let a suspended agent go on.
+    Resume(AgentNamespace),
+    /// Ask the running agent to fetch now, as a push webhook would (`flux reconcile`).
+    Sync(AgentNamespace),
     /// Check a checked-out repository offline: every error as `file:line: message`.
     Validate {
         /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
@@ -67,6 +73,14 @@ struct RunArgs {
     /// What to do when the cluster drifts from git: re-apply, or report only.
     #[arg(long, env = "GITOPS_DRIFT", value_enum, default_value = "correct")]
     drift: drift::Policy,
+}
+
+/// Which agent to ask: the one whose status ConfigMap is in this namespace.
+#[derive(clap::Args)]
+struct AgentNamespace {
+    /// The agent's namespace (its `--namespace`).
+    #[arg(long, env = "GITOPS_NAMESPACE", default_value = "gitops-system")]
+    namespace: String,
 }
 
 /// Which repository, branch and directory to follow.
@@ -185,7 +199,7 @@ fn main() -> ExitCode {
     let git_timeout = match &cli.command {
         Cmd::Run(args) => Some(args.source.git_timeout),
         Cmd::Diff { source, .. } => Some(source.git_timeout),
-        Cmd::Validate { .. } => None,
+        Cmd::Validate { .. } | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
     };
     if let Some(timeout) = git_timeout {
         // SAFETY: no thread exists yet; the runtime starts below.
@@ -197,6 +211,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::Validate { dir, dashboards_namespace } => validate(&dir, &dashboards_namespace),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
+        Cmd::Suspend(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Suspend))),
+        Cmd::Resume(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Resume))),
+        Cmd::Sync(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Sync))),
         // Like diff(1) and `kubectl diff`: 1 means "changes", so an error is 2.
         Cmd::Diff { source, apply } => match runtime().and_then(|rt| rt.block_on(diff(source, apply))) {
             Err(e) => {
@@ -289,6 +306,17 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     shutdown_signal().await;
     tracing::info!("shutting down after the sync in flight");
     agent.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ask(agent: AgentNamespace, request: control::Request) -> Result<ExitCode> {
+    control::request(cluster_client().await?, &agent.namespace, request).await?;
+    let asked = match request {
+        control::Request::Suspend => "suspend: it applies, corrects, prunes and runs nothing until resumed",
+        control::Request::Resume => "resume",
+        control::Request::Sync => "fetch now",
+    };
+    println!("asked the agent in namespace {} to {asked}", agent.namespace);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -83,6 +83,7 @@ pub struct Metrics {
     drift_corrected: IntCounterVec,
     drift_contested: IntCounterVec,
     leader: IntGauge,
+    suspended: IntGauge,
     pruned_resources: IntCounterVec,
     batch_runs: IntCounterVec,
     batch_run_duration: HistogramVec,
@@ -171,6 +172,10 @@ impl Metrics {
                 &registry,
                 IntGauge::new("gitops_leader", "1 while this replica holds the leader lease and may write, else 0."),
             ),
+            suspended: register(
+                &registry,
+                IntGauge::new("gitops_suspended", "1 while the agent is suspended and writes nothing, else 0."),
+            ),
             pruned_resources: counters(
                 "gitops_pruned_resources_total",
                 "Objects deleted because they were removed from git.",
@@ -231,6 +236,11 @@ impl Metrics {
     /// Whether this replica leads now.
     pub fn set_leader(&self, leads: bool) {
         self.leader.set(i64::from(leads));
+    }
+
+    /// Whether the agent is suspended now.
+    pub fn set_suspended(&self, suspended: bool) {
+        self.suspended.set(i64::from(suspended));
     }
 
     /// A fetched head was refused for its signature.

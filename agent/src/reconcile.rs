@@ -40,8 +40,10 @@ pub struct Config {
 
 /// Runs until `shutdown` turns true; a sync in flight finishes first.
 ///
-/// Reconciles only while `leader` is true (always, without leader election), and
-/// abandons a reconcile the moment it turns false: another replica may apply now.
+/// Reconciles only while `leader` is true (always, without leader election) and
+/// `suspended` is false, and abandons a reconcile the moment either changes: another
+/// replica may apply now, or someone asked that nothing be applied.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Config,
     syncer: Syncer,
@@ -49,6 +51,7 @@ pub async fn run(
     runs: BatchRuns,
     state: Arc<AppState>,
     mut leader: watch::Receiver<bool>,
+    mut suspended: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config);
@@ -61,6 +64,10 @@ pub async fn run(
     loop {
         tokio::select! {
             led = leader.wait_for(|leading| *leading) => if led.is_err() { break },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+        tokio::select! {
+            resumed = suspended.wait_for(|suspended| !*suspended) => if resumed.is_err() { break },
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
@@ -77,6 +84,11 @@ pub async fn run(
                 applied = None;
                 continue;
             }
+            _ = suspended.wait_for(|suspended| *suspended) => {
+                tracing::warn!("suspended: stopped applying");
+                applied = None;
+                continue;
+            }
         }
         let wait = match failures {
             0 => config.interval,
@@ -84,8 +96,10 @@ pub async fn run(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = state.fetch_requested() => tracing::info!("webhook: fetching now"),
+            _ = state.fetch_requested() => tracing::info!("asked to fetch now (webhook or gitops-agent sync)"),
             _ = local_change.notified() => tracing::debug!("local repository changed"),
+            // Resumed: look at once, not after the rest of the interval.
+            _ = suspended.changed() => {}
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }

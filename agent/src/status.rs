@@ -38,6 +38,9 @@ pub struct Status {
     pub revision: Option<String>,
     /// Whether this replica holds the leader lease, and so applies, corrects and runs.
     pub leader: bool,
+    /// Whether someone suspended the agent: then nothing is applied, corrected,
+    /// pruned or run (see [`crate::control`]).
+    pub suspended: bool,
     /// `null` until the first sync ends.
     pub last_sync: Option<LastSync>,
     /// Why the last reconcile failed, one entry per problem; empty after a success.
@@ -147,6 +150,12 @@ impl AppState {
     pub fn set_leader(&self, leads: bool) {
         self.metrics.set_leader(leads);
         self.status().leader = leads;
+    }
+
+    /// Whether the agent is suspended now.
+    pub fn set_suspended(&self, suspended: bool) {
+        self.metrics.set_suspended(suspended);
+        self.status().suspended = suspended;
     }
 
     /// The objects drifted now (replaces the previous list and the drift gauge).

@@ -9,10 +9,13 @@
 //! them itself. The one write made before leadership exists is the agent's own
 //! namespace, at start-up ([`crate::agent`]): the Lease lives in it.
 
+use std::sync::Arc;
+
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::leader::Lead;
 
@@ -22,6 +25,9 @@ pub enum WriteError {
     /// Another replica may be applying now; this one must not.
     #[error("not written: this replica does not hold the leader lease")]
     NotLeader,
+    /// Someone suspended the agent (`gitops-agent suspend`).
+    #[error("not written: the agent is suspended")]
+    Suspended,
     #[error(transparent)]
     Api(#[from] kube::Error),
 }
@@ -38,6 +44,8 @@ impl WriteError {
 pub struct Writer {
     client: kube::Client,
     lead: Lead,
+    /// Shared by every clone: suspending one suspends all.
+    suspended: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -48,7 +56,7 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     pub fn new(client: kube::Client, lead: Lead) -> Writer {
-        Writer { client, lead }
+        Writer { client, lead, suspended: Arc::new(watch::Sender::new(false)) }
     }
 
     /// A writer that is the only one by construction (gitops-bootstrap's installer, a
@@ -66,8 +74,29 @@ impl Writer {
         self.lead.holds()
     }
 
+    /// Whether a write would be made now: this replica leads and is not suspended.
+    pub fn may_write(&self) -> bool {
+        self.check().is_ok()
+    }
+
+    /// While suspended, nothing is written: not applied, corrected, pruned or run.
+    pub fn set_suspended(&self, suspended: bool) {
+        self.suspended.send_if_modified(|current| std::mem::replace(current, suspended) != suspended);
+    }
+
+    /// Follows [`Writer::set_suspended`].
+    pub fn suspension(&self) -> watch::Receiver<bool> {
+        self.suspended.subscribe()
+    }
+
     fn check(&self) -> Result<(), WriteError> {
-        if self.lead.holds() { Ok(()) } else { Err(WriteError::NotLeader) }
+        if !self.lead.holds() {
+            Err(WriteError::NotLeader)
+        } else if *self.suspended.borrow() {
+            Err(WriteError::Suspended)
+        } else {
+            Ok(())
+        }
     }
 
     /// A patch (server-side apply, merge, …) that is not a dry run.

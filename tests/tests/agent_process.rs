@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use gitops_tests::cluster::{self, eventually};
-use gitops_tests::git::GitRepo;
+use gitops_tests::git::{GitDaemon, GitRepo};
+use gitops_tests::requests::Requests;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
@@ -31,16 +32,16 @@ struct Replica {
 impl Replica {
     /// Two of these compete for the Lease in `ns`, as the Deployment's replicas do.
     fn start(binary: &PathBuf, repo: &GitRepo, ns: &str, dir: &std::path::Path, name: &str) -> Replica {
-        let args = [format!("--namespace={ns}"), "--leader-election=true".to_owned()];
-        Replica::spawn(binary, cluster::shared().kubeconfig(), repo, ns, &args, dir, name)
+        let args = [format!("--namespace={ns}"), "--leader-election=true".to_owned(), "--interval=1s".to_owned()];
+        Replica::spawn(binary, cluster::shared().kubeconfig(), &repo.file_url(), ns, &args, dir, name)
     }
 
-    /// `gitops-agent run` against the cluster of `kubeconfig`, following `repo` (a commit
-    /// wakes it), its objects in `ns`, with `args` added.
+    /// `gitops-agent run` against the cluster of `kubeconfig`, following the repository
+    /// at `url` (a commit to a local one wakes it), its objects in `ns`, with `args` added.
     fn spawn(
         binary: &PathBuf,
         kubeconfig: &std::path::Path,
-        repo: &GitRepo,
+        url: &str,
         ns: &str,
         args: &[String],
         dir: &std::path::Path,
@@ -49,8 +50,8 @@ impl Replica {
         let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(binary)
-            .args(["run", "--interval=1s"])
-            .arg(format!("--repo={}", repo.file_url()))
+            .arg("run")
+            .arg(format!("--repo={url}"))
             .arg(format!("--listen={listen}"))
             .arg(format!("--default-namespace={ns}"))
             .args(args)
@@ -207,7 +208,7 @@ async fn with_the_api_server_down_the_watches_back_off_and_recover() {
     repo.commit("v1");
     let dir = tempfile::tempdir().unwrap();
     let args = [format!("--namespace={ns}"), "--leader-election=false".to_owned()];
-    let agent = Replica::spawn(&binary, plane.kubeconfig(), &repo, &ns, &args, dir.path(), "agent");
+    let agent = Replica::spawn(&binary, plane.kubeconfig(), &repo.file_url(), &ns, &args, dir.path(), "agent");
     eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
     eventually("the batch run started", || async { agent.log().contains("started a batch run").then_some(()) }).await;
 
@@ -255,7 +256,7 @@ async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
     let kubeconfig = cluster::shared().kubeconfig();
 
     let args = [format!("--namespace={own}"), "--leader-election=true".to_owned()];
-    let agent = Replica::spawn(&binary, kubeconfig, &repo, &apps, &args, dir.path(), "cluster");
+    let agent = Replica::spawn(&binary, kubeconfig, &repo.file_url(), &apps, &args, dir.path(), "cluster");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
     eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
     let inventory: Api<ConfigMap> = Api::namespaced(client.clone(), &own);
@@ -265,7 +266,7 @@ async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
 
     let missing = format!("{apps}-missing");
     let args = [format!("--namespace={missing}"), format!("--allow-namespaces={apps}")];
-    let mut restricted = Replica::spawn(&binary, kubeconfig, &repo, &apps, &args, dir.path(), "restricted");
+    let mut restricted = Replica::spawn(&binary, kubeconfig, &repo.file_url(), &apps, &args, dir.path(), "restricted");
     let status = restricted.child.wait().unwrap();
     let log = restricted.log();
     assert!(!status.success(), "{log}");
@@ -301,7 +302,8 @@ async fn diff_exits_0_for_no_change_1_for_changes_2_for_an_error() {
 
     let dir = tempfile::tempdir().unwrap();
     let args = [format!("--namespace={ns}"), "--leader-election=false".to_owned()];
-    let agent = Replica::spawn(&binary, cluster::shared().kubeconfig(), &repo, &ns, &args, dir.path(), "agent");
+    let agent =
+        Replica::spawn(&binary, cluster::shared().kubeconfig(), &repo.file_url(), &ns, &args, dir.path(), "agent");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
     drop(agent);
@@ -316,4 +318,72 @@ async fn diff_exits_0_for_no_change_1_for_changes_2_for_an_error() {
     let (code, out) = diff();
     assert_eq!(code, Some(2), "a revision run would refuse is an error:\n{out}");
     assert!(out.contains("manifests/x.yaml:1") && out.contains("nowhere-at-all"), "{out}");
+}
+
+/// `gitops-agent suspend|resume|sync`, through the API server as `flux suspend` and
+/// `flux reconcile`: while suspended the agent writes nothing (counted by the API
+/// server) though commits land and objects drift; resumed, it catches up; asked to
+/// sync, it fetches at once rather than at its next poll, an hour away.
+#[tokio::test]
+async fn suspend_writes_nothing_resume_catches_up_and_sync_fetches_now() {
+    let binary = agent_binary();
+    let mut plane = cluster::private().await;
+    // Its controllers write (a root CA ConfigMap per namespace, Job status): only the
+    // agent may write what is counted.
+    plane.stop_component("kube-controller-manager").unwrap();
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "suspend").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let repo = GitRepo::new();
+    let job = |version: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: hello\nspec:\n  template:\n    spec:\n      \
+                 restartPolicy: Never\n      containers:\n      - name: hello\n        image: debian:bookworm\n        \
+                 args: [echo, {version}]\n"
+        )
+    };
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.write("jobs/hello.yaml", &job("v1"));
+    repo.commit("v1");
+    let daemon = GitDaemon::serve(&repo.root());
+    let dir = tempfile::tempdir().unwrap();
+    let args = [format!("--namespace={ns}"), "--leader-election=false".to_owned(), "--interval=1h".to_owned()];
+    let agent = Replica::spawn(&binary, plane.kubeconfig(), &daemon.url(repo.name()), &ns, &args, dir.path(), "agent");
+    eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
+    eventually("the status ConfigMap", || async { cms.get_opt("gitops-agent-status").await.ok()?.map(|_| ()) }).await;
+    let ask = |verb: &str| {
+        let output = Command::new(&binary)
+            .args([verb, &format!("--namespace={ns}")])
+            .env("KUBECONFIG", plane.kubeconfig())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "gitops-agent {verb}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+
+    ask("suspend");
+    eventually("the agent to suspend", || async { agent.log().contains("suspended: applying nothing").then_some(()) })
+        .await;
+    let before = Requests::scrape(&client).await.unwrap();
+    repo.write("manifests/x.yaml", &configmap("x", "v2"));
+    repo.write("jobs/hello.yaml", &job("v2"));
+    repo.commit("v2");
+    ask("sync");
+    let params = kube::api::PatchParams { field_manager: Some("person".to_owned()), ..Default::default() };
+    let edited = serde_json::json!({ "data": { "value": "edited" } });
+    cms.patch("x", &params, &kube::api::Patch::Merge(&edited)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let during = Requests::scrape(&client).await.unwrap().since(&before).only(&["configmaps", "jobs"]);
+    let writes: u64 = ["APPLY", "CREATE", "UPDATE", "DELETE"].iter().map(|verb| during.count(verb)).sum();
+    assert_eq!(writes, 0, "written while suspended: {:?}", during.by_verb());
+    assert_eq!(value(&cms, "x").await.as_deref(), Some("edited"), "neither synced nor corrected");
+
+    ask("resume");
+    eventually("the commit applied once resumed", || async { (value(&cms, "x").await? == "v2").then_some(()) }).await;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    eventually("the new spec's run", || async { jobs.get_opt("hello-2").await.ok()?.map(|_| ()) }).await;
+
+    repo.write("manifests/x.yaml", &configmap("x", "v3"));
+    repo.commit("v3");
+    ask("sync");
+    eventually("the commit fetched at once", || async { (value(&cms, "x").await? == "v3").then_some(()) }).await;
 }
