@@ -62,6 +62,16 @@ pub async fn private() -> LocalControlPlane {
         .unwrap_or_else(|e| panic!("starting a private control plane: {e}"))
 }
 
+/// A cluster with the machine's one node, stopped (and the node's traces removed from
+/// the machine) when dropped. Only one can run at a time: tests that need pods live in
+/// one test binary and take turns.
+pub async fn with_node() -> LocalControlPlane {
+    remove_stale_state();
+    LocalControlPlane::start(&Options::with_node(state_root().join("node"), Lifetime::TiedToThisProcess))
+        .await
+        .unwrap_or_else(|e| panic!("starting a cluster with a node: {e}"))
+}
+
 /// An admin client of the shared control plane, for the calling test's runtime.
 pub async fn client() -> kube::Client {
     shared().client().await.expect("admin client for the shared control plane")

@@ -26,19 +26,22 @@ struct GoBinary {
     /// What it holds, for progress messages.
     holds: &'static str,
     sources: &'static [(&'static str, &'static str)],
+    /// Whether it may link libc; the pause binary runs in an image that has none.
+    cgo: bool,
 }
 
-/// kube-apiserver and kube-controller-manager share most of their code, so they are one
-/// multi-call binary: `kube-local apiserver …`, `kube-local controller-manager …`.
+/// The Kubernetes components share most of their code, so they are one multi-call
+/// binary: `kube-local apiserver …`, `kube-local kubelet …` (see its main.go).
 const KUBE: GoBinary = GoBinary {
     name: "kube-local",
     module: "k8s.io/kubernetes",
-    holds: "kube-apiserver + kube-controller-manager",
+    holds: "kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy",
     sources: &[
         ("go.mod", include_str!("../../controlplane/go.mod")),
         ("go.sum", include_str!("../../controlplane/go.sum")),
         ("main.go", include_str!("../../controlplane/main.go")),
     ],
+    cgo: true,
 };
 
 /// etcd has a module of its own: k8s.io/kubernetes requires a newer etcd server module
@@ -52,14 +55,28 @@ const ETCD: GoBinary = GoBinary {
         ("go.sum", include_str!("../../controlplane/etcd/go.sum")),
         ("main.go", include_str!("../../controlplane/etcd/main.go")),
     ],
+    cgo: true,
+};
+
+/// The process that holds a pod's namespaces, for the sandbox image: none can be pulled.
+const PAUSE: GoBinary = GoBinary {
+    name: "pause",
+    module: "github.com/scale/gitops/bootstrap/controlplane/pause",
+    holds: "the pod sandbox's pause process",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/pause/go.mod")),
+        ("main.go", include_str!("../../controlplane/pause/main.go")),
+    ],
+    cgo: false,
 };
 
 /// Paths of the built control-plane binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
-    /// The multi-call kube-apiserver / kube-controller-manager binary.
+    /// The multi-call binary of the Kubernetes components.
     pub kube: PathBuf,
     pub etcd: PathBuf,
+    pub pause: PathBuf,
     /// The Kubernetes release they were built from, e.g. `v1.37.2`.
     pub kubernetes_version: String,
 }
@@ -81,6 +98,7 @@ pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
     Ok(Binaries {
         kube: KUBE.ensure_built(cache)?,
         etcd: ETCD.ensure_built(cache)?,
+        pause: PAUSE.ensure_built(cache)?,
         kubernetes_version: KUBE.version().to_owned(),
     })
 }
@@ -100,7 +118,7 @@ impl GoBinary {
                 line.strip_prefix(self.module)?.split_whitespace().next()
             })
             .find(|v| v.starts_with('v'))
-            .unwrap_or("unknown")
+            .unwrap_or("local")
     }
 
     fn key(&self) -> String {
@@ -163,6 +181,7 @@ impl GoBinary {
             .arg(staging.join(self.name))
             .arg(".")
             .current_dir(&src)
+            .env("CGO_ENABLED", if self.cgo { "1" } else { "0" })
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
