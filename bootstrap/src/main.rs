@@ -84,7 +84,7 @@ enum Cmd {
         #[arg(long)]
         state_dir: PathBuf,
     },
-    /// Build (or find in the cache) the local control plane's binaries, and exit.
+    /// Build (or find in the cache) the local cluster's binaries and base image, and exit.
     Prepare {
         #[arg(long, value_enum)]
         provider: Provider,
@@ -296,13 +296,18 @@ async fn main() -> Result<()> {
         Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
-            let binaries = tokio::task::spawn_blocking(move || local::build::ensure_built(&cache)).await??;
+            let (binaries, base) = tokio::task::spawn_blocking(move || {
+                Ok::<_, local::Error>((local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?))
+            })
+            .await??;
             println!(
                 "kube-apiserver, -controller-manager, -scheduler, kubelet, kube-proxy: {}",
                 binaries.kube.display()
             );
             println!("etcd: {}", binaries.etcd.display());
             println!("pause: {}", binaries.pause.display());
+            println!("registry: {}", binaries.registry.display());
+            println!("debian:bookworm base image: {}", base.display());
             Ok(())
         }
         Cmd::Status { provider: Provider::Eks, .. } | Cmd::Prepare { provider: Provider::Eks } => {

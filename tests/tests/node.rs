@@ -1,6 +1,7 @@
 //! The local cluster's node is a real one: a pod from an image packed here runs on
-//! containerd and runc, its log reads through the API server and the kubelet, and
-//! stopping the cluster leaves nothing of the node on the machine.
+//! containerd and runc, its log reads through the API server and the kubelet, the
+//! kubelet pulls the Debian base from the node's registry, and stopping the cluster
+//! leaves nothing of the node on the machine.
 //!
 //! One test function: the machine has one node (one kubelet, one `cni0`), so the steps
 //! share it in turn rather than in parallel tests.
@@ -91,6 +92,36 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     let logs = command("kubectl", &["--kubeconfig", &kubeconfig, "logs", "hello"]);
     assert_eq!(phase, "Succeeded", "pod hello: {logs}");
     assert_eq!(logs.trim(), "hello from hello as 0");
+
+    // The Debian base, pulled by the kubelet from the node's registry.
+    let registry = std::fs::read_to_string(plane.state_dir().join("registry")).unwrap();
+    assert_eq!(Some(registry.trim()), plane.registry(), "STATE_DIR/registry names the registry");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "debian" },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "debian",
+                "image": format!("{}/debian:bookworm", registry.trim()),
+                "command": ["/bin/sh", "-c", "cat /etc/debian_version; getent hosts localhost"],
+            }],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let phase = eventually("pod debian to finish", || async {
+        let phase = pods.get("debian").await.ok()?.status?.phase?;
+        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+    })
+    .await;
+    let logs = command("kubectl", &["--kubeconfig", &kubeconfig, "logs", "debian"]);
+    assert_eq!(phase, "Succeeded", "pod debian: {logs}");
+    assert!(logs.starts_with("12."), "Debian 12's version, then localhost: {logs}");
+    let events = command(
+        "kubectl",
+        &["--kubeconfig", &kubeconfig, "get", "events", "--field-selector", "involvedObject.name=debian"],
+    );
+    assert!(events.contains("Pulled"), "the kubelet pulled the image: {events}");
 
     // Stopping removes every trace of the node from the machine.
     let state_dir = plane.state_dir().to_owned();

@@ -58,6 +58,19 @@ const ETCD: GoBinary = GoBinary {
     cgo: true,
 };
 
+/// The OCI registry the node pulls from.
+const REGISTRY: GoBinary = GoBinary {
+    name: "registry",
+    module: "github.com/distribution/distribution/v3",
+    holds: "the OCI registry",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/registry/go.mod")),
+        ("go.sum", include_str!("../../controlplane/registry/go.sum")),
+        ("main.go", include_str!("../../controlplane/registry/main.go")),
+    ],
+    cgo: false,
+};
+
 /// The process that holds a pod's namespaces, for the sandbox image: none can be pulled.
 const PAUSE: GoBinary = GoBinary {
     name: "pause",
@@ -77,6 +90,7 @@ pub struct Binaries {
     pub kube: PathBuf,
     pub etcd: PathBuf,
     pub pause: PathBuf,
+    pub registry: PathBuf,
     /// The Kubernetes release they were built from, e.g. `v1.37.2`.
     pub kubernetes_version: String,
 }
@@ -99,6 +113,7 @@ pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
         kube: KUBE.ensure_built(cache)?,
         etcd: ETCD.ensure_built(cache)?,
         pause: PAUSE.ensure_built(cache)?,
+        registry: REGISTRY.ensure_built(cache)?,
         kubernetes_version: KUBE.version().to_owned(),
     })
 }
@@ -137,19 +152,7 @@ impl GoBinary {
     fn ensure_built(&self, cache: &Path) -> Result<PathBuf, Error> {
         let dir = cache.join("controlplane").join(self.key());
         let binary = dir.join(self.name);
-        if binary.is_file() {
-            return Ok(binary);
-        }
-        fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
-        // Two processes needing the same binary build it once: the second waits here.
-        let lock_path = cache.join(format!("{}.lock", self.key()));
-        let lock_file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| Error::io(&lock_path, errno.into()))?;
-        if binary.is_file() {
-            return Ok(binary);
-        }
-        self.build(&dir)?;
+        build_once(cache, &self.key(), &binary, || self.build(&dir))?;
         Ok(binary)
     }
 
@@ -214,6 +217,28 @@ impl GoBinary {
         eprintln!("built {} in {:.1?} ({compiled} packages)", self.name, started.elapsed());
         Ok(())
     }
+}
+
+/// Runs `build` unless `product` exists. Two processes needing the same product build
+/// it once: the second waits on a lock named by `key`, then finds it.
+pub(crate) fn build_once(
+    cache: &Path,
+    key: &str,
+    product: &Path,
+    build: impl FnOnce() -> Result<(), Error>,
+) -> Result<(), Error> {
+    if product.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    let lock_path = cache.join(format!("{key}.lock"));
+    let lock_file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    let _lock =
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::io(&lock_path, errno.into()))?;
+    if product.exists() {
+        return Ok(());
+    }
+    build()
 }
 
 /// `v1.37.2` → (`1`, `37`).

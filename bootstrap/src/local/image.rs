@@ -1,12 +1,25 @@
-//! Container images packed here from files of this machine, as docker-archive tars
-//! (what `ctr images import` and `docker load` read): one layer, one config, no daemon.
+//! Container images made here, as docker-archive tars (what `ctr images import` and
+//! `docker load` read): one layer, one config, no daemon. Either a few files of this
+//! machine ([`Image`]), or a Debian root filesystem from this machine's apt sources
+//! ([`debian_base`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use super::Error;
+use super::build::build_once;
+
+/// The name the Debian base is pushed as, in the node's registry.
+pub const DEBIAN_IMAGE: &str = "debian:bookworm";
+/// How the base is made: Debian's smallest variant that still has apt, `/bin/sh` and
+/// `getent`.
+const MMDEBSTRAP: [&str; 3] = ["--variant=minbase", "--quiet", "bookworm"];
+/// Where apt's sources are, which decide what mmdebstrap fetches.
+const APT_SOURCES: [&str; 2] = ["/etc/apt/sources.list", "/etc/apt/sources.list.d"];
 
 /// A file of the host, placed in the image's single layer.
 #[derive(Debug, Clone)]
@@ -28,31 +41,7 @@ pub struct Image {
 impl Image {
     /// Writes the image to `out` as a docker-archive tar.
     pub fn write_archive(&self, out: &Path) -> Result<(), Error> {
-        let layer = self.layer()?;
-        let diff_id = format!("sha256:{}", hex(&Sha256::digest(&layer)));
-        let config = serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": { "Entrypoint": self.entrypoint, "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"] },
-            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-        })
-        .to_string();
-        let config_name = format!("{}.json", hex(&Sha256::digest(config.as_bytes())));
-        let manifest = serde_json::json!([{
-            "Config": config_name,
-            "RepoTags": [self.reference],
-            "Layers": ["layer.tar"],
-        }])
-        .to_string();
-
-        let mut archive = tar::Builder::new(Vec::new());
-        for (name, data) in
-            [("layer.tar", layer.as_slice()), (&config_name, config.as_bytes()), ("manifest.json", manifest.as_bytes())]
-        {
-            append(&mut archive, name, 0o644, data).map_err(|e| Error::io(out, e))?;
-        }
-        let bytes = archive.into_inner().map_err(|e| Error::io(out, e))?;
-        fs::write(out, bytes).map_err(|e| Error::io(out, e))
+        write_docker_archive(out, &self.reference, &self.layer()?, &self.entrypoint)
     }
 
     /// The layer: each file at its path, with the directories above it.
@@ -78,6 +67,84 @@ impl Image {
         }
         layer.into_inner().map_err(|e| Error::io(Path::new(&self.reference), e))
     }
+}
+
+/// `layer` (an uncompressed tar) as the one layer of image `reference`, written to `out`.
+fn write_docker_archive(out: &Path, reference: &str, layer: &[u8], entrypoint: &[String]) -> Result<(), Error> {
+    let diff_id = format!("sha256:{}", hex(&Sha256::digest(layer)));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Entrypoint": entrypoint, "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+    })
+    .to_string();
+    let config_name = format!("{}.json", hex(&Sha256::digest(config.as_bytes())));
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [reference],
+        "Layers": ["layer.tar"],
+    }])
+    .to_string();
+
+    let mut archive = tar::Builder::new(Vec::new());
+    for (name, data) in
+        [("layer.tar", layer), (&config_name, config.as_bytes()), ("manifest.json", manifest.as_bytes())]
+    {
+        append(&mut archive, name, 0o644, data).map_err(|e| Error::io(out, e))?;
+    }
+    let bytes = archive.into_inner().map_err(|e| Error::io(out, e))?;
+    fs::write(out, bytes).map_err(|e| Error::io(out, e))
+}
+
+/// The docker-archive of the Debian bookworm base (`gitops.local/debian:bookworm`),
+/// made by mmdebstrap from this machine's apt sources on first use and cached under
+/// `cache/images/`, keyed by a hash of how it is made and of those sources.
+pub fn debian_base(cache: &Path) -> Result<PathBuf, Error> {
+    let mut hash = Sha256::new();
+    hash.update(MMDEBSTRAP.join(" ").as_bytes());
+    for source in APT_SOURCES {
+        let files = match fs::read_dir(source) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => vec![PathBuf::from(source)],
+        };
+        let mut files: Vec<PathBuf> = files.into_iter().filter(|f| f.is_file()).collect();
+        files.sort();
+        for file in files {
+            hash.update(file.display().to_string().as_bytes());
+            hash.update(fs::read(&file).map_err(|e| Error::io(&file, e))?);
+        }
+    }
+    let key = format!("debian-bookworm-{}", hex(&hash.finalize()[..6]));
+    let dir = cache.join("images").join(&key);
+    let archive = dir.join("image.tar");
+    build_once(cache, &key, &archive, || {
+        let staging = dir.with_extension("partial");
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let rootfs = staging.join("rootfs.tar");
+        eprintln!("building the Debian bookworm base image (mmdebstrap) into {}", dir.display());
+        let started = Instant::now();
+        let out = Command::new("mmdebstrap")
+            .args(MMDEBSTRAP)
+            .arg(&rootfs)
+            .output()
+            .map_err(|source| Error::Spawn { program: "mmdebstrap".into(), source })?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: format!("mmdebstrap {} {}", MMDEBSTRAP.join(" "), rootfs.display()),
+                output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        let layer = fs::read(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
+        let reference = format!("gitops.local/{DEBIAN_IMAGE}");
+        write_docker_archive(&staging.join("image.tar"), &reference, &layer, &[])?;
+        fs::remove_file(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
+        fs::rename(&staging, &dir).map_err(|e| Error::io(&dir, e))?;
+        eprintln!("built the Debian base in {:.1?}", started.elapsed());
+        Ok(())
+    })?;
+    Ok(archive)
 }
 
 fn append(archive: &mut tar::Builder<Vec<u8>>, name: impl AsRef<Path>, mode: u32, data: &[u8]) -> std::io::Result<()> {

@@ -138,9 +138,14 @@ impl LocalControlPlane {
         if options.node {
             node::check_prerequisites()?;
         }
-        let binaries = tokio::task::spawn_blocking({
+        let (binaries, debian_base) = tokio::task::spawn_blocking({
             let cache = options.cache_dir.clone();
-            move || build::ensure_built(&cache)
+            let node = options.node;
+            move || {
+                let binaries = build::ensure_built(&cache)?;
+                let base = if node { Some(image::debian_base(&cache)?) } else { None };
+                Ok::<_, Error>((binaries, base))
+            }
         })
         .await
         .expect("build task does not panic")?;
@@ -159,7 +164,7 @@ impl LocalControlPlane {
         let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         let pki = Pki::generate(&dir.join("pki"))?;
 
-        let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
+        let [etcd_client, etcd_peer, apiserver_port, registry_port] = free_ports()?;
         let address = if options.node { network::NODE_IP } else { std::net::Ipv4Addr::LOCALHOST };
         let server = format!("https://{address}:{apiserver_port}");
         let kubeconfig = dir.join("kubeconfig");
@@ -189,7 +194,7 @@ impl LocalControlPlane {
         ];
         let mut node_files = None;
         if options.node {
-            let (files, node_components) = node::prepare(&dir, &pki, &server, &binaries.kube, &binaries.pause)?;
+            let (files, node_components) = node::prepare(&dir, &pki, &server, &binaries, registry_port)?;
             components.extend(node_components);
             node_files = Some(files);
         }
@@ -210,14 +215,15 @@ impl LocalControlPlane {
                 network::contain()?;
                 // containerd starts while the control plane does: neither needs the other yet.
                 plane.start_component("containerd")?;
+                plane.start_component("registry")?;
             }
             plane.start_component("etcd")?;
             plane.start_component("kube-apiserver")?;
             plane.wait_api_ready().await?;
             plane.start_component("kube-controller-manager")?;
             plane.wait_ready().await?;
-            if plane.node.is_some() {
-                plane.start_node().await?;
+            if let Some(base) = &debian_base {
+                plane.start_node(base).await?;
             }
             Ok(())
         };
@@ -232,18 +238,28 @@ impl LocalControlPlane {
     }
 
     /// Starts the scheduler, the kubelet and kube-proxy once containerd answers and has
-    /// the pause image, and waits until the node is Ready.
-    async fn start_node(&mut self) -> Result<(), Error> {
+    /// the pause image, and the registry has the Debian base; waits until the node is
+    /// Ready.
+    async fn start_node(&mut self, debian_base: &Path) -> Result<(), Error> {
         let files = self.node.clone().expect("a node's cluster");
         let socket = files.containerd_socket.clone();
         self.wait_for("containerd", async || {
             tokio::net::UnixStream::connect(&socket).await.map(drop).map_err(|e| e.to_string())
         })
         .await?;
-        let pause_files = files.clone();
-        tokio::task::spawn_blocking(move || node::import_pause_image(&pause_files))
-            .await
-            .expect("import task does not panic")?;
+        let registry = files.registry.clone();
+        self.wait_for("registry", async || {
+            tokio::net::TcpStream::connect(&registry).await.map(drop).map_err(|e| e.to_string())
+        })
+        .await?;
+        let (image_files, base) = (files.clone(), debian_base.to_owned());
+        tokio::task::spawn_blocking(move || {
+            node::import_pause_image(&image_files)?;
+            let archived_as = format!("gitops.local/{}", image::DEBIAN_IMAGE);
+            node::push_image(&image_files, &base, &archived_as, image::DEBIAN_IMAGE)
+        })
+        .await
+        .expect("image task does not panic")?;
         for name in ["kube-scheduler", "kubelet", "kube-proxy"] {
             self.start_component(name)?;
         }
@@ -265,6 +281,11 @@ impl LocalControlPlane {
     pub fn import_image(&self, archive: &Path) -> Result<(), Error> {
         let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
         node::import_image(files, archive)
+    }
+
+    /// The node's registry, `127.0.0.1:PORT` (also in `STATE_DIR/registry`).
+    pub fn registry(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.registry.as_str())
     }
 
     /// The admin kubeconfig (`STATE_DIR/kubeconfig`).

@@ -12,6 +12,8 @@
 //!   cni/                the CNI network config; cni/ipam/ the pods' addresses
 //!   kubelet.yaml, kube-proxy.yaml and a kubeconfig per component
 //!   pause.tar           the sandbox image, imported into containerd at each start
+//!   registry/           the OCI registry's config and storage
+//! STATE_DIR/registry    the registry's `host:port`, from which the node pulls
 //! ```
 
 use std::fs;
@@ -25,7 +27,7 @@ use nix::unistd::Pid;
 use super::image::{Image, ImageFile};
 use super::network::{self, BRIDGE, DNS_SERVICE_IP, NODE_IP, NODE_NAME, NODE_POD_CIDR, POD_CIDR};
 use super::pki::Pki;
-use super::{Component, Error, write_kubeconfig};
+use super::{Binaries, Component, Error, write_kubeconfig};
 
 /// The sandbox image every pod starts with; containerd finds it imported, never pulls.
 pub const PAUSE_IMAGE: &str = "gitops.local/pause:1";
@@ -57,12 +59,14 @@ const CGROUPS: [&str; 2] = ["kubepods", "k8s.io"];
 pub struct NodeFiles {
     pub dir: PathBuf,
     pub containerd_socket: PathBuf,
+    /// The registry's `127.0.0.1:PORT`, once [`prepare`] picked the port.
+    pub registry: String,
 }
 
 impl NodeFiles {
     pub fn new(state_dir: &Path) -> NodeFiles {
         let dir = state_dir.join("node");
-        NodeFiles { containerd_socket: dir.join("containerd/containerd.sock"), dir }
+        NodeFiles { containerd_socket: dir.join("containerd/containerd.sock"), dir, registry: String::new() }
     }
 }
 
@@ -82,6 +86,7 @@ pub fn check_prerequisites() -> Result<(), Error> {
         ("ip6tables", "iptables"),
         ("ip", "iproute2"),
         ("mount", "mount"),
+        ("mmdebstrap", "mmdebstrap"),
     ] {
         if find_program(program).is_none() {
             return missing(format!("`{program}` on PATH"), &format!("apt-get install {package}"));
@@ -127,12 +132,16 @@ pub(crate) fn prepare(
     state_dir: &Path,
     pki: &Pki,
     server: &str,
-    kube: &Path,
-    pause: &Path,
+    binaries: &Binaries,
+    registry_port: u16,
 ) -> Result<(NodeFiles, Vec<Component>), Error> {
-    let files = NodeFiles::new(state_dir);
+    let mut files = NodeFiles::new(state_dir);
+    files.registry = format!("127.0.0.1:{registry_port}");
+    let registry_file = state_dir.join("registry");
+    fs::write(&registry_file, format!("{}\n", files.registry)).map_err(|e| Error::io(&registry_file, e))?;
+    let (kube, pause) = (&binaries.kube, &binaries.pause);
     let dir = &files.dir;
-    for sub in ["containerd", "cni"] {
+    for sub in ["containerd", "cni", "registry"] {
         fs::create_dir_all(dir.join(sub)).map_err(|e| Error::io(&dir.join(sub), e))?;
     }
     let write = |name: &str, text: String| -> Result<PathBuf, Error> {
@@ -275,6 +284,16 @@ conntrack:
         ),
     )?;
 
+    let registry_config = write(
+        "registry/config.yml",
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n\
+             http:\n  addr: {address}\n",
+            storage = d(&dir.join("registry/storage")),
+            address = files.registry,
+        ),
+    )?;
+
     let containerd = find_program("containerd").expect("checked by check_prerequisites");
     let components = vec![
         Component {
@@ -289,6 +308,13 @@ conntrack:
                 .into_iter()
                 .chain([("NO_PROXY", String::new()), ("no_proxy", String::new())])
                 .collect(),
+        },
+        Component {
+            name: "registry",
+            program: binaries.registry.clone(),
+            args: vec!["serve".into(), d(&registry_config)],
+            // Its tracing would export to a collector; there is none.
+            env: vec![("OTEL_TRACES_EXPORTER", "none".into())],
         },
         Component {
             name: "kube-scheduler",
@@ -334,6 +360,22 @@ pub fn import_image(files: &NodeFiles, archive: &Path) -> Result<(), Error> {
     let socket = files.containerd_socket.display().to_string();
     let archive = archive.display().to_string();
     network::run("ctr", &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive])
+}
+
+/// Pushes the image of a docker-archive tar to the node's registry as `name` (e.g.
+/// `debian:bookworm`), through containerd, which keeps no copy: pods pull it from
+/// the registry as from any other.
+pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, name: &str) -> Result<(), Error> {
+    let socket = files.containerd_socket.display().to_string();
+    let ctr = |args: &[&str]| {
+        let all = [&["--address", &socket, "--namespace", "k8s.io"][..], args].concat();
+        network::run("ctr", &all)
+    };
+    let target = format!("{}/{name}", files.registry);
+    ctr(&["images", "import", "--no-unpack", &archive.display().to_string()])?;
+    ctr(&["images", "tag", "--force", archived_as, &target])?;
+    ctr(&["images", "push", "--plain-http", &target])?;
+    ctr(&["images", "rm", "--sync", archived_as, &target])
 }
 
 /// Imports the pause image; containerd must be answering.
