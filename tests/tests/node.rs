@@ -1,18 +1,23 @@
 //! The local cluster's node is a real one: a pod from an image packed here runs on
 //! containerd and runc, its log reads through the API server and the kubelet, the
-//! kubelet pulls the Debian base from the node's registry, and stopping the cluster
-//! leaves nothing of the node on the machine.
+//! kubelet pulls the Debian base from the node's registry, a Service answers another
+//! pod through kube-proxy and the host on its NodePort, no pod reaches an address
+//! outside the node's networks, and stopping the cluster leaves nothing of the node on
+//! the machine.
 //!
 //! One test function: the machine has one node (one kubelet, one `cni0`), so the steps
 //! share it in turn rather than in parallel tests.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use gitops_bootstrap::local::image::{Image, ImageFile};
-use gitops_bootstrap::local::network::NODE_NAME;
+use gitops_bootstrap::local::network::{NODE_IP, NODE_NAME};
 use gitops_tests::cluster::{self, eventually};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
@@ -49,14 +54,110 @@ fn command(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A network namespace of the test's own, standing for the world outside the machine:
+/// reached from the host over a veth, at addresses outside the pod and service
+/// networks (198.18.0.0/15 is for benchmarking, routed nowhere), serving HTTP.
+struct Outside {
+    server: Child,
+}
+
+const OUTSIDE_NS: &str = "gitops-test-outside";
+const OUTSIDE_HOST_SIDE: &str = "gtout0";
+const OUTSIDE_ADDRESS: &str = "198.18.0.2";
+
+impl Outside {
+    fn start(www: &std::path::Path) -> Outside {
+        let _ = Command::new("ip").args(["netns", "delete", OUTSIDE_NS]).output();
+        std::fs::write(www.join("index.html"), "outside\n").unwrap();
+        for args in [
+            &["netns", "add", OUTSIDE_NS][..],
+            &["link", "add", OUTSIDE_HOST_SIDE, "type", "veth", "peer", "name", "gtout1", "netns", OUTSIDE_NS],
+            &["addr", "add", "198.18.0.1/30", "dev", OUTSIDE_HOST_SIDE],
+            &["link", "set", OUTSIDE_HOST_SIDE, "up"],
+            &["-n", OUTSIDE_NS, "addr", "add", "198.18.0.2/30", "dev", "gtout1"],
+            &["-n", OUTSIDE_NS, "link", "set", "gtout1", "up"],
+            &["-n", OUTSIDE_NS, "link", "set", "lo", "up"],
+            // A way back to anyone, pods included: only the node's rules keep them out.
+            &["-n", OUTSIDE_NS, "route", "add", "default", "via", "198.18.0.1"],
+        ] {
+            command("ip", args);
+        }
+        let server = Command::new("ip")
+            .args(["netns", "exec", OUTSIDE_NS, BUSYBOX, "httpd", "-f", "-p", &format!("{OUTSIDE_ADDRESS}:80"), "-h"])
+            .arg(www)
+            .spawn()
+            .unwrap();
+        Outside { server }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["netns", "delete", OUTSIDE_NS]).output();
+    }
+}
+
+/// The body of `GET /` from `address`, or the error.
+fn http_get(address: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(response))
+}
+
+/// Runs a pod to completion and returns its phase and log.
+async fn run_pod(pods: &Api<Pod>, kubeconfig: &str, name: &str, container: serde_json::Value) -> (String, String) {
+    let mut container = container;
+    container["name"] = json!(name);
+    let pod: Pod = serde_json::from_value(
+        json!({ "metadata": { "name": name }, "spec": { "restartPolicy": "Never", "containers": [container] } }),
+    )
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let phase = eventually(&format!("pod {name} to finish"), || async {
+        let phase = pods.get(name).await.ok()?.status?.phase?;
+        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+    })
+    .await;
+    (phase, command("kubectl", &["--kubeconfig", kubeconfig, "logs", name]))
+}
+
+/// A container of the busybox image running `script`.
+fn busybox(script: &str) -> serde_json::Value {
+    json!({ "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never", "args": ["sh", "-c", script] })
+}
+
+/// A container of the registry's Debian image running bash `script`. (Static busybox's
+/// network applets crash without glibc's NSS libraries beside them.)
+fn debian(registry: &str, script: &str) -> serde_json::Value {
+    json!({ "image": format!("{registry}/debian:bookworm"), "command": ["bash", "-c", script] })
+}
+
+/// A bash script that prints the body of `GET /` from `host:port`, giving up after 5 s.
+fn bash_get(host: &str, port: u16) -> String {
+    format!(
+        "exec 3<>/dev/tcp/{host}/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 5 cat <&3 | sed '1,/^\\r$/d'"
+    )
+}
+
 #[tokio::test]
 async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     let before = machine_sysctls();
+    // Made first: `ip netns add` bind-mounts /run/netns over itself the first time,
+    // which would hide the pods' namespaces mounted there before.
+    let www = tempfile::tempdir().unwrap();
+    let outside = Outside::start(www.path());
     let mut plane = cluster::with_node().await;
     let client = plane.client().await.unwrap();
     let node = Api::<Node>::all(client.clone()).get(NODE_NAME).await.unwrap();
     let version = node.status.unwrap().node_info.unwrap().kubelet_version;
     assert_eq!(version, plane.kubernetes_version(), "the kubelet is of the control plane's build");
+    let kubeconfig = plane.kubeconfig().display().to_string();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // A pod from an image packed here, never pulled.
     let archive = plane.state_dir().join("busybox.tar");
@@ -68,53 +169,16 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     .write_archive(&archive)
     .unwrap();
     plane.import_image(&archive).unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "hello" },
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [{
-                "name": "hello",
-                "image": BUSYBOX_IMAGE,
-                "imagePullPolicy": "Never",
-                "args": ["sh", "-c", "echo hello from $(hostname) as $(id -u)"],
-            }],
-        },
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let phase = eventually("pod hello to finish", || async {
-        let phase = pods.get("hello").await.ok()?.status?.phase?;
-        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
-    })
-    .await;
-    let kubeconfig = plane.kubeconfig().display().to_string();
-    let logs = command("kubectl", &["--kubeconfig", &kubeconfig, "logs", "hello"]);
+    let (phase, logs) = run_pod(&pods, &kubeconfig, "hello", busybox("echo hello from $(hostname) as $(id -u)")).await;
     assert_eq!(phase, "Succeeded", "pod hello: {logs}");
     assert_eq!(logs.trim(), "hello from hello as 0");
 
     // The Debian base, pulled by the kubelet from the node's registry.
     let registry = std::fs::read_to_string(plane.state_dir().join("registry")).unwrap();
     assert_eq!(Some(registry.trim()), plane.registry(), "STATE_DIR/registry names the registry");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "debian" },
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [{
-                "name": "debian",
-                "image": format!("{}/debian:bookworm", registry.trim()),
-                "command": ["/bin/sh", "-c", "cat /etc/debian_version; getent hosts localhost"],
-            }],
-        },
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let phase = eventually("pod debian to finish", || async {
-        let phase = pods.get("debian").await.ok()?.status?.phase?;
-        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
-    })
-    .await;
-    let logs = command("kubectl", &["--kubeconfig", &kubeconfig, "logs", "debian"]);
+    let registry = registry.trim();
+    let script = "cat /etc/debian_version; getent hosts localhost";
+    let (phase, logs) = run_pod(&pods, &kubeconfig, "debian", debian(registry, script)).await;
     assert_eq!(phase, "Succeeded", "pod debian: {logs}");
     assert!(logs.starts_with("12."), "Debian 12's version, then localhost: {logs}");
     let events = command(
@@ -122,6 +186,64 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
         &["--kubeconfig", &kubeconfig, "get", "events", "--field-selector", "involvedObject.name=debian"],
     );
     assert!(events.contains("Pulled"), "the kubelet pulled the image: {events}");
+
+    // A Service in front of a web server pod: through kube-proxy from another pod, and
+    // on its NodePort from the host.
+    let objects = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{ name: web, namespace: default, labels: {{ app: web }} }}
+spec:
+  containers:
+  - name: web
+    image: {BUSYBOX_IMAGE}
+    imagePullPolicy: Never
+    args: [sh, -c, "mkdir /www && echo served by $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    readinessProbe: {{ tcpSocket: {{ port: 8080 }}, periodSeconds: 1 }}
+---
+apiVersion: v1
+kind: Service
+metadata: {{ name: web, namespace: default }}
+spec:
+  type: NodePort
+  selector: {{ app: web }}
+  ports: [{{ port: 80, targetPort: 8080 }}]
+"#
+    );
+    cluster::apply_yaml(&client, &objects).await;
+    eventually("pod web to be ready", || async {
+        let conditions = pods.get("web").await.ok()?.status?.conditions?;
+        conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+    let service = Api::<Service>::namespaced(client.clone(), "default").get("web").await.unwrap();
+    let spec = service.spec.unwrap();
+    let cluster_ip = spec.cluster_ip.unwrap();
+    assert!(cluster_ip.starts_with("10.96."), "a ClusterIP of the service network: {cluster_ip}");
+    let node_port = spec.ports.unwrap()[0].node_port.unwrap();
+    let from_host =
+        eventually("the NodePort to answer the host", || async { http_get(&format!("{NODE_IP}:{node_port}")).ok() })
+            .await;
+    assert_eq!(from_host.trim(), "served by web");
+    let (phase, logs) = run_pod(&pods, &kubeconfig, "client", debian(registry, &bash_get(&cluster_ip, 80))).await;
+    assert_eq!((phase.as_str(), logs.trim()), ("Succeeded", "served by web"), "through the Service's ClusterIP");
+
+    // Containment: a server outside the node's networks answers the host, not a pod.
+    let from_host = eventually("the outside server to answer the host", || async {
+        http_get(&format!("{OUTSIDE_ADDRESS}:80")).ok()
+    })
+    .await;
+    assert_eq!(from_host.trim(), "outside");
+    let script = format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{OUTSIDE_ADDRESS}/80' && echo reached || echo blocked");
+    let (_, logs) = run_pod(&pods, &kubeconfig, "escape", debian(registry, &script)).await;
+    assert_eq!(logs.trim().lines().last(), Some("blocked"), "a pod reached {OUTSIDE_ADDRESS}: {logs}");
+    let dropped = command("iptables", &["-w", "-t", "mangle", "-L", "GITOPS-CONTAIN", "-v", "-n", "-x"]);
+    assert!(
+        dropped.lines().any(|l| l.contains("DROP") && l.split_whitespace().next().is_some_and(|n| n != "0")),
+        "the containment chain dropped the pod's packets:\n{dropped}"
+    );
+    drop(outside);
 
     // Stopping removes every trace of the node from the machine.
     let state_dir = plane.state_dir().to_owned();

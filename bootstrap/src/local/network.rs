@@ -68,6 +68,12 @@ pub fn contain() -> Result<(), Error> {
 /// skipped.
 pub fn remove() -> Result<(), Error> {
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
+        // The kernel frees a pod's network namespace, and with it its veth, a while
+        // after its last process is gone: deleting our end removes both at once.
+        let ports = output("ip", &["-o", "link", "show", "master", BRIDGE])?;
+        for port in ports.lines().filter_map(|l| l.split(": ").nth(1)?.split('@').next()) {
+            run("ip", &["link", "delete", port])?;
+        }
         run("ip", &["link", "delete", BRIDGE])?;
     }
     for program in ["iptables", "ip6tables"] {

@@ -410,12 +410,8 @@ pub fn clean_host(state_dir: &Path) -> Result<(), Error> {
     for cgroup in cgroup_dirs() {
         kill_cgroup(&cgroup);
     }
-    unmount_under(&[Path::new(KUBELET_ROOT), Path::new("/run/containerd"), Path::new("/run/netns"), state_dir]);
-    if let Ok(entries) = fs::read_dir("/run/netns") {
-        for entry in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("cni-")) {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
+    unmount_under(&[Path::new(KUBELET_ROOT), Path::new("/run/containerd"), state_dir]);
+    remove_pod_netns();
     for cgroup in cgroup_dirs().into_iter().rev() {
         let _ = fs::remove_dir(&cgroup);
     }
@@ -431,6 +427,22 @@ pub fn clean_host(state_dir: &Path) -> Result<(), Error> {
     match fs::remove_dir_all(&node) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&node, e)),
         _ => Ok(()),
+    }
+}
+
+/// Unmounts and removes the pods' network namespaces (`/run/netns/cni-*`). One mounted
+/// before `ip netns add` first bind-mounted /run/netns over itself is hidden beneath
+/// that mount and stays (the bridge's side of its veth is removed all the same).
+fn remove_pod_netns() {
+    let is_pod_netns = |path: &Path| {
+        path.parent() == Some(Path::new("/run/netns"))
+            && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+    };
+    unmount_where(is_pod_netns);
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for entry in entries.flatten().filter(|e| is_pod_netns(&e.path())) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -502,12 +514,17 @@ fn kill_cgroup(cgroup: &Path) {
 
 /// Detaches every mount below `dirs`, deepest first.
 fn unmount_under(dirs: &[&Path]) {
+    unmount_where(|point| dirs.iter().any(|d| point.starts_with(d)));
+}
+
+/// Detaches every mount whose mount point `matches`, deepest first.
+fn unmount_where(matches: impl Fn(&Path) -> bool) {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut points: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|p| PathBuf::from(unescape_mount_point(p)))
-        .filter(|p| dirs.iter().any(|d| p.starts_with(d)))
+        .filter(|p| matches(p))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
