@@ -1,7 +1,8 @@
 //! The local cluster's node is a real one: a pod from an image packed here runs on
 //! containerd and runc, its log reads through the API server and the kubelet, the
 //! kubelet pulls the Debian base from the node's registry, a Service answers another
-//! pod through kube-proxy and the host on its NodePort, no pod reaches an address
+//! pod through kube-proxy (and by its DNS name, through CoreDNS) and the host on its
+//! NodePort, no pod reaches an address
 //! outside the node's networks, and stopping the cluster leaves nothing of the node on
 //! the machine.
 //!
@@ -228,6 +229,13 @@ spec:
     assert_eq!(from_host.trim(), "served by web");
     let (phase, logs) = run_pod(&pods, &kubeconfig, "client", debian(registry, &bash_get(&cluster_ip, 80))).await;
     assert_eq!((phase.as_str(), logs.trim()), ("Succeeded", "served by web"), "through the Service's ClusterIP");
+
+    // Cluster DNS: CoreDNS behind kube-dns resolves the Service's name to its ClusterIP.
+    let script = "getent hosts web.default.svc.cluster.local; getent hosts web";
+    let (phase, logs) = run_pod(&pods, &kubeconfig, "dns", debian(registry, script)).await;
+    assert_eq!(phase, "Succeeded", "pod dns: {logs}");
+    let names: Vec<&str> = logs.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, [cluster_ip.as_str(); 2], "both names resolve to the ClusterIP: {logs}");
 
     // Containment: a server outside the node's networks answers the host, not a pod.
     let from_host = eventually("the outside server to answer the host", || async {

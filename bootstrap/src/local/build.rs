@@ -26,7 +26,7 @@ struct GoBinary {
     /// What it holds, for progress messages.
     holds: &'static str,
     sources: &'static [(&'static str, &'static str)],
-    /// Whether it may link libc; the pause binary runs in an image that has none.
+    /// Whether it may link libc; the pause and CoreDNS binaries run in images that have none.
     cgo: bool,
 }
 
@@ -71,6 +71,20 @@ const REGISTRY: GoBinary = GoBinary {
     cgo: false,
 };
 
+/// The cluster's DNS server, run as a pod.
+const COREDNS: GoBinary = GoBinary {
+    name: "coredns",
+    module: "github.com/coredns/coredns",
+    holds: "CoreDNS",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/coredns/go.mod")),
+        ("go.sum", include_str!("../../controlplane/coredns/go.sum")),
+        ("main.go", include_str!("../../controlplane/coredns/main.go")),
+    ],
+    // It runs in an image that has no libc.
+    cgo: false,
+};
+
 /// The process that holds a pod's namespaces, for the sandbox image: none can be pulled.
 const PAUSE: GoBinary = GoBinary {
     name: "pause",
@@ -91,6 +105,7 @@ pub struct Binaries {
     pub etcd: PathBuf,
     pub pause: PathBuf,
     pub registry: PathBuf,
+    pub coredns: PathBuf,
     /// The Kubernetes release they were built from, e.g. `v1.37.2`.
     pub kubernetes_version: String,
 }
@@ -114,6 +129,7 @@ pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
         etcd: ETCD.ensure_built(cache)?,
         pause: PAUSE.ensure_built(cache)?,
         registry: REGISTRY.ensure_built(cache)?,
+        coredns: COREDNS.ensure_built(cache)?,
         kubernetes_version: KUBE.version().to_owned(),
     })
 }

@@ -18,6 +18,7 @@
 //!   pids/NAME.pid       each component's process group, for `down` and `status`
 //! ```
 
+pub mod addons;
 pub mod agent;
 pub mod build;
 pub mod image;
@@ -73,6 +74,8 @@ pub enum Error {
     Conflict(String),
     #[error("`{command}` failed: {output}")]
     Command { command: String, output: String },
+    #[error("applying {what}: {message}")]
+    Apply { what: String, message: String },
 }
 
 impl Error {
@@ -238,8 +241,8 @@ impl LocalControlPlane {
     }
 
     /// Starts the scheduler, the kubelet and kube-proxy once containerd answers and has
-    /// the pause image, and the registry has the Debian base; waits until the node is
-    /// Ready.
+    /// the pause and CoreDNS images, and the registry has the Debian base; waits until
+    /// the node is Ready and CoreDNS answers.
     async fn start_node(&mut self, debian_base: &Path) -> Result<(), Error> {
         let files = self.node.clone().expect("a node's cluster");
         let socket = files.containerd_socket.clone();
@@ -254,7 +257,7 @@ impl LocalControlPlane {
         .await?;
         let (image_files, base) = (files.clone(), debian_base.to_owned());
         tokio::task::spawn_blocking(move || {
-            node::import_pause_image(&image_files)?;
+            node::import_node_images(&image_files)?;
             let archived_as = format!("gitops.local/{}", image::DEBIAN_IMAGE);
             node::push_image(&image_files, &base, &archived_as, image::DEBIAN_IMAGE)
         })
@@ -263,7 +266,8 @@ impl LocalControlPlane {
         for name in ["kube-scheduler", "kubelet", "kube-proxy"] {
             self.start_component(name)?;
         }
-        let nodes: Api<Node> = Api::all(self.client().await?);
+        let client = self.client().await?;
+        let nodes: Api<Node> = Api::all(client.clone());
         self.wait_for("kubelet", async || {
             let node = nodes.get_opt(network::NODE_NAME).await.map_err(|e| e.to_string())?;
             let conditions = node.and_then(|n| n.status?.conditions).ok_or("the node has not registered yet")?;
@@ -273,7 +277,9 @@ impl LocalControlPlane {
                 None => Err("the node reports no Ready condition yet".to_owned()),
             }
         })
-        .await
+        .await?;
+        addons::apply_coredns(&client).await?;
+        self.wait_for("kubelet", async || addons::coredns_ready(&client).await).await
     }
 
     /// Imports a docker-archive tar into the node's containerd, so pods can run that

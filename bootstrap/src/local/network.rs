@@ -72,7 +72,12 @@ pub fn remove() -> Result<(), Error> {
         // after its last process is gone: deleting our end removes both at once.
         let ports = output("ip", &["-o", "link", "show", "master", BRIDGE])?;
         for port in ports.lines().filter_map(|l| l.split(": ").nth(1)?.split('@').next()) {
-            run("ip", &["link", "delete", port])?;
+            // It may go by itself meanwhile.
+            if let Err(e) = run("ip", &["link", "delete", port])
+                && Path::new("/sys/class/net").join(port).exists()
+            {
+                return Err(e);
+            }
         }
         run("ip", &["link", "delete", BRIDGE])?;
     }

@@ -11,7 +11,7 @@
 //!   containerd/         config.toml, its socket, images and snapshots
 //!   cni/                the CNI network config; cni/ipam/ the pods' addresses
 //!   kubelet.yaml, kube-proxy.yaml and a kubeconfig per component
-//!   pause.tar           the sandbox image, imported into containerd at each start
+//!   pause.tar, coredns.tar  images packed here, imported into containerd at each start
 //!   registry/           the OCI registry's config and storage
 //! STATE_DIR/registry    the registry's `host:port`, from which the node pulls
 //! ```
@@ -157,6 +157,7 @@ pub(crate) fn prepare(
         entrypoint: vec!["/pause".into()],
     }
     .write_archive(&dir.join("pause.tar"))?;
+    super::addons::coredns_image(&binaries.coredns, &dir.join("coredns.tar"))?;
 
     let containerd_config = write(
         "containerd/config.toml",
@@ -378,9 +379,11 @@ pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, name: &s
     ctr(&["images", "rm", "--sync", archived_as, &target])
 }
 
-/// Imports the pause image; containerd must be answering.
-pub fn import_pause_image(files: &NodeFiles) -> Result<(), Error> {
-    import_image(files, &files.dir.join("pause.tar"))
+/// Imports the images packed at [`prepare`] (pause, CoreDNS); containerd must be
+/// answering.
+pub fn import_node_images(files: &NodeFiles) -> Result<(), Error> {
+    import_image(files, &files.dir.join("pause.tar"))?;
+    import_image(files, &files.dir.join("coredns.tar"))
 }
 
 /// Records the sysctls the node will change, unless a node already recorded them.
