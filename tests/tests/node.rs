@@ -2,7 +2,7 @@
 //! containerd and runc, its log reads through the API server and the kubelet, the
 //! kubelet pulls the Debian base from the node's registry, a Service answers another
 //! pod through kube-proxy (and by its DNS name, through CoreDNS) and the host on its
-//! NodePort, no pod reaches an address
+//! NodePort, a claim binds and keeps its data, no pod reaches an address
 //! outside the node's networks, and stopping the cluster leaves nothing of the node on
 //! the machine.
 //!
@@ -110,14 +110,17 @@ fn http_get(address: &str) -> std::io::Result<String> {
     Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(response))
 }
 
-/// Runs a pod to completion and returns its phase and log.
+/// Runs a pod of one container to completion and returns its phase and log.
 async fn run_pod(pods: &Api<Pod>, kubeconfig: &str, name: &str, container: serde_json::Value) -> (String, String) {
-    let mut container = container;
-    container["name"] = json!(name);
-    let pod: Pod = serde_json::from_value(
-        json!({ "metadata": { "name": name }, "spec": { "restartPolicy": "Never", "containers": [container] } }),
-    )
-    .unwrap();
+    run_pod_spec(pods, kubeconfig, name, json!({ "containers": [container] })).await
+}
+
+/// Runs a pod of `spec` (its containers named after it) to completion and returns its
+/// phase and log.
+async fn run_pod_spec(pods: &Api<Pod>, kubeconfig: &str, name: &str, mut spec: serde_json::Value) -> (String, String) {
+    spec["restartPolicy"] = json!("Never");
+    spec["containers"][0]["name"] = json!(name);
+    let pod: Pod = serde_json::from_value(json!({ "metadata": { "name": name }, "spec": spec })).unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let phase = eventually(&format!("pod {name} to finish"), || async {
         let phase = pods.get(name).await.ok()?.status?.phase?;
@@ -236,6 +239,34 @@ spec:
     assert_eq!(phase, "Succeeded", "pod dns: {logs}");
     let names: Vec<&str> = logs.lines().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(names, [cluster_ip.as_str(); 2], "both names resolve to the ClusterIP: {logs}");
+
+    // Storage: a claim of the default StorageClass binds, and its data outlives the pod
+    // that wrote it.
+    let claim = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: { name: data, namespace: default }
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: { requests: { storage: 16Mi } }
+"#;
+    cluster::apply_yaml(&client, claim).await;
+    let mut logs = Vec::new();
+    for (name, script) in [("writer", "echo kept > /data/file"), ("reader", "cat /data/file")] {
+        let mut container = debian(registry, script);
+        container["volumeMounts"] = json!([{ "name": "data", "mountPath": "/data" }]);
+        let spec = json!({
+            "containers": [container],
+            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": "data" } }],
+        });
+        let (phase, log) = run_pod_spec(&pods, &kubeconfig, name, spec).await;
+        assert_eq!(phase, "Succeeded", "pod {name}: {log}");
+        logs.push(log);
+    }
+    assert_eq!(logs[1].trim(), "kept", "the volume kept what the writer wrote");
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let bound = claims.get("data").await.unwrap().status.unwrap();
+    assert_eq!(bound.phase.as_deref(), Some("Bound"), "claim data binds through local-path");
 
     // Containment: a server outside the node's networks answers the host, not a pod.
     let from_host = eventually("the outside server to answer the host", || async {

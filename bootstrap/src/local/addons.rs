@@ -1,5 +1,6 @@
-//! What the node runs as pods from the start: CoreDNS behind the `kube-dns` Service
-//! (`manifests/node/coredns.yaml`), from an image packed here.
+//! What the node runs as pods from the start, from images packed here: CoreDNS behind
+//! the `kube-dns` Service (`manifests/node/coredns.yaml`), and local-path-provisioner
+//! behind the default StorageClass (`manifests/node/local-path.yaml`).
 
 use std::path::Path;
 
@@ -8,39 +9,60 @@ use kube::Api;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::discovery::{Discovery, Scope};
 
-use super::Error;
-use super::image::{Image, ImageFile};
+use super::image::{DEBIAN_IMAGE, Image, ImageFile};
 use super::network::DNS_SERVICE_IP;
+use super::{Binaries, Error};
 
 /// The CoreDNS image, imported into the node's containerd.
 pub const COREDNS_IMAGE: &str = "gitops.local/coredns:1.15.0";
+/// The local-path-provisioner image, imported likewise.
+pub const LOCAL_PATH_IMAGE: &str = "gitops.local/local-path-provisioner:0.0.30";
 static COREDNS_MANIFESTS: &str = include_str!("../../../manifests/node/coredns.yaml");
+static LOCAL_PATH_MANIFESTS: &str = include_str!("../../../manifests/node/local-path.yaml");
 const FIELD_MANAGER: &str = "gitops-bootstrap";
+/// Each add-on's Deployment, which `up` waits for.
+const DEPLOYMENTS: [(&str, &str); 2] = [("kube-system", "coredns"), ("local-path-storage", "local-path-provisioner")];
 
-/// Writes the CoreDNS image (the static binary alone) as a docker-archive to `out`.
-pub fn coredns_image(coredns: &Path, out: &Path) -> Result<(), Error> {
-    Image {
-        reference: COREDNS_IMAGE.into(),
-        files: vec![ImageFile { path: "/coredns", source: coredns.to_owned() }],
-        entrypoint: vec!["/coredns".into()],
+/// Writes the add-ons' images (each its static binary alone) as docker-archives into
+/// `dir`, as `coredns.tar` and `local-path.tar`.
+pub fn write_images(binaries: &Binaries, dir: &Path) -> Result<(), Error> {
+    for (reference, path, source, archive) in [
+        (COREDNS_IMAGE, "/coredns", &binaries.coredns, "coredns.tar"),
+        (LOCAL_PATH_IMAGE, "/local-path-provisioner", &binaries.local_path, "local-path.tar"),
+    ] {
+        Image {
+            reference: reference.into(),
+            files: vec![ImageFile { path, source: source.clone() }],
+            entrypoint: vec![path.into()],
+        }
+        .write_archive(&dir.join(archive))?;
     }
-    .write_archive(out)
+    Ok(())
 }
 
-/// Applies CoreDNS's objects; its image must be on the node already.
-pub async fn apply_coredns(client: &kube::Client) -> Result<(), Error> {
-    let yaml = COREDNS_MANIFESTS.replace("IMAGE", COREDNS_IMAGE).replace("CLUSTER_DNS_IP", &DNS_SERVICE_IP.to_string());
-    apply_yaml(client, &yaml, FIELD_MANAGER).await.map(drop)
+/// Applies the add-ons' objects; their images must be on the node already, and the
+/// Debian base in `registry`. Volumes go under `storage_dir`.
+pub async fn apply(client: &kube::Client, registry: &str, storage_dir: &Path) -> Result<(), Error> {
+    let coredns =
+        COREDNS_MANIFESTS.replace("IMAGE", COREDNS_IMAGE).replace("CLUSTER_DNS_IP", &DNS_SERVICE_IP.to_string());
+    apply_yaml(client, &coredns, FIELD_MANAGER).await?;
+    let local_path = LOCAL_PATH_MANIFESTS
+        .replace("PROVISIONER_IMAGE", LOCAL_PATH_IMAGE)
+        .replace("HELPER_IMAGE", &format!("{registry}/{DEBIAN_IMAGE}"))
+        .replace("STORAGE_DIR", &storage_dir.display().to_string());
+    apply_yaml(client, &local_path, FIELD_MANAGER).await.map(drop)
 }
 
-/// Whether CoreDNS's Deployment has a ready replica.
-pub async fn coredns_ready(client: &kube::Client) -> Result<(), String> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "kube-system");
-    let deployment = deployments.get("coredns").await.map_err(|e| e.to_string())?;
-    match deployment.status.and_then(|s| s.ready_replicas) {
-        Some(ready) if ready > 0 => Ok(()),
-        _ => Err("no CoreDNS replica is ready yet".to_owned()),
+/// Whether every add-on's Deployment has a ready replica.
+pub async fn ready(client: &kube::Client) -> Result<(), String> {
+    for (namespace, name) in DEPLOYMENTS {
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+        let deployment = deployments.get(name).await.map_err(|e| e.to_string())?;
+        if deployment.status.and_then(|s| s.ready_replicas).is_none_or(|ready| ready <= 0) {
+            return Err(format!("no replica of {namespace}/{name} is ready yet"));
+        }
     }
+    Ok(())
 }
 
 /// Applies every object of `yaml` (server-side, forcing ownership as `field_manager`),

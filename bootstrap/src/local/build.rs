@@ -26,8 +26,10 @@ struct GoBinary {
     /// What it holds, for progress messages.
     holds: &'static str,
     sources: &'static [(&'static str, &'static str)],
-    /// Whether it may link libc; the pause and CoreDNS binaries run in images that have none.
+    /// Whether it may link libc; the binaries run in pods have images without one.
     cgo: bool,
+    /// The main package built: `.` (the sources' own), or one of a required module.
+    package: &'static str,
 }
 
 /// The Kubernetes components share most of their code, so they are one multi-call
@@ -42,6 +44,7 @@ const KUBE: GoBinary = GoBinary {
         ("main.go", include_str!("../../controlplane/main.go")),
     ],
     cgo: true,
+    package: ".",
 };
 
 /// etcd has a module of its own: k8s.io/kubernetes requires a newer etcd server module
@@ -56,6 +59,7 @@ const ETCD: GoBinary = GoBinary {
         ("main.go", include_str!("../../controlplane/etcd/main.go")),
     ],
     cgo: true,
+    package: ".",
 };
 
 /// The OCI registry the node pulls from.
@@ -69,6 +73,7 @@ const REGISTRY: GoBinary = GoBinary {
         ("main.go", include_str!("../../controlplane/registry/main.go")),
     ],
     cgo: false,
+    package: ".",
 };
 
 /// The cluster's DNS server, run as a pod.
@@ -83,6 +88,21 @@ const COREDNS: GoBinary = GoBinary {
     ],
     // It runs in an image that has no libc.
     cgo: false,
+    package: ".",
+};
+
+/// The dynamic provisioner of the default StorageClass, run as a pod.
+const LOCAL_PATH: GoBinary = GoBinary {
+    name: "local-path-provisioner",
+    module: "github.com/rancher/local-path-provisioner",
+    holds: "local-path-provisioner",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/local-path/go.mod")),
+        ("go.sum", include_str!("../../controlplane/local-path/go.sum")),
+        ("tools.go", include_str!("../../controlplane/local-path/tools.go")),
+    ],
+    cgo: false,
+    package: "github.com/rancher/local-path-provisioner",
 };
 
 /// The process that holds a pod's namespaces, for the sandbox image: none can be pulled.
@@ -95,6 +115,7 @@ const PAUSE: GoBinary = GoBinary {
         ("main.go", include_str!("../../controlplane/pause/main.go")),
     ],
     cgo: false,
+    package: ".",
 };
 
 /// Paths of the built control-plane binaries.
@@ -106,6 +127,7 @@ pub struct Binaries {
     pub pause: PathBuf,
     pub registry: PathBuf,
     pub coredns: PathBuf,
+    pub local_path: PathBuf,
     /// The Kubernetes release they were built from, e.g. `v1.37.2`.
     pub kubernetes_version: String,
 }
@@ -130,6 +152,7 @@ pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
         pause: PAUSE.ensure_built(cache)?,
         registry: REGISTRY.ensure_built(cache)?,
         coredns: COREDNS.ensure_built(cache)?,
+        local_path: LOCAL_PATH.ensure_built(cache)?,
         kubernetes_version: KUBE.version().to_owned(),
     })
 }
@@ -198,7 +221,7 @@ impl GoBinary {
         let mut child = Command::new("go")
             .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
-            .arg(".")
+            .arg(self.package)
             .current_dir(&src)
             .env("CGO_ENABLED", if self.cgo { "1" } else { "0" })
             .stdout(Stdio::null())

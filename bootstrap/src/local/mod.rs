@@ -241,8 +241,8 @@ impl LocalControlPlane {
     }
 
     /// Starts the scheduler, the kubelet and kube-proxy once containerd answers and has
-    /// the pause and CoreDNS images, and the registry has the Debian base; waits until
-    /// the node is Ready and CoreDNS answers.
+    /// the pause and add-on images, and the registry has the Debian base; waits until
+    /// the node is Ready and the add-ons (CoreDNS, the volume provisioner) are.
     async fn start_node(&mut self, debian_base: &Path) -> Result<(), Error> {
         let files = self.node.clone().expect("a node's cluster");
         let socket = files.containerd_socket.clone();
@@ -278,8 +278,8 @@ impl LocalControlPlane {
             }
         })
         .await?;
-        addons::apply_coredns(&client).await?;
-        self.wait_for("kubelet", async || addons::coredns_ready(&client).await).await
+        addons::apply(&client, &files.registry, &files.dir.join("local-path")).await?;
+        self.wait_for("kubelet", async || addons::ready(&client).await).await
     }
 
     /// Imports a docker-archive tar into the node's containerd, so pods can run that

@@ -11,7 +11,9 @@
 //!   containerd/         config.toml, its socket, images and snapshots
 //!   cni/                the CNI network config; cni/ipam/ the pods' addresses
 //!   kubelet.yaml, kube-proxy.yaml and a kubeconfig per component
-//!   pause.tar, coredns.tar  images packed here, imported into containerd at each start
+//!   *.tar               images packed here (pause, CoreDNS, local-path-provisioner),
+//!                       imported into containerd at each start
+//!   local-path/         the volumes of the default StorageClass
 //!   registry/           the OCI registry's config and storage
 //! STATE_DIR/registry    the registry's `host:port`, from which the node pulls
 //! ```
@@ -157,7 +159,7 @@ pub(crate) fn prepare(
         entrypoint: vec!["/pause".into()],
     }
     .write_archive(&dir.join("pause.tar"))?;
-    super::addons::coredns_image(&binaries.coredns, &dir.join("coredns.tar"))?;
+    super::addons::write_images(binaries, dir)?;
 
     let containerd_config = write(
         "containerd/config.toml",
@@ -379,11 +381,13 @@ pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, name: &s
     ctr(&["images", "rm", "--sync", archived_as, &target])
 }
 
-/// Imports the images packed at [`prepare`] (pause, CoreDNS); containerd must be
-/// answering.
+/// Imports the images packed at [`prepare`] (pause and the add-ons'); containerd must
+/// be answering.
 pub fn import_node_images(files: &NodeFiles) -> Result<(), Error> {
-    import_image(files, &files.dir.join("pause.tar"))?;
-    import_image(files, &files.dir.join("coredns.tar"))
+    for archive in ["pause.tar", "coredns.tar", "local-path.tar"] {
+        import_image(files, &files.dir.join(archive))?;
+    }
+    Ok(())
 }
 
 /// Records the sysctls the node will change, unless a node already recorded them.
