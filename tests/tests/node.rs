@@ -155,7 +155,7 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     // which would hide the pods' namespaces mounted there before.
     let www = tempfile::tempdir().unwrap();
     let outside = Outside::start(www.path());
-    let mut plane = cluster::with_node().await;
+    let plane = cluster::with_node().await;
     let client = plane.client().await.unwrap();
     let node = Api::<Node>::all(client.clone()).get(NODE_NAME).await.unwrap();
     let version = node.status.unwrap().node_info.unwrap().kubelet_version;
@@ -284,9 +284,12 @@ spec:
     );
     drop(outside);
 
-    // Stopping removes every trace of the node from the machine.
+    // Stopping as `down` does (from the state directory alone) removes every trace of
+    // the node from the machine.
     let state_dir = plane.state_dir().to_owned();
-    plane.stop();
+    let stopped = gitops_bootstrap::local::stop_state_dir(&state_dir).unwrap();
+    assert!(stopped.contains(&"kubelet".to_owned()), "down stops the node's components: {stopped:?}");
+    assert!(!state_dir.exists(), "down removes the state directory");
     let links = command("ip", &["-o", "link"]);
     assert!(!links.contains("cni0") && !links.contains("veth"), "interfaces left:\n{links}");
     for program in ["iptables-save", "ip6tables-save"] {
@@ -307,10 +310,14 @@ spec:
     }
     let processes = command("ps", &["-eo", "pid,args"]);
     let state = state_dir.display().to_string();
+    // An exited child of this process stays a zombie until its handle (in `plane`) reaps it.
     let node_process = |l: &&str| {
-        l.contains(&state) || l.contains("containerd") || l.ends_with("/pause") || l.contains("kube-local kubelet")
+        let ours =
+            l.contains(&state) || l.contains("containerd") || l.ends_with("/pause") || l.contains("kube-local kubelet");
+        ours && !l.ends_with("<defunct>")
     };
     let left: Vec<&str> = processes.lines().filter(node_process).collect();
     assert!(left.is_empty(), "processes of the node left: {left:?}");
     assert_eq!(sysctls(), before, "sysctls {SYSCTLS:?} are restored");
+    drop(plane);
 }
