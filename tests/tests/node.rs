@@ -2,7 +2,8 @@
 //! containerd and runc, its log reads through the API server and the kubelet, the
 //! kubelet pulls the Debian base from the node's registry, a Service answers another
 //! pod through kube-proxy (and by its DNS name, through CoreDNS) and the host on its
-//! NodePort, a claim binds and keeps its data, no pod reaches an address
+//! NodePort, a claim binds and keeps its data, no image is pulled from outside, no pod
+//! reaches an address
 //! outside the node's networks, and stopping the cluster leaves nothing of the node on
 //! the machine.
 //!
@@ -283,6 +284,23 @@ spec:
         "the containment chain dropped the pod's packets:\n{dropped}"
     );
     drop(outside);
+
+    // A public image is never fetched: containerd's pull goes to a proxy that is not
+    // there, before any DNS query or connection to the registry named.
+    let public: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "public" },
+        "spec": { "containers": [{ "name": "public", "image": "docker.io/library/busybox:1.36" }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &public).await.unwrap();
+    eventually("the public image's pull to fail at the dead proxy", || async {
+        let events = command(
+            "kubectl",
+            &["--kubeconfig", &kubeconfig, "get", "events", "--field-selector", "involvedObject.name=public"],
+        );
+        events.contains("proxyconnect tcp: dial tcp 127.0.0.1:9: connect: connection refused").then_some(())
+    })
+    .await;
 
     // Stopping as `down` does (from the state directory alone) removes every trace of
     // the node from the machine.
