@@ -43,6 +43,10 @@ enum Cmd {
         /// Local: start the cluster only, without the agent.
         #[arg(long)]
         no_agent: bool,
+        /// Local: only the control plane (etcd, API server, controller manager), no node:
+        /// objects are stored and reconciled, but no pod runs.
+        #[arg(long)]
+        no_node: bool,
         // Boxed: the EKS flags would make every `Cmd` as large as this variant.
         #[command(flatten)]
         eks: Box<EksUpArgs>,
@@ -81,7 +85,7 @@ enum Cmd {
         #[arg(long)]
         state_dir: PathBuf,
     },
-    /// Build (or find in the cache) the local control plane's binaries, and exit.
+    /// Build (or find in the cache) the local cluster's binaries and base image, and exit.
     Prepare {
         #[arg(long, value_enum)]
         provider: Provider,
@@ -222,9 +226,9 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent, install, .. } => {
+        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent, no_node, install, .. } => {
             let state_dir = state_dir.expect("clap requires --state-dir for local");
-            up_local(&state_dir, repo, agent_listen, no_agent, &install).await
+            up_local(&state_dir, repo, agent_listen, no_agent, !no_node, &install).await
         }
         Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
             let args = *args;
@@ -294,9 +298,18 @@ async fn main() -> Result<()> {
         Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
-            let binaries = tokio::task::spawn_blocking(move || local::build::ensure_built(&cache)).await??;
-            println!("kube-apiserver, kube-controller-manager: {}", binaries.kube.display());
+            let (binaries, base) = tokio::task::spawn_blocking(move || {
+                Ok::<_, local::Error>((local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?))
+            })
+            .await??;
+            println!(
+                "kube-apiserver, -controller-manager, -scheduler, kubelet, kube-proxy: {}",
+                binaries.kube.display()
+            );
             println!("etcd: {}", binaries.etcd.display());
+            println!("pause: {}", binaries.pause.display());
+            println!("registry: {}", binaries.registry.display());
+            println!("debian:bookworm base image: {}", base.display());
             Ok(())
         }
         Cmd::Status { provider: Provider::Eks, .. } | Cmd::Prepare { provider: Provider::Eks } => {
@@ -317,6 +330,7 @@ async fn up_local(
     repo: Option<String>,
     agent_listen: String,
     no_agent: bool,
+    node: bool,
     install_args: &InstallArgs,
 ) -> Result<()> {
     // A partly running control plane (one component crashed) is started afresh.
@@ -325,19 +339,22 @@ async fn up_local(
         println!("already running from {}", state_dir.display());
         return print_status(state_dir);
     }
-    let options = Options::new(state_dir, local::Lifetime::Detached);
+    let options = Options { node, ..Options::new(state_dir, local::Lifetime::Detached) };
     let plane = LocalControlPlane::start(&options)
         .await
-        .with_context(|| format!("starting the local control plane in {}", state_dir.display()))?;
+        .with_context(|| format!("starting the local cluster in {}", state_dir.display()))?;
     println!("Kubernetes {} is up at {}", plane.kubernetes_version(), plane.server());
+    if node {
+        println!("node {} is Ready", local::network::NODE_NAME);
+    }
     if !no_agent {
         let repo = match repo {
             Some(repo) => repo,
             None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
         };
         let client = plane.client().await?;
-        // The same install as on EKS: the manifests are applied (no kubelet runs their
-        // pods here), and the agent runs beside the control plane instead.
+        // The same install as on EKS: the manifests are applied (their pods find no
+        // image on the node yet), and the agent runs beside the control plane instead.
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
         install::install_and_report(&client, &install_args.options(repo.clone()))
             .await
@@ -360,7 +377,7 @@ async fn up_local(
         );
     }
     println!(
-        "\n  export KUBECONFIG={}\n  kubectl get namespaces\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
+        "\n  export KUBECONFIG={}\n  kubectl get nodes\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
         plane.kubeconfig().display(),
         state_dir.display(),
     );

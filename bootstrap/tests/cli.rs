@@ -1,5 +1,7 @@
 //! The `gitops-bootstrap` command line as a user runs it: `up`, then kubectl against
 //! the kubeconfig it wrote, `status`, and `down`, which leaves no process behind.
+//! `--no-node`: these run beside each other, and the machine has one node
+//! (tests/tests/node.rs has it).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -50,7 +52,7 @@ fn up_kubectl_status_down() {
     let state_arg = state.to_str().unwrap();
     let local = ["--provider", "local", "--state-dir", state_arg];
 
-    let up = bootstrap(&[&["up"][..], &local, &["--no-agent"]].concat());
+    let up = bootstrap(&[&["up"][..], &local, &["--no-agent", "--no-node"]].concat());
     assert!(stdout(&up).contains(&format!("KUBECONFIG={}", state.join("kubeconfig").display())), "{}", stdout(&up));
 
     let kubectl = Command::new("kubectl")
@@ -63,7 +65,7 @@ fn up_kubectl_status_down() {
     let pids = running_pids(&state);
     assert_eq!(pids.len(), 3, "etcd, kube-apiserver and kube-controller-manager run: {pids:?}");
 
-    let again = stdout(&bootstrap(&[&["up"][..], &local, &["--no-agent"]].concat()));
+    let again = stdout(&bootstrap(&[&["up"][..], &local, &["--no-agent", "--no-node"]].concat()));
     assert!(again.contains("already running"), "a second `up` changes nothing: {again}");
 
     let down = down_leaves_nothing(&state, &pids);
@@ -110,6 +112,7 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
         repo.to_str().unwrap(),
         "--agent-listen",
         &listen,
+        "--no-node",
     ];
     let up = bootstrap(&args);
     assert!(stdout(&up).contains("has applied its head"), "{}", stdout(&up));

@@ -62,6 +62,16 @@ pub async fn private() -> LocalControlPlane {
         .unwrap_or_else(|e| panic!("starting a private control plane: {e}"))
 }
 
+/// A cluster with the machine's one node, stopped (and the node's traces removed from
+/// the machine) when dropped. Only one can run at a time: tests that need pods live in
+/// one test binary and take turns.
+pub async fn with_node() -> LocalControlPlane {
+    remove_stale_state();
+    LocalControlPlane::start(&Options::with_node(state_root().join("node"), Lifetime::TiedToThisProcess))
+        .await
+        .unwrap_or_else(|e| panic!("starting a cluster with a node: {e}"))
+}
+
 /// An admin client of the shared control plane, for the calling test's runtime.
 pub async fn client() -> kube::Client {
     shared().client().await.expect("admin client for the shared control plane")
@@ -102,26 +112,7 @@ where
 /// Applies every object of `yaml` (server-side, as field manager `gitops-tests`),
 /// rendered as the agent renders a file, in the order written.
 pub async fn apply_yaml(client: &kube::Client, yaml: &str) -> Vec<gitops_agent::render::Manifest> {
-    use kube::api::{DynamicObject, Patch, PatchParams};
-    use kube::discovery::{Discovery, Scope};
-
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("manifests")).unwrap();
-    std::fs::write(root.path().join("manifests/objects.yaml"), yaml).unwrap();
-    let rendered = gitops_agent::render::render(root.path(), "default").unwrap_or_else(|e| panic!("{e:?}"));
-    let discovery = Discovery::new(client.clone()).run_aggregated().await.unwrap();
-    for manifest in &rendered.manifests {
-        let (resource, caps) = discovery.resolve_gvk(&manifest.gvk()).expect("a served kind");
-        let api: Api<DynamicObject> = match (caps.scope, manifest.namespace()) {
-            (Scope::Namespaced, Some(namespace)) => Api::namespaced_with(client.clone(), namespace, &resource),
-            _ => Api::all_with(client.clone(), &resource),
-        };
-        let params = PatchParams::apply("gitops-tests").force();
-        api.patch(manifest.name(), &params, &Patch::Apply(&manifest.object))
-            .await
-            .unwrap_or_else(|e| panic!("applying {}: {e}", manifest.location));
-    }
-    rendered.manifests
+    gitops_bootstrap::local::addons::apply_yaml(client, yaml, "gitops-tests").await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Installs the CRD stand-ins of `manifests/crds/` (SparkApplication, ServiceMonitor,

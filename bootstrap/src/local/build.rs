@@ -26,19 +26,25 @@ struct GoBinary {
     /// What it holds, for progress messages.
     holds: &'static str,
     sources: &'static [(&'static str, &'static str)],
+    /// Whether it may link libc; the binaries run in pods have images without one.
+    cgo: bool,
+    /// The main package built: `.` (the sources' own), or one of a required module.
+    package: &'static str,
 }
 
-/// kube-apiserver and kube-controller-manager share most of their code, so they are one
-/// multi-call binary: `kube-local apiserver …`, `kube-local controller-manager …`.
+/// The Kubernetes components share most of their code, so they are one multi-call
+/// binary: `kube-local apiserver …`, `kube-local kubelet …` (see its main.go).
 const KUBE: GoBinary = GoBinary {
     name: "kube-local",
     module: "k8s.io/kubernetes",
-    holds: "kube-apiserver + kube-controller-manager",
+    holds: "kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy",
     sources: &[
         ("go.mod", include_str!("../../controlplane/go.mod")),
         ("go.sum", include_str!("../../controlplane/go.sum")),
         ("main.go", include_str!("../../controlplane/main.go")),
     ],
+    cgo: true,
+    package: ".",
 };
 
 /// etcd has a module of its own: k8s.io/kubernetes requires a newer etcd server module
@@ -52,14 +58,76 @@ const ETCD: GoBinary = GoBinary {
         ("go.sum", include_str!("../../controlplane/etcd/go.sum")),
         ("main.go", include_str!("../../controlplane/etcd/main.go")),
     ],
+    cgo: true,
+    package: ".",
+};
+
+/// The OCI registry the node pulls from.
+const REGISTRY: GoBinary = GoBinary {
+    name: "registry",
+    module: "github.com/distribution/distribution/v3",
+    holds: "the OCI registry",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/registry/go.mod")),
+        ("go.sum", include_str!("../../controlplane/registry/go.sum")),
+        ("main.go", include_str!("../../controlplane/registry/main.go")),
+    ],
+    cgo: false,
+    package: ".",
+};
+
+/// The cluster's DNS server, run as a pod.
+const COREDNS: GoBinary = GoBinary {
+    name: "coredns",
+    module: "github.com/coredns/coredns",
+    holds: "CoreDNS",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/coredns/go.mod")),
+        ("go.sum", include_str!("../../controlplane/coredns/go.sum")),
+        ("main.go", include_str!("../../controlplane/coredns/main.go")),
+    ],
+    // It runs in an image that has no libc.
+    cgo: false,
+    package: ".",
+};
+
+/// The dynamic provisioner of the default StorageClass, run as a pod.
+const LOCAL_PATH: GoBinary = GoBinary {
+    name: "local-path-provisioner",
+    module: "github.com/rancher/local-path-provisioner",
+    holds: "local-path-provisioner",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/local-path/go.mod")),
+        ("go.sum", include_str!("../../controlplane/local-path/go.sum")),
+        ("tools.go", include_str!("../../controlplane/local-path/tools.go")),
+    ],
+    cgo: false,
+    package: "github.com/rancher/local-path-provisioner",
+};
+
+/// The process that holds a pod's namespaces, for the sandbox image: none can be pulled.
+const PAUSE: GoBinary = GoBinary {
+    name: "pause",
+    module: "github.com/scale/gitops/bootstrap/controlplane/pause",
+    holds: "the pod sandbox's pause process",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/pause/go.mod")),
+        ("main.go", include_str!("../../controlplane/pause/main.go")),
+    ],
+    cgo: false,
+    package: ".",
 };
 
 /// Paths of the built control-plane binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
-    /// The multi-call kube-apiserver / kube-controller-manager binary.
+    /// The multi-call binary of the Kubernetes components.
     pub kube: PathBuf,
     pub etcd: PathBuf,
+    pub pause: PathBuf,
+    pub registry: PathBuf,
+    pub coredns: PathBuf,
+    pub local_path: PathBuf,
     /// The Kubernetes release they were built from, e.g. `v1.37.2`.
     pub kubernetes_version: String,
 }
@@ -81,6 +149,10 @@ pub fn ensure_built(cache: &Path) -> Result<Binaries, Error> {
     Ok(Binaries {
         kube: KUBE.ensure_built(cache)?,
         etcd: ETCD.ensure_built(cache)?,
+        pause: PAUSE.ensure_built(cache)?,
+        registry: REGISTRY.ensure_built(cache)?,
+        coredns: COREDNS.ensure_built(cache)?,
+        local_path: LOCAL_PATH.ensure_built(cache)?,
         kubernetes_version: KUBE.version().to_owned(),
     })
 }
@@ -100,7 +172,7 @@ impl GoBinary {
                 line.strip_prefix(self.module)?.split_whitespace().next()
             })
             .find(|v| v.starts_with('v'))
-            .unwrap_or("unknown")
+            .unwrap_or("local")
     }
 
     fn key(&self) -> String {
@@ -119,19 +191,7 @@ impl GoBinary {
     fn ensure_built(&self, cache: &Path) -> Result<PathBuf, Error> {
         let dir = cache.join("controlplane").join(self.key());
         let binary = dir.join(self.name);
-        if binary.is_file() {
-            return Ok(binary);
-        }
-        fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
-        // Two processes needing the same binary build it once: the second waits here.
-        let lock_path = cache.join(format!("{}.lock", self.key()));
-        let lock_file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| Error::io(&lock_path, errno.into()))?;
-        if binary.is_file() {
-            return Ok(binary);
-        }
-        self.build(&dir)?;
+        build_once(cache, &self.key(), &binary, || self.build(&dir))?;
         Ok(binary)
     }
 
@@ -161,8 +221,9 @@ impl GoBinary {
         let mut child = Command::new("go")
             .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
-            .arg(".")
+            .arg(self.package)
             .current_dir(&src)
+            .env("CGO_ENABLED", if self.cgo { "1" } else { "0" })
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -195,6 +256,28 @@ impl GoBinary {
         eprintln!("built {} in {:.1?} ({compiled} packages)", self.name, started.elapsed());
         Ok(())
     }
+}
+
+/// Runs `build` unless `product` exists. Two processes needing the same product build
+/// it once: the second waits on a lock named by `key`, then finds it.
+pub(crate) fn build_once(
+    cache: &Path,
+    key: &str,
+    product: &Path,
+    build: impl FnOnce() -> Result<(), Error>,
+) -> Result<(), Error> {
+    if product.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    let lock_path = cache.join(format!("{key}.lock"));
+    let lock_file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    let _lock =
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::io(&lock_path, errno.into()))?;
+    if product.exists() {
+        return Ok(());
+    }
+    build()
 }
 
 /// `v1.37.2` → (`1`, `37`).

@@ -1,22 +1,29 @@
-//! The `local` provider: a real Kubernetes control plane (etcd, kube-apiserver,
-//! kube-controller-manager) on loopback, built from Go modules and started from a
-//! throwaway state directory.
+//! The `local` provider: a real Kubernetes cluster on this machine, built from Go
+//! modules and started from a throwaway state directory.
 //!
-//! There is no kubelet or scheduler: objects are stored, validated, defaulted and
-//! reconciled by the real controllers (namespaces, service accounts, jobs, garbage
-//! collection), but no container ever runs.
+//! Without a node ([`Options::node`] false) it is a control plane on loopback (etcd,
+//! kube-apiserver, kube-controller-manager): objects are stored, validated, defaulted
+//! and reconciled by the real controllers (namespaces, service accounts, jobs, garbage
+//! collection), but no container ever runs. With one, the scheduler, containerd, the
+//! kubelet and kube-proxy join it (see [`node`]) and pods run; the API server then
+//! listens on the node's address instead of loopback, so pods reach it.
 //!
 //! ```text
 //! STATE_DIR/
 //!   kubeconfig          admin access (system:masters), for kubectl and tests
 //!   pki/                CA, serving and client certificates, service-account key
 //!   etcd/               etcd's data
+//!   node/               the node's configuration and containerd's data
 //!   logs/NAME.log       each component's output
 //!   pids/NAME.pid       each component's process group, for `down` and `status`
 //! ```
 
+pub mod addons;
 pub mod agent;
 pub mod build;
+pub mod image;
+pub mod network;
+pub mod node;
 pub mod pki;
 pub mod process;
 
@@ -25,7 +32,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -61,6 +68,14 @@ pub enum Error {
     Git { path: PathBuf, message: String },
     #[error("no component named {0}")]
     UnknownComponent(String),
+    #[error("{what} is missing: {fix}")]
+    Missing { what: String, fix: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("`{command}` failed: {output}")]
+    Command { command: String, output: String },
+    #[error("applying {what}: {message}")]
+    Apply { what: String, message: String },
 }
 
 impl Error {
@@ -78,20 +93,29 @@ pub struct Options {
     pub lifetime: Lifetime,
     /// Where the built binaries are cached (see [`build::cache_dir`]).
     pub cache_dir: PathBuf,
+    /// Whether to run the node too, so pods run; without it, only the control plane.
+    pub node: bool,
 }
 
 impl Options {
+    /// A control plane without a node.
     pub fn new(state_dir: impl Into<PathBuf>, lifetime: Lifetime) -> Options {
-        Options { state_dir: state_dir.into(), lifetime, cache_dir: build::cache_dir() }
+        Options { state_dir: state_dir.into(), lifetime, cache_dir: build::cache_dir(), node: false }
+    }
+
+    /// A cluster with the node.
+    pub fn with_node(state_dir: impl Into<PathBuf>, lifetime: Lifetime) -> Options {
+        Options { node: true, ..Options::new(state_dir, lifetime) }
     }
 }
 
 /// One component's command line, kept so it can be restarted with the same ports.
 #[derive(Debug, Clone)]
-struct Component {
+pub(crate) struct Component {
     name: &'static str,
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(&'static str, String)>,
 }
 
 /// A running local control plane. Dropping it stops it when its lifetime is
@@ -105,22 +129,36 @@ pub struct LocalControlPlane {
     lifetime: Lifetime,
     components: Vec<Component>,
     running: Vec<Process>,
+    /// The node's files, when it has one.
+    node: Option<node::NodeFiles>,
 }
 
 impl LocalControlPlane {
     /// Builds the binaries if needed, starts etcd, the API server and the controller
     /// manager, and returns once the API server is ready and the controller manager has
-    /// created the `default` service account.
+    /// created the `default` service account; with a node, also once the node is Ready.
     pub async fn start(options: &Options) -> Result<LocalControlPlane, Error> {
-        let binaries = tokio::task::spawn_blocking({
+        if options.node {
+            node::check_prerequisites()?;
+        }
+        let (binaries, debian_base) = tokio::task::spawn_blocking({
             let cache = options.cache_dir.clone();
-            move || build::ensure_built(&cache)
+            let node = options.node;
+            move || {
+                let binaries = build::ensure_built(&cache)?;
+                let base = if node { Some(image::debian_base(&cache)?) } else { None };
+                Ok::<_, Error>((binaries, base))
+            }
         })
         .await
         .expect("build task does not panic")?;
 
         let dir = &options.state_dir;
         process::stop_all(dir);
+        if options.node {
+            // One node per machine: whatever an earlier one left is in the way.
+            node::clean_host(dir)?;
+        }
         for stale in ["pki", "etcd", "logs", "pids", "kubeconfig"] {
             let path = dir.join(stale);
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
@@ -129,26 +167,40 @@ impl LocalControlPlane {
         let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         let pki = Pki::generate(&dir.join("pki"))?;
 
-        let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
-        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let [etcd_client, etcd_peer, apiserver_port, registry_port] = free_ports()?;
+        let address = if options.node { network::NODE_IP } else { std::net::Ipv4Addr::LOCALHOST };
+        let server = format!("https://{address}:{apiserver_port}");
         let kubeconfig = dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &pki.ca_cert, &pki.admin)?;
         let cm_kubeconfig = dir.join("pki/controller-manager.kubeconfig");
         write_kubeconfig(&cm_kubeconfig, &server, &pki.ca_cert, &pki.controller_manager)?;
 
-        let components = vec![
-            Component { name: "etcd", program: binaries.etcd.clone(), args: etcd_args(&dir, etcd_client, etcd_peer) },
+        let mut components = vec![
+            Component {
+                name: "etcd",
+                program: binaries.etcd.clone(),
+                args: etcd_args(&dir, etcd_client, etcd_peer),
+                env: Vec::new(),
+            },
             Component {
                 name: "kube-apiserver",
                 program: binaries.kube.clone(),
-                args: apiserver_args(&pki, etcd_client, apiserver_port),
+                args: apiserver_args(&pki, etcd_client, apiserver_port, options.node),
+                env: Vec::new(),
             },
             Component {
                 name: "kube-controller-manager",
                 program: binaries.kube.clone(),
                 args: controller_manager_args(&pki, &cm_kubeconfig),
+                env: Vec::new(),
             },
         ];
+        let mut node_files = None;
+        if options.node {
+            let (files, node_components) = node::prepare(&dir, &pki, &server, &binaries, registry_port)?;
+            components.extend(node_components);
+            node_files = Some(files);
+        }
         let mut plane = LocalControlPlane {
             state_dir: dir,
             kubeconfig,
@@ -157,13 +209,26 @@ impl LocalControlPlane {
             lifetime: options.lifetime,
             components,
             running: Vec::new(),
+            node: node_files,
         };
         let started = async {
+            if plane.node.is_some() {
+                node::save_sysctls()?;
+                network::create_bridge()?;
+                network::contain()?;
+                // containerd starts while the control plane does: neither needs the other yet.
+                plane.start_component("containerd")?;
+                plane.start_component("registry")?;
+            }
             plane.start_component("etcd")?;
             plane.start_component("kube-apiserver")?;
             plane.wait_api_ready().await?;
             plane.start_component("kube-controller-manager")?;
-            plane.wait_ready().await
+            plane.wait_ready().await?;
+            if let Some(base) = &debian_base {
+                plane.start_node(base).await?;
+            }
+            Ok(())
         };
         match started.await {
             Ok(()) => Ok(plane),
@@ -173,6 +238,60 @@ impl LocalControlPlane {
                 Err(e)
             }
         }
+    }
+
+    /// Starts the scheduler, the kubelet and kube-proxy once containerd answers and has
+    /// the pause and add-on images, and the registry has the Debian base; waits until
+    /// the node is Ready and the add-ons (CoreDNS, the volume provisioner) are.
+    async fn start_node(&mut self, debian_base: &Path) -> Result<(), Error> {
+        let files = self.node.clone().expect("a node's cluster");
+        let socket = files.containerd_socket.clone();
+        self.wait_for("containerd", async || {
+            tokio::net::UnixStream::connect(&socket).await.map(drop).map_err(|e| e.to_string())
+        })
+        .await?;
+        let registry = files.registry.clone();
+        self.wait_for("registry", async || {
+            tokio::net::TcpStream::connect(&registry).await.map(drop).map_err(|e| e.to_string())
+        })
+        .await?;
+        let (image_files, base) = (files.clone(), debian_base.to_owned());
+        tokio::task::spawn_blocking(move || {
+            node::import_node_images(&image_files)?;
+            let archived_as = format!("gitops.local/{}", image::DEBIAN_IMAGE);
+            node::push_image(&image_files, &base, &archived_as, image::DEBIAN_IMAGE)
+        })
+        .await
+        .expect("image task does not panic")?;
+        for name in ["kube-scheduler", "kubelet", "kube-proxy"] {
+            self.start_component(name)?;
+        }
+        let client = self.client().await?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        self.wait_for("kubelet", async || {
+            let node = nodes.get_opt(network::NODE_NAME).await.map_err(|e| e.to_string())?;
+            let conditions = node.and_then(|n| n.status?.conditions).ok_or("the node has not registered yet")?;
+            match conditions.iter().find(|c| c.type_ == "Ready") {
+                Some(ready) if ready.status == "True" => Ok(()),
+                Some(ready) => Err(format!("node not Ready: {}", ready.message.clone().unwrap_or_default())),
+                None => Err("the node reports no Ready condition yet".to_owned()),
+            }
+        })
+        .await?;
+        addons::apply(&client, &files.registry, &files.dir.join("local-path")).await?;
+        self.wait_for("kubelet", async || addons::ready(&client).await).await
+    }
+
+    /// Imports a docker-archive tar into the node's containerd, so pods can run that
+    /// image without pulling it (`imagePullPolicy: Never` or `IfNotPresent`).
+    pub fn import_image(&self, archive: &Path) -> Result<(), Error> {
+        let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
+        node::import_image(files, archive)
+    }
+
+    /// The node's registry, `127.0.0.1:PORT` (also in `STATE_DIR/registry`).
+    pub fn registry(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.registry.as_str())
     }
 
     /// The admin kubeconfig (`STATE_DIR/kubeconfig`).
@@ -214,7 +333,8 @@ impl LocalControlPlane {
     pub fn start_component(&mut self, name: &str) -> Result<(), Error> {
         let c =
             self.components.iter().find(|c| c.name == name).ok_or_else(|| Error::UnknownComponent(name.to_owned()))?;
-        let process = Process::spawn(&self.state_dir, c.name, &c.program, &c.args, self.lifetime)?;
+        let env: Vec<(&str, &std::ffi::OsStr)> = c.env.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        let process = Process::spawn_with_env(&self.state_dir, c.name, &c.program, &c.args, &env, self.lifetime)?;
         self.running.push(process);
         Ok(())
     }
@@ -291,12 +411,17 @@ impl LocalControlPlane {
         })
     }
 
-    /// Stops every component. A detached control plane is better stopped with
-    /// [`stop_state_dir`], which needs no handle.
+    /// Stops every component, and removes what the node left on the machine. A
+    /// detached cluster is better stopped with [`stop_state_dir`], which needs no handle.
     pub fn stop(&mut self) {
         // Reverse start order: the controller manager and API server before etcd.
         while let Some(p) = self.running.pop() {
             p.stop();
+        }
+        if self.node.take().is_some()
+            && let Err(e) = node::clean_host(&self.state_dir)
+        {
+            tracing::warn!("removing what the node left: {e}");
         }
     }
 }
@@ -309,10 +434,14 @@ impl Drop for LocalControlPlane {
     }
 }
 
-/// Stops the control plane whose state is in `state_dir` (started by any process) and
-/// removes the directory. Returns the components that were running.
+/// Stops the cluster whose state is in `state_dir` (started by any process), removes
+/// what its node left on the machine, and removes the directory. Returns the
+/// components that were running.
 pub fn stop_state_dir(state_dir: &Path) -> Result<Vec<String>, Error> {
     let stopped = process::stop_all(state_dir);
+    if node::NodeFiles::new(state_dir).dir.exists() {
+        node::clean_host(state_dir)?;
+    }
     if state_dir.exists() {
         fs::remove_dir_all(state_dir).map_err(|e| Error::io(state_dir, e))?;
     }
@@ -363,28 +492,38 @@ fn etcd_args(dir: &Path, client: u16, peer: u16) -> Vec<String> {
     ]
 }
 
-fn apiserver_args(pki: &Pki, etcd_client: u16, port: u16) -> Vec<String> {
+fn apiserver_args(pki: &Pki, etcd_client: u16, port: u16, node: bool) -> Vec<String> {
     let p = |path: &PathBuf| path.display().to_string();
-    vec![
+    let address = if node { network::NODE_IP } else { std::net::Ipv4Addr::LOCALHOST };
+    let mut args = vec![
         "apiserver".into(),
         format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
+        format!("--bind-address={address}"),
+        format!("--advertise-address={address}"),
         format!("--secure-port={port}"),
         format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
         format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
         format!("--client-ca-file={}", p(&pki.ca_cert)),
-        "--authorization-mode=RBAC".into(),
+        // Node: each kubelet reads and writes only what its pods need.
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-account-key-file={}", p(&pki.service_account_pub)),
         format!("--service-account-signing-key-file={}", p(&pki.service_account_key)),
-        format!("--service-cluster-ip-range={}/24", pki::KUBERNETES_SERVICE_IP),
+        format!("--service-cluster-ip-range={}", network::SERVICE_CIDR),
         "--allow-privileged=true".into(),
-        // The default reconciler publishes the advertise address as the `kubernetes`
-        // Service's endpoint and refuses loopback; nothing in-cluster dials it here.
-        "--endpoint-reconciler-type=none".into(),
+        format!("--kubelet-client-certificate={}", p(&pki.apiserver_kubelet_client.cert)),
+        format!("--kubelet-client-key={}", p(&pki.apiserver_kubelet_client.key)),
+        format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
+        "--kubelet-preferred-address-types=InternalIP".into(),
         "--profiling=false".into(),
-    ]
+    ];
+    if !node {
+        // The default reconciler publishes the advertise address as the `kubernetes`
+        // Service's endpoint and refuses loopback; without a node no pod dials it.
+        args.push("--endpoint-reconciler-type=none".into());
+    }
+    args
 }
 
 fn controller_manager_args(pki: &Pki, kubeconfig: &Path) -> Vec<String> {
@@ -405,7 +544,7 @@ fn controller_manager_args(pki: &Pki, kubeconfig: &Path) -> Vec<String> {
     ]
 }
 
-fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &pki::ClientCert) -> Result<(), Error> {
+pub(crate) fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &pki::CertFiles) -> Result<(), Error> {
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\

@@ -1,7 +1,7 @@
-//! The certificates and keys of a local control plane: one throwaway CA, the API
-//! server's serving certificate, client certificates for the admin and the controller
-//! manager, and the service-account signing key. Everything is written as PEM files
-//! under one directory and is valid only for loopback addresses.
+//! The certificates and keys of a local cluster: one throwaway CA, the API server's and
+//! the kubelet's serving certificates, a client certificate for the admin and for each
+//! component, and the service-account signing key. Everything is written as PEM files
+//! under one directory and is valid only for loopback and the node's own address.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,23 +21,32 @@ pub struct Pki {
     pub ca_cert: PathBuf,
     pub apiserver_cert: PathBuf,
     pub apiserver_key: PathBuf,
-    pub admin: ClientCert,
-    pub controller_manager: ClientCert,
+    pub admin: CertFiles,
+    pub controller_manager: CertFiles,
+    pub scheduler: CertFiles,
+    /// The kubelet's identity, `system:node:NAME`, which the Node authorizer checks.
+    pub kubelet: CertFiles,
+    pub kube_proxy: CertFiles,
+    /// What the API server shows the kubelet for logs, exec and port-forward.
+    pub apiserver_kubelet_client: CertFiles,
+    /// The kubelet's serving certificate, for the node's address.
+    pub kubelet_serving: CertFiles,
     /// Private key the controller manager signs service-account tokens with.
     pub service_account_key: PathBuf,
     /// Its public half, which the API server verifies tokens with.
     pub service_account_pub: PathBuf,
 }
 
+/// A certificate and its private key, as PEM files.
 #[derive(Debug, Clone)]
-pub struct ClientCert {
+pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-/// The first address of the service CIDR the API server is started with: in-cluster
-/// clients reach `kubernetes.default` there, so it belongs in the serving certificate.
-pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The first address of the service CIDR (see [`super::network`]): in-cluster clients
+/// reach `kubernetes.default` there, so it belongs in the serving certificate.
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = super::network::KUBERNETES_SERVICE_IP;
 
 impl Pki {
     /// Generates a fresh CA and every certificate signed by it into `dir`.
@@ -61,6 +70,7 @@ impl Pki {
             vec![
                 SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 SanType::IpAddress(IpAddr::V4(KUBERNETES_SERVICE_IP)),
+                SanType::IpAddress(IpAddr::V4(super::network::NODE_IP)),
                 SanType::DnsName("localhost".try_into()?),
                 SanType::DnsName("kubernetes".try_into()?),
                 SanType::DnsName("kubernetes.default".try_into()?),
@@ -68,13 +78,30 @@ impl Pki {
                 SanType::DnsName("kubernetes.default.svc.cluster.local".try_into()?),
             ],
         )?;
-        let client = |name: &str, cn: &str, org: Option<&str>| -> Result<ClientCert, Error> {
+        let client = |name: &str, cn: &str, org: Option<&str>| -> Result<CertFiles, Error> {
             let (cert, key) = issue(dir, name, &ca, cn, org, ExtendedKeyUsagePurpose::ClientAuth, vec![])?;
-            Ok(ClientCert { cert, key })
+            Ok(CertFiles { cert, key })
         };
         // system:masters is bound to cluster-admin by the API server's bootstrap RBAC policy.
         let admin = client("admin", "admin", Some("system:masters"))?;
         let controller_manager = client("controller-manager", "system:kube-controller-manager", None)?;
+        let scheduler = client("scheduler", "system:kube-scheduler", None)?;
+        let kubelet = client("kubelet", &format!("system:node:{}", super::network::NODE_NAME), Some("system:nodes"))?;
+        let kube_proxy = client("kube-proxy", "system:kube-proxy", None)?;
+        let apiserver_kubelet_client = client("apiserver-kubelet-client", "kube-apiserver", Some("system:masters"))?;
+        let (cert, key) = issue(
+            dir,
+            "kubelet-serving",
+            &ca,
+            super::network::NODE_NAME,
+            None,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![
+                SanType::IpAddress(IpAddr::V4(super::network::NODE_IP)),
+                SanType::DnsName(super::network::NODE_NAME.try_into()?),
+            ],
+        )?;
+        let kubelet_serving = CertFiles { cert, key };
 
         let sa = KeyPair::generate()?;
         let service_account_key = write_secret(dir, "service-account.key", &sa.serialize_pem())?;
@@ -86,6 +113,11 @@ impl Pki {
             apiserver_key,
             admin,
             controller_manager,
+            scheduler,
+            kubelet,
+            kube_proxy,
+            apiserver_kubelet_client,
+            kubelet_serving,
             service_account_key,
             service_account_pub,
         })
