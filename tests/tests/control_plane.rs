@@ -106,6 +106,32 @@ async fn a_crd_becomes_established_and_its_objects_are_served() {
     crds.delete(&format!("widgets.{group}"), &DeleteParams::default()).await.unwrap();
 }
 
+/// The service range holds what a real cluster's repository needs: the 254th Service
+/// used to be refused ("range is full") when the range was a /24.
+#[tokio::test]
+async fn the_service_range_holds_hundreds_of_cluster_ip_services() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "services").await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client, &ns);
+    let created = futures::future::join_all((0..300).map(|i| {
+        let services = services.clone();
+        async move {
+            let service = serde_json::from_value(json!({
+                "metadata": { "name": format!("svc-{i}") },
+                "spec": { "selector": { "app": "x" }, "ports": [{ "port": 80 }] },
+            }))
+            .unwrap();
+            services.create(&PostParams::default(), &service).await
+        }
+    }))
+    .await;
+    let ips: std::collections::BTreeSet<String> = created
+        .into_iter()
+        .map(|service| service.expect("a ClusterIP Service is allocated an address").spec.unwrap().cluster_ip.unwrap())
+        .collect();
+    assert_eq!(ips.len(), 300, "each Service has an address of its own");
+}
+
 #[tokio::test]
 async fn deleting_a_namespace_finishes() {
     let client = cluster::client().await;
