@@ -220,11 +220,6 @@ impl Lead {
     pub fn holds(&self) -> bool {
         self.published.leads()
     }
-
-    /// Follows [`Lead::holds`], as [`Leadership::changes`] does.
-    pub fn changes(&self) -> watch::Receiver<bool> {
-        self.published.sender.subscribe()
-    }
 }
 
 impl std::fmt::Debug for Lead {
