@@ -228,7 +228,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
         parse(body),
-        json!({"revision": null, "leader": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": [], "batch_waiting": []})
+        json!({"revision": null, "leader": false, "suspended": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": [], "batch_waiting": []})
     );
 
     agent.state.record(synced("0123abcd"), Duration::from_millis(1500)).await;
@@ -278,6 +278,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
         json!({
             "revision": "0123abcd",
             "leader": false,
+            "suspended": false,
             "last_sync": {"time": null, "result": "failure", "duration_seconds": 0.25},
             "errors": [{
                 "file": "manifests/web.yaml", "line": 3, "object": "Namespace web",
