@@ -255,6 +255,15 @@ authorization:
 clusterDomain: cluster.local
 clusterDNS: [{DNS_SERVICE_IP}]
 serializeImagePulls: false
+# The node shares a developer's or CI's disk, where 15% free (the default imagefs
+# threshold) is tens of gigabytes: under it the kubelet evicts every pod and admits
+# none. As kind does, the local node never evicts for disk.
+evictionHard:
+  nodefs.available: "0%"
+  nodefs.inodesFree: "0%"
+  imagefs.available: "0%"
+  imagefs.inodesFree: "0%"
+imageGCHighThresholdPercent: 100
 "#,
             socket = d(&files.containerd_socket),
             serving_cert = d(&pki.kubelet_serving.cert),
