@@ -351,6 +351,9 @@ async fn suspend_writes_nothing_resume_catches_up_and_sync_fetches_now() {
     let agent = Replica::spawn(&binary, plane.kubeconfig(), &daemon.url(repo.name()), &ns, &args, dir.path(), "agent");
     eventually("x applied", || async { (value(&cms, "x").await? == "v1").then_some(()) }).await;
     eventually("the status ConfigMap", || async { cms.get_opt("gitops-agent-status").await.ok()?.map(|_| ()) }).await;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    // The run comes after the sync is recorded: suspending before it would hold it back.
+    eventually("the first spec's run", || async { jobs.get_opt("hello-1").await.ok()?.map(|_| ()) }).await;
     let ask = |verb: &str| {
         let output = Command::new(&binary)
             .args([verb, &format!("--namespace={ns}")])
@@ -379,7 +382,6 @@ async fn suspend_writes_nothing_resume_catches_up_and_sync_fetches_now() {
 
     ask("resume");
     eventually("the commit applied once resumed", || async { (value(&cms, "x").await? == "v2").then_some(()) }).await;
-    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
     eventually("the new spec's run", || async { jobs.get_opt("hello-2").await.ok()?.map(|_| ()) }).await;
 
     repo.write("manifests/x.yaml", &configmap("x", "v3"));
