@@ -165,3 +165,13 @@ pub async fn service_account_client(admin: &kube::Client, namespace: &str, name:
     config.auth_info = AuthInfo { token: Some(token.into()), ..Default::default() };
     kube::Client::try_from(config).unwrap()
 }
+
+/// A ConfigMap `name` whose `data.value` is `value`, as a manifest file holds it.
+pub fn configmap(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value}\n")
+}
+
+/// ConfigMap `name`'s `data.value`, if it exists.
+pub async fn value(cms: &Api<k8s_openapi::api::core::v1::ConfigMap>, name: &str) -> Option<String> {
+    cms.get_opt(name).await.ok()??.data?.remove("value")
+}

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use gitops_tests::cluster::{self, eventually};
+use gitops_tests::cluster::{self, configmap, eventually, value};
 use gitops_tests::git::{GitDaemon, GitRepo};
 use gitops_tests::requests::Requests;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -129,14 +129,6 @@ async fn one_replica_applies_and_sigterm_hands_over_at_once() {
     replicas.iter_mut().for_each(|r| {
         let _ = r.child.kill();
     });
-}
-
-fn configmap(name: &str, value: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value}\n")
-}
-
-async fn value(cms: &Api<ConfigMap>, name: &str) -> Option<String> {
-    cms.get_opt(name).await.ok()??.data?.remove("value")
 }
 
 /// The write war of a deposed leader, as measured once: the leader is frozen (SIGSTOP)

@@ -9,21 +9,13 @@ use std::time::Duration;
 use gitops_agent::agent::LeaderElection;
 use gitops_agent::drift::{CONTEST_CORRECTIONS, Policy};
 use gitops_tests::agent::{Agent, AgentConfig};
-use gitops_tests::cluster::{self, eventually};
+use gitops_tests::cluster::{self, configmap, eventually, value};
 use gitops_tests::git::GitRepo;
 use gitops_tests::requests::counting_client;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-
-fn configmap(name: &str, value: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value}\n")
-}
-
-async fn value(cms: &Api<ConfigMap>, name: &str) -> Option<String> {
-    cms.get_opt(name).await.ok()??.data?.remove("value")
-}
 
 /// Changes `name`'s value as a person (or another controller) would: not as the agent.
 async fn edit(cms: &Api<ConfigMap>, name: &str, value: &str, manager: &str) {
