@@ -95,12 +95,20 @@ pub struct Options {
     pub cache_dir: PathBuf,
     /// Whether to run the node too, so pods run; without it, only the control plane.
     pub node: bool,
+    /// What to do when another cluster holds the machine's one node.
+    pub when_node_in_use: node::WhenInUse,
 }
 
 impl Options {
     /// A control plane without a node.
     pub fn new(state_dir: impl Into<PathBuf>, lifetime: Lifetime) -> Options {
-        Options { state_dir: state_dir.into(), lifetime, cache_dir: build::cache_dir(), node: false }
+        Options {
+            state_dir: state_dir.into(),
+            lifetime,
+            cache_dir: build::cache_dir(),
+            node: false,
+            when_node_in_use: node::WhenInUse::Fail,
+        }
     }
 
     /// A cluster with the node.
@@ -138,7 +146,16 @@ impl LocalControlPlane {
     /// manager, and returns once the API server is ready and the controller manager has
     /// created the `default` service account; with a node, also once the node is Ready.
     pub async fn start(options: &Options) -> Result<LocalControlPlane, Error> {
+        let dir = &options.state_dir;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         if options.node {
+            // Claimed first: a node of ours that runs is in use, not a missing prerequisite.
+            let when_in_use = options.when_node_in_use;
+            let claimed = dir.clone();
+            tokio::task::spawn_blocking(move || node::claim(&claimed, when_in_use))
+                .await
+                .expect("claim task does not panic")?;
             node::check_prerequisites()?;
         }
         let (binaries, debian_base) = tokio::task::spawn_blocking({
@@ -153,18 +170,15 @@ impl LocalControlPlane {
         .await
         .expect("build task does not panic")?;
 
-        let dir = &options.state_dir;
-        process::stop_all(dir);
+        process::stop_all(&dir);
         if options.node {
             // One node per machine: whatever an earlier one left is in the way.
-            node::clean_host(dir)?;
+            node::clean_host(&dir)?;
         }
         for stale in ["pki", "etcd", "logs", "pids", "kubeconfig"] {
             let path = dir.join(stale);
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         let pki = Pki::generate(&dir.join("pki"))?;
 
         let [etcd_client, etcd_peer, apiserver_port, registry_port] = free_ports()?;
