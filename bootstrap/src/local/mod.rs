@@ -21,6 +21,7 @@
 pub mod addons;
 pub mod agent;
 pub mod build;
+pub mod dockerfile;
 pub mod image;
 pub mod network;
 pub mod node;
@@ -76,6 +77,8 @@ pub enum Error {
     Command { command: String, output: String },
     #[error("applying {what}: {message}")]
     Apply { what: String, message: String },
+    #[error("installing the agent: {0}")]
+    Install(#[from] crate::install::InstallError),
 }
 
 impl Error {
@@ -273,7 +276,7 @@ impl LocalControlPlane {
         tokio::task::spawn_blocking(move || {
             node::import_node_images(&image_files)?;
             let archived_as = format!("gitops.local/{}", image::DEBIAN_IMAGE);
-            node::push_image(&image_files, &base, &archived_as, image::DEBIAN_IMAGE)
+            node::push_image(&image_files, &base, &archived_as, &[image::DEBIAN_IMAGE])
         })
         .await
         .expect("image task does not panic")?;
@@ -301,6 +304,13 @@ impl LocalControlPlane {
     pub fn import_image(&self, archive: &Path) -> Result<(), Error> {
         let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
         node::import_image(files, archive)
+    }
+
+    /// Pushes a docker-archive's image (held as `archived_as`) to the node's registry
+    /// under each of `names`, from where the kubelet pulls it.
+    pub fn push_image(&self, archive: &Path, archived_as: &str, names: &[&str]) -> Result<(), Error> {
+        let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
+        node::push_image(files, archive, archived_as, names)
     }
 
     /// The node's registry, `127.0.0.1:PORT` (also in `STATE_DIR/registry`).

@@ -421,20 +421,24 @@ pub fn import_image(files: &NodeFiles, archive: &Path) -> Result<(), Error> {
     network::run("ctr", &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive])
 }
 
-/// Pushes the image of a docker-archive tar to the node's registry as `name` (e.g.
+/// Pushes the image of a docker-archive tar to the node's registry under each of `names` (e.g.
 /// `debian:bookworm`), through containerd, which keeps no copy: pods pull it from
 /// the registry as from any other.
-pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, name: &str) -> Result<(), Error> {
+pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, names: &[&str]) -> Result<(), Error> {
     let socket = files.containerd_socket.display().to_string();
     let ctr = |args: &[&str]| {
         let all = [&["--address", &socket, "--namespace", "k8s.io"][..], args].concat();
         network::run("ctr", &all)
     };
-    let target = format!("{}/{name}", files.registry);
     ctr(&["images", "import", "--no-unpack", &archive.display().to_string()])?;
-    ctr(&["images", "tag", "--force", archived_as, &target])?;
-    ctr(&["images", "push", "--plain-http", &target])?;
-    ctr(&["images", "rm", "--sync", archived_as, &target])
+    let targets: Vec<String> = names.iter().map(|name| format!("{}/{name}", files.registry)).collect();
+    for target in &targets {
+        ctr(&["images", "tag", "--force", archived_as, target])?;
+        ctr(&["images", "push", "--plain-http", target])?;
+    }
+    let mut remove = vec!["images", "rm", "--sync", archived_as];
+    remove.extend(targets.iter().map(String::as_str));
+    ctr(&remove)
 }
 
 /// Imports the images packed at [`prepare`] (pause and the add-ons'); containerd must
