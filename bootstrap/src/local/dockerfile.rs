@@ -91,6 +91,7 @@ pub fn build(cache: &Path, base: &Path, image: &Dockerfile) -> Result<Built, Err
             let built = staging.join("image.tar");
             fs::rename(&built, &archive).map_err(|e| Error::io(&archive, e))?;
             eprintln!("built image {} in {:.1}s", image.name, started.elapsed().as_secs_f64());
+            remove_older_builds(cache, image.name, &key);
         }
         let _ = fs::remove_dir_all(&staging);
         result
@@ -161,4 +162,21 @@ fn build_in(
         archived_as.into(),
         format!("docker-archive:{}:{archived_as}", out.display()),
     ])
+}
+
+/// Removes the earlier builds of image `name`: each binary cargo builds makes a new
+/// agent image (~230 MB), and only the newest is used.
+fn remove_older_builds(cache: &Path, name: &str, keep: &str) {
+    let Ok(entries) = fs::read_dir(cache.join("images")) else { return };
+    for entry in entries.flatten() {
+        let dir_name = entry.file_name().to_string_lossy().into_owned();
+        let is_build = dir_name
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|hash| hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        if is_build && dir_name != keep {
+            let _ = fs::remove_dir_all(entry.path());
+            let _ = fs::remove_file(cache.join(format!("{dir_name}.lock")));
+        }
+    }
 }
