@@ -322,8 +322,12 @@ async fn main() -> Result<()> {
                 let (binaries, base) = (local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?);
                 let agent_image = agent_binary
                     .is_file()
-                    .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary)))
+                    .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary)?))
                     .transpose()?;
+                for image in local::dockerfile::scale() {
+                    let built = local::dockerfile::build(&cache, &base, &image)?;
+                    println!("{} image: {}", built.name, built.archive.display());
+                }
                 Ok::<_, local::Error>((binaries, base, agent_image))
             })
             .await??;

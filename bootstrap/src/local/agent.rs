@@ -13,7 +13,7 @@ use super::process::{self, Lifetime, Process};
 use super::{Error, LOG_TAIL_LINES};
 
 /// The repository a user starts from, compiled in so the binary needs no checkout.
-static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
+pub(crate) static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
 
 /// The agent keeps its inventory here; the install creates it.
 pub use crate::install::AGENT_NAMESPACE;
@@ -153,7 +153,7 @@ pub async fn install_in_cluster(
     let cache = super::build::cache_dir();
     let built = tokio::task::spawn_blocking(move || {
         let base = super::image::debian_base(&cache)?;
-        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary))
+        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary)?)
     })
     .await
     .expect("image build does not panic")?;
