@@ -115,7 +115,7 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
         "--no-node",
     ];
     let up = bootstrap(&args);
-    assert!(stdout(&up).contains("has applied its head"), "{}", stdout(&up));
+    assert!(stdout(&up).contains("It has applied "), "{}", stdout(&up));
     let kubeconfig = state.join("kubeconfig");
     wait_for_value(&kubeconfig, "first");
 

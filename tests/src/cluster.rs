@@ -209,3 +209,28 @@ pub fn configmap(name: &str, value: &str) -> String {
 pub async fn value(cms: &Api<k8s_openapi::api::core::v1::ConfigMap>, name: &str) -> Option<String> {
     cms.get_opt(name).await.ok()??.data?.remove("value")
 }
+
+/// Runs pod `name` of `spec` (its first container named after it, never restarted) in
+/// `namespace` to completion, and returns its phase and its log (`kubectl logs`).
+pub async fn run_to_completion(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    kubeconfig: &str,
+    namespace: &str,
+    name: &str,
+    mut spec: serde_json::Value,
+) -> (String, String) {
+    spec["restartPolicy"] = serde_json::json!("Never");
+    spec["containers"][0]["name"] = serde_json::json!(name);
+    let pod = serde_json::from_value(serde_json::json!({ "metadata": { "name": name }, "spec": spec })).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let phase = eventually(&format!("pod {name} to finish"), || async {
+        let phase = pods.get(name).await.ok()?.status?.phase?;
+        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+    })
+    .await;
+    let logs = std::process::Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig, "-n", namespace, "logs", name])
+        .output()
+        .expect("kubectl runs");
+    (phase, String::from_utf8_lossy(&logs.stdout).into_owned() + &String::from_utf8_lossy(&logs.stderr))
+}

@@ -4,19 +4,21 @@
 //! filesystem), the repository served to the pods by `git daemon` on the node's address.
 //! Two pods are Ready and one leads; a commit is applied through the repository's hook;
 //! `/metrics` answers through the agent's Service; deleting the leader's pod hands the
-//! Lease to another replica, which applies the next commit.
+//! Lease to another replica, which applies the next commit. And the Scale pipeline's
+//! images, built from repo-template's Dockerfiles the same way, run there.
 
 use std::time::Duration;
 
 use gitops_bootstrap::install::{self, AGENT_NAMESPACE, InstallOptions};
-use gitops_bootstrap::local::Lifetime;
 use gitops_bootstrap::local::agent::{InClusterOptions, install_in_cluster};
+use gitops_bootstrap::local::{Lifetime, dockerfile};
 use gitops_tests::cluster::{self, configmap, eventually, value};
 use gitops_tests::git::GitRepo;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
+use serde_json::json;
 
 /// The agent's pods, by the Deployment's label.
 const SELECTOR: &str = "app.kubernetes.io/name=gitops-agent";
@@ -121,4 +123,50 @@ async fn the_agent_runs_in_the_cluster_and_its_standby_takes_over_when_the_leade
     repo.write("manifests/third.yaml", &configmap("third", "three"));
     repo.commit("third");
     eventually("the third commit to be applied by the new leader", || async { value(&cms, "third").await }).await;
+}
+
+#[tokio::test]
+async fn the_scale_images_built_from_their_dockerfiles_run_on_the_node() {
+    let plane = cluster::node();
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "scale-images").await;
+    let cache = gitops_bootstrap::local::build::cache_dir();
+    let built = tokio::task::spawn_blocking(move || {
+        let base = gitops_bootstrap::local::image::debian_base(&cache).unwrap();
+        dockerfile::scale().iter().map(|image| dockerfile::build(&cache, &base, image).unwrap()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let image = |name: &str| plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
+    let (viewer, batch) = (image("scale-viewer"), image("scale-midi-batch"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let kubeconfig = plane.kubeconfig().display().to_string();
+
+    // The batch image: Spark 4.3 on Java 17, the S3A connector, the job and its modules.
+    let script = "spark-submit --version 2>&1 | grep -o 'version 4\\.3\\.[0-9]*' | head -1; \
+                  ls /opt/spark/jars | grep -c -e 'hadoop-aws-' -e 'awssdk_bundle-'; \
+                  python3 -c 'import midi_batch, mido, numpy, psycopg; print(\"modules ok\")'; id -u";
+    let spec = json!({ "containers": [{ "image": batch, "command": ["bash", "-c", script] }] });
+    let (phase, logs) = cluster::run_to_completion(&pods, &kubeconfig, &ns, "batch", spec).await;
+    assert_eq!(phase, "Succeeded", "the batch image: {logs}");
+    assert_eq!(logs.lines().collect::<Vec<_>>(), ["version 4.3.0", "2", "modules ok", "185"], "{logs}");
+
+    // The viewer image: gunicorn serves the app as uid 10001; /healthz answers with no
+    // database yet (it connects in the background), from the host to the pod's address.
+    let pod = json!({
+        "metadata": { "name": "viewer" },
+        "spec": { "containers": [{
+            "name": "viewer", "image": viewer,
+            "env": [{ "name": "DATABASE_URL", "value": "postgresql://scale@127.0.0.1:5/scale" }],
+        }]},
+    });
+    pods.create(&Default::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    let ip = eventually("the viewer's pod to run", || async {
+        let status = pods.get("viewer").await.ok()?.status?;
+        (status.phase.as_deref() == Some("Running")).then_some(status.pod_ip?)
+    })
+    .await;
+    let address = format!("{ip}:8000");
+    let health = eventually("the viewer's /healthz", || http_get(&address, "/healthz")).await;
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
 }

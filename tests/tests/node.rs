@@ -117,19 +117,9 @@ async fn run_pod(pods: &Api<Pod>, kubeconfig: &str, name: &str, container: serde
     run_pod_spec(pods, kubeconfig, name, json!({ "containers": [container] })).await
 }
 
-/// Runs a pod of `spec` (its containers named after it) to completion and returns its
-/// phase and log.
-async fn run_pod_spec(pods: &Api<Pod>, kubeconfig: &str, name: &str, mut spec: serde_json::Value) -> (String, String) {
-    spec["restartPolicy"] = json!("Never");
-    spec["containers"][0]["name"] = json!(name);
-    let pod: Pod = serde_json::from_value(json!({ "metadata": { "name": name }, "spec": spec })).unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let phase = eventually(&format!("pod {name} to finish"), || async {
-        let phase = pods.get(name).await.ok()?.status?.phase?;
-        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
-    })
-    .await;
-    (phase, command("kubectl", &["--kubeconfig", kubeconfig, "logs", name]))
+/// Runs a pod of `spec` in `default` to completion and returns its phase and log.
+async fn run_pod_spec(pods: &Api<Pod>, kubeconfig: &str, name: &str, spec: serde_json::Value) -> (String, String) {
+    cluster::run_to_completion(pods, kubeconfig, "default", name, spec).await
 }
 
 /// A container of the busybox image running `script`.

@@ -148,7 +148,6 @@ pub async fn install_in_cluster(
     plane: &super::LocalControlPlane,
     options: &InClusterOptions,
 ) -> Result<InCluster, Error> {
-    let registry = plane.registry().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?.to_owned();
     let binary = options.binary.clone();
     let cache = super::build::cache_dir();
     let built = tokio::task::spawn_blocking(move || {
@@ -157,9 +156,7 @@ pub async fn install_in_cluster(
     })
     .await
     .expect("image build does not panic")?;
-    let tagged = format!("{}:{}", built.name, built.tag);
-    plane.push_image(&built.archive, &built.archived_as, &[&tagged, &format!("{}:latest", built.name)])?;
-    let image = format!("{registry}/{tagged}");
+    let image = plane.push_built(&built)?;
 
     let repo_path = Path::new(&options.install.repo);
     let (repo_url, git_daemon) = if repo_path.is_dir() {

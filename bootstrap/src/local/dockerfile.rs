@@ -28,12 +28,22 @@ pub struct Dockerfile {
     pub name: &'static str,
     /// The Dockerfile's text.
     pub text: &'static str,
-    /// The build context: each file's path inside it, and its contents.
-    pub context: Vec<(PathBuf, Vec<u8>)>,
+    /// The build context.
+    pub context: Vec<ContextFile>,
     /// Build arguments besides the bases (every `*_IMAGE` argument is set to the base).
     pub args: Vec<(&'static str, String)>,
     /// The Dockerfile's base-image arguments, all set to the Debian base.
     pub bases: &'static [&'static str],
+}
+
+/// A file of a build context.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContextFile {
+    /// Its path inside the context.
+    pub path: PathBuf,
+    pub contents: Vec<u8>,
+    /// Whether it is a program (mode 755, else 644): COPY keeps the mode.
+    pub executable: bool,
 }
 
 /// A built image, ready for [`super::node::push_image`].
@@ -53,7 +63,7 @@ pub fn agent(binary: &Path) -> Result<Dockerfile, Error> {
     Ok(Dockerfile {
         name: "gitops-agent",
         text: include_str!("../../../agent/Dockerfile"),
-        context: vec![(PathBuf::from("gitops-agent"), contents)],
+        context: vec![ContextFile { path: PathBuf::from("gitops-agent"), contents, executable: true }],
         args: vec![("BINARY_FROM", "prebuilt".to_owned())],
         bases: &["RUNTIME_IMAGE"],
     })
@@ -89,10 +99,11 @@ fn scale_midi_batch() -> Dockerfile {
 
 /// `apps/scale/` of repo-template, the Scale images' build context, without its tests
 /// (which no image holds, so changing them builds nothing).
-fn scale_context() -> Vec<(PathBuf, Vec<u8>)> {
-    fn files(dir: &include_dir::Dir<'_>, base: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+fn scale_context() -> Vec<ContextFile> {
+    fn files(dir: &include_dir::Dir<'_>, base: &Path, out: &mut Vec<ContextFile>) {
         for file in dir.files() {
-            out.push((file.path().strip_prefix(base).expect("under apps/scale").to_owned(), file.contents().to_vec()));
+            let path = file.path().strip_prefix(base).expect("under apps/scale").to_owned();
+            out.push(ContextFile { path, contents: file.contents().to_vec(), executable: false });
         }
         for sub in dir.dirs().filter(|d| d.path().file_name().is_some_and(|n| n != "tests")) {
             files(sub, base, out);
@@ -117,9 +128,9 @@ pub fn build(cache: &Path, base: &Path, image: &Dockerfile) -> Result<Built, Err
     }
     let mut context = image.context.clone();
     context.sort();
-    for (inside, contents) in &context {
-        hash.update(inside.display().to_string().as_bytes());
-        hash.update(contents);
+    for file in &context {
+        hash.update(format!("{} {}\n", file.path.display(), file.executable).as_bytes());
+        hash.update(&file.contents);
     }
     let tag = hex(&hash.finalize()[..6]);
     let key = format!("{}-{tag}", image.name);
@@ -151,15 +162,18 @@ fn build_in(
     staging: &Path,
     base: &Path,
     image: &Dockerfile,
-    context: &[(PathBuf, Vec<u8>)],
+    context: &[ContextFile],
     archived_as: &str,
 ) -> Result<(), Error> {
     let context_dir = staging.join("context");
-    for (inside, contents) in context {
-        let target = context_dir.join(inside);
+    for file in context {
+        use std::os::unix::fs::PermissionsExt;
+        let target = context_dir.join(&file.path);
         let parent = target.parent().expect("a file inside the context");
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        fs::write(&target, contents).map_err(|e| Error::io(&target, e))?;
+        fs::write(&target, &file.contents).map_err(|e| Error::io(&target, e))?;
+        let mode = if file.executable { 0o755 } else { 0o644 };
+        fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(|e| Error::io(&target, e))?;
     }
     let dockerfile = staging.join("Dockerfile");
     fs::write(&dockerfile, image.text).map_err(|e| Error::io(&dockerfile, e))?;

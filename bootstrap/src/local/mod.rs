@@ -313,6 +313,14 @@ impl LocalControlPlane {
         node::push_image(files, archive, archived_as, names)
     }
 
+    /// Pushes a built image to the node's registry as `NAME:TAG` (its content's) and
+    /// `NAME:latest`, and returns the first as pods name it.
+    pub fn push_built(&self, built: &dockerfile::Built) -> Result<String, Error> {
+        let tagged = format!("{}:{}", built.name, built.tag);
+        self.push_image(&built.archive, &built.archived_as, &[&tagged, &format!("{}:latest", built.name)])?;
+        Ok(format!("{}/{tagged}", self.registry().unwrap_or_default()))
+    }
+
     /// The node's registry, `127.0.0.1:PORT` (also in `STATE_DIR/registry`).
     pub fn registry(&self) -> Option<&str> {
         self.node.as_ref().map(|n| n.registry.as_str())
