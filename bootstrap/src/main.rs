@@ -298,8 +298,12 @@ async fn main() -> Result<()> {
         Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
-            let (binaries, base) = tokio::task::spawn_blocking(move || {
-                Ok::<_, local::Error>((local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?))
+            let (binaries, tools, base) = tokio::task::spawn_blocking(move || {
+                Ok::<_, local::Error>((
+                    local::build::ensure_built(&cache)?,
+                    local::build::ensure_render_tools(&cache)?,
+                    local::image::debian_base(&cache)?,
+                ))
             })
             .await??;
             println!(
@@ -309,6 +313,8 @@ async fn main() -> Result<()> {
             println!("etcd: {}", binaries.etcd.display());
             println!("pause: {}", binaries.pause.display());
             println!("registry: {}", binaries.registry.display());
+            println!("kustomize: {}", tools.kustomize.display());
+            println!("helm: {}", tools.helm.display());
             println!("debian:bookworm base image: {}", base.display());
             Ok(())
         }

@@ -118,6 +118,49 @@ const PAUSE: GoBinary = GoBinary {
     package: ".",
 };
 
+/// The agent's kustomize renderer. v5.7 rather than v5.8: v5.8 needs Go 1.27 (through
+/// `GOTOOLCHAIN`, a second toolchain download), and v5.7 renders what kubectl 1.32's
+/// embedded kustomize renders, which the parity tests compare against.
+const KUSTOMIZE: GoBinary = GoBinary {
+    name: "kustomize",
+    module: "sigs.k8s.io/kustomize/kustomize/v5",
+    holds: "kustomize",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/kustomize/go.mod")),
+        ("go.sum", include_str!("../../controlplane/kustomize/go.sum")),
+        ("tools.go", include_str!("../../controlplane/kustomize/tools.go")),
+    ],
+    // It runs in the agent's image, which may have no libc.
+    cgo: false,
+    package: "sigs.k8s.io/kustomize/kustomize/v5",
+};
+
+/// The agent's Helm chart renderer.
+const HELM: GoBinary = GoBinary {
+    name: "helm",
+    module: "helm.sh/helm/v3",
+    holds: "helm",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/helm/go.mod")),
+        ("go.sum", include_str!("../../controlplane/helm/go.sum")),
+        ("tools.go", include_str!("../../controlplane/helm/tools.go")),
+    ],
+    cgo: false,
+    package: "helm.sh/helm/v3/cmd/helm",
+};
+
+/// The renderers the agent runs as child processes (`--kustomize-bin`, `--helm-bin`).
+#[derive(Debug, Clone)]
+pub struct RenderTools {
+    pub kustomize: PathBuf,
+    pub helm: PathBuf,
+}
+
+/// Returns the cached kustomize and helm, building either if missing or stale.
+pub fn ensure_render_tools(cache: &Path) -> Result<RenderTools, Error> {
+    Ok(RenderTools { kustomize: KUSTOMIZE.ensure_built(cache)?, helm: HELM.ensure_built(cache)? })
+}
+
 /// Paths of the built control-plane binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -294,6 +337,8 @@ mod tests {
     fn versions_come_from_go_mod() {
         assert!(KUBE.version().starts_with("v1."), "{}", KUBE.version());
         assert!(ETCD.version().starts_with("v3.6."), "{}", ETCD.version());
+        assert_eq!(KUSTOMIZE.version(), "v5.7.1");
+        assert_eq!(HELM.version(), "v3.22.0");
         assert_eq!(kube_major_minor("v1.37.2"), ("1", "37"));
     }
 
