@@ -273,7 +273,7 @@ fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), S
 
 /// What charts are told of the cluster: its version and every `GROUP/VERSION` and
 /// `GROUP/VERSION/Kind` it serves, as helm's own client would discover them.
-fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities {
+pub fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities {
     let mut api_versions = std::collections::BTreeSet::new();
     for group in discovery.groups() {
         for version in group.versions() {

@@ -349,7 +349,6 @@ impl Helm<'_> {
                     let message = message
                         .replace(&format!("{}/", repo.display()), "")
                         .replace(&format!("{}/", work.path().display()), "")
-                        .trim_start_matches("Error: ")
                         .to_owned();
                     ToolError::Failed { program, message }
                 }

@@ -232,7 +232,7 @@ pub fn build(kustomize: &Path, limits: &Limits, repo: &Path, dir: &Path) -> Resu
         // Its messages name absolute paths inside the checkout; the repository's are shorter.
         ToolError::Failed { program, message } => {
             let prefix = format!("{}/", repo.display());
-            let message = message.replace(&prefix, "").trim_start_matches("Error: ").to_owned();
+            let message = message.replace(&prefix, "");
             KustomizeProblem::Tool(ToolError::Failed { program, message })
         }
         other => KustomizeProblem::Tool(other),

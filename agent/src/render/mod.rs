@@ -401,7 +401,8 @@ impl Renderer {
                         (archive, digest)
                     }
                     Err(problem) => {
-                        let field = if problem.to_string().contains(version.as_str()) { "version" } else { "repo" };
+                        // helm says which: a version the repository lacks, or a repository it cannot read.
+                        let field = if problem.to_string().contains("not found") { "version" } else { "repo" };
                         findings.error(release.at(field), problem.into());
                         continue;
                     }

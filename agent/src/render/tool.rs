@@ -33,12 +33,17 @@ pub enum ToolError {
     Spawn { program: PathBuf, source: std::io::Error },
     #[error("{} did not finish within {timeout:?} and was stopped", program.display())]
     Timeout { program: PathBuf, timeout: Duration },
-    #[error("{} failed: {message}", program.display())]
+    #[error("{} failed: {message}", name(program))]
     Failed { program: PathBuf, message: String },
     #[error("{} wrote more than {MAX_OUTPUT} bytes", program.display())]
     TooMuchOutput { program: PathBuf },
     #[error("{} wrote output that is not UTF-8", program.display())]
     NotUtf8 { program: PathBuf },
+}
+
+/// A tool by its file name: where it is installed says nothing about what failed.
+fn name(program: &Path) -> std::path::Display<'_> {
+    Path::new(program.file_name().unwrap_or(program.as_os_str())).display()
 }
 
 /// One invocation: the program, its arguments, its working directory and the only
@@ -104,7 +109,8 @@ impl Run<'_> {
         let stdout = out.join().expect("reader does not panic").unwrap_or_default();
         let stderr = err.join().expect("reader does not panic");
         if !status.success() {
-            let mut message = String::from_utf8_lossy(&stderr).trim().to_owned();
+            // Both tools prefix their one-line reason with "Error: ", which the failure says already.
+            let mut message = String::from_utf8_lossy(&stderr).trim().trim_start_matches("Error: ").to_owned();
             for secret in secrets.iter().filter(|s| !s.is_empty()) {
                 message = message.replace(secret, "***");
             }
@@ -143,7 +149,7 @@ mod tests {
     #[test]
     fn a_failure_carries_the_tool_message_without_secrets() {
         let error = sh("echo 'login hunter2 refused' >&2; exit 3", &Limits::default()).unwrap_err().to_string();
-        assert_eq!(error, "/bin/sh failed: login *** refused");
+        assert_eq!(error, "sh failed: login *** refused");
     }
 
     #[test]
