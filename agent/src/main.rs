@@ -288,14 +288,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArgs) -> Result<ExitCode> {
     // `validate repo/manifests` would find nothing to check and pass.
-    if !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
+    let kustomization = render::kustomize::kustomization_file(dir).is_some();
+    if !kustomization && !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
         let named = dir.file_name().and_then(|name| name.to_str()).filter(|name| render::SOURCE_DIRS.contains(name));
         let hint = match (named, dir.parent()) {
             (Some(_), Some(parent)) => format!("; did you mean {}?", parent.display()),
             _ => String::new(),
         };
         let sources = render::SOURCE_DIRS.map(|source| format!("{source}/")).join(", ");
-        println!("{}: holds none of {sources}, so there is nothing to validate{hint}", dir.display());
+        println!(
+            "{}: holds no kustomization and none of {sources}, so there is nothing to validate{hint}",
+            dir.display()
+        );
         return Ok(ExitCode::FAILURE);
     }
     // Bases and values files may come from anywhere in the repository that holds `dir`.

@@ -201,3 +201,55 @@ async fn a_generated_configmap_is_replaced_and_the_old_one_pruned_and_unchanged_
     assert_eq!(config_maps(&client, &ns, "app-config-").await[0].metadata.name.as_deref(), Some(new_name.as_str()));
     agent.stop().await;
 }
+
+#[test]
+fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate() {
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
+    let cache = tempfile::tempdir().unwrap();
+    let built = gitops_tests::render::binaries();
+    for cluster in ["local", "eks"] {
+        let path_in_repo = PathBuf::from("clusters").join(cluster);
+        let tools = render::Tools { path_in_repo: path_in_repo.clone(), ..gitops_tests::render::tools(cache.path()) };
+        let rendered = Renderer::new(tools)
+            .render(&template.join(&path_in_repo), "monitoring", &Capabilities::default())
+            .unwrap_or_else(|e| panic!("{cluster}: {e:#?}"));
+        let agent: Vec<Value> = rendered.manifests.iter().map(|m| m.object.clone()).collect();
+        assert_eq!(agent, kubectl_kustomize(&template.join(&path_in_repo)), "clusters/{cluster}");
+        assert!(agent.iter().all(|o| o["metadata"]["labels"]["gitops.scale.dev/cluster"] == cluster));
+
+        // `gitops-agent validate` renders it the same way, offline.
+        let output = Command::new(gitops_tests::agent::binary())
+            .arg("validate")
+            .arg(template.join(&path_in_repo))
+            .arg("--kustomize-bin")
+            .arg(&built.kustomize)
+            .arg("--helm-bin")
+            .arg(&built.helm)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.ends_with(&format!("{} objects, 0 batch jobs, no errors\n", agent.len())), "{stdout}");
+    }
+
+    // And refuses what the agent refuses, at the file and line.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(bad.path().join("manifests/app")).unwrap();
+    std::fs::write(
+        bad.path().join("manifests/app/kustomization.yaml"),
+        "resources:\n- git@github.com:example/base.git\n",
+    )
+    .unwrap();
+    let output = Command::new(gitops_tests::agent::binary())
+        .arg("validate")
+        .arg(bad.path())
+        .arg("--kustomize-bin")
+        .arg(&built.kustomize)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "manifests/app/kustomization.yaml:2: \"git@github.com:example/base.git\" is a remote base; only paths in the repository are rendered (vendor it into the repository)\n"
+    );
+}
