@@ -152,3 +152,43 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// An OCI registry on 127.0.0.1 (distribution's, the one the local node pulls from),
+/// for charts pushed with `helm push`.
+pub struct OciRegistry {
+    _server: ServerProcess,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl OciRegistry {
+    pub fn serve() -> OciRegistry {
+        let binaries = gitops_bootstrap::local::build::ensure_built(&cache_dir())
+            .unwrap_or_else(|e| panic!("building the registry: {e}"));
+        let dir = tempfile::tempdir().expect("temp dir for a registry");
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(&binaries.registry);
+        command.arg("serve").arg(&config).env("OTEL_TRACES_EXPORTER", "none");
+        let server = ServerProcess::start(command, &Endpoint::Tcp(port), &dir.path().join("registry.log"));
+        OciRegistry { _server: server, port, _dir: dir }
+    }
+
+    /// `oci://127.0.0.1:PORT/charts`, where [`Self::push`] puts charts.
+    pub fn url(&self) -> String {
+        format!("oci://127.0.0.1:{}/charts", self.port)
+    }
+
+    /// `helm push ARCHIVE` over plain HTTP.
+    pub fn push(&self, archive: &Path, home: &Path) {
+        helm(&["push", archive.to_str().unwrap(), &self.url(), "--plain-http"], home);
+    }
+}

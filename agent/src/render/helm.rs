@@ -52,8 +52,9 @@ pub enum HelmProblem {
 /// Where a chart comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChartSource {
-    /// An HTTP(S) chart repository, or an OCI registry (`oci://HOST/PATH`).
-    Remote { repo: String, chart: String, version: String },
+    /// An HTTP(S) chart repository, or an OCI registry (`oci://HOST/PATH`); `plain_http`
+    /// (`spec.plainHTTP`) for a registry without TLS, such as one on the machine itself.
+    Remote { repo: String, chart: String, version: String, plain_http: bool },
     /// A chart directory in the repository, relative to the repository root.
     Path(PathBuf),
 }
@@ -141,7 +142,17 @@ pub fn release(root: &Path, repo: &Path, file: &Path, text: String) -> Result<Re
     };
     let source = match (path, repo_url, chart, version) {
         (Some(path), None, None, None) => inside(&path, "path", &mut errors).map(ChartSource::Path),
-        (None, Some(repo), Some(chart), Some(version)) => Some(ChartSource::Remote { repo, chart, version }),
+        (None, Some(repo), Some(chart), Some(version)) => {
+            let plain_http = match value.pointer("/spec/plainHTTP") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(plain)) => *plain,
+                Some(_) => {
+                    errors.push((at(line("plainHTTP")), HelmProblem::Type("spec.plainHTTP", "true or false").into()));
+                    false
+                }
+            };
+            Some(ChartSource::Remote { repo, chart, version, plain_http })
+        }
         _ => {
             errors.push((at(line("spec")), HelmProblem::Source.into()));
             None
@@ -258,7 +269,13 @@ impl Helm<'_> {
 
     /// The chart archive of a remote source, from the cache or downloaded into it.
     /// Returns the archive and its digest; `fetched` says whether it was downloaded.
-    pub fn chart(&self, repo: &str, chart: &str, version: &str) -> Result<(PathBuf, String, bool), HelmProblem> {
+    pub fn chart(
+        &self,
+        repo: &str,
+        chart: &str,
+        version: &str,
+        plain_http: bool,
+    ) -> Result<(PathBuf, String, bool), HelmProblem> {
         let key = hex::encode(&Sha256::digest(format!("{repo}\0{chart}\0{version}"))[..16]);
         let dir = self.cache.join("charts").join(format!("{chart}-{version}-{key}"));
         let archive = dir.join("chart.tgz");
@@ -283,6 +300,9 @@ impl Helm<'_> {
             args.extend([chart.into(), "--repo".into(), repo.into()]);
         }
         args.extend(["--version".into(), version.into(), "--destination".into(), staging.clone().into()]);
+        if plain_http {
+            args.push("--plain-http".into());
+        }
         args.extend(self.credentials.args());
         let run = Run { program: self.bin, args, dir: &staging, env: self.env() };
         let fetch_error = |error| HelmProblem::Fetch { chart: chart.to_owned(), version: version.to_owned(), error };
@@ -436,7 +456,8 @@ mod tests {
             ChartSource::Remote {
                 repo: "http://127.0.0.1:1/charts".into(),
                 chart: "kube-prometheus-stack".into(),
-                version: "88.5.3".into()
+                version: "88.5.3".into(),
+                plain_http: false,
             }
         );
         assert_eq!(release.values_files, [PathBuf::from("values/a.yaml")]);

@@ -392,21 +392,23 @@ impl Renderer {
                 }
             };
             let (chart, digest) = match &release.source {
-                helm::ChartSource::Remote { repo: url, chart, version } => match helm.chart(url, chart, version) {
-                    Ok((archive, digest, downloaded)) => {
-                        if downloaded {
-                            self.stats.lock().expect("not poisoned").chart_downloads += 1;
-                            tracing::info!(release = release.name, chart, version, digest, "downloaded chart");
+                helm::ChartSource::Remote { repo: url, chart, version, plain_http } => {
+                    match helm.chart(url, chart, version, *plain_http) {
+                        Ok((archive, digest, downloaded)) => {
+                            if downloaded {
+                                self.stats.lock().expect("not poisoned").chart_downloads += 1;
+                                tracing::info!(release = release.name, chart, version, digest, "downloaded chart");
+                            }
+                            (archive, digest)
                         }
-                        (archive, digest)
+                        Err(problem) => {
+                            // helm says which: a version the repository lacks, or a repository it cannot read.
+                            let field = if problem.to_string().contains("not found") { "version" } else { "repo" };
+                            findings.error(release.at(field), problem.into());
+                            continue;
+                        }
                     }
-                    Err(problem) => {
-                        // helm says which: a version the repository lacks, or a repository it cannot read.
-                        let field = if problem.to_string().contains("not found") { "version" } else { "repo" };
-                        findings.error(release.at(field), problem.into());
-                        continue;
-                    }
-                },
+                }
                 helm::ChartSource::Path(path) => (repo.join(path), helm::tree_digest(&repo.join(path))),
             };
             let key = helm::render_key(&tools.helm, &release, &digest, &repo, capabilities);

@@ -218,8 +218,28 @@ impl GoBinary {
             .unwrap_or("local")
     }
 
+    /// What helm's Makefile links in: its version, and the Kubernetes version its
+    /// client-go implies (k8s.io/client-go v0.X → 1.X), which `helm template` assumes
+    /// without `--kube-version` (else v1.20, which charts requiring a newer one refuse).
+    fn helm_ldflags(&self) -> Option<String> {
+        if self.module != HELM.module {
+            return None;
+        }
+        let client_go = self.go_mod().lines().find_map(|l| l.trim().strip_prefix("k8s.io/client-go v0."))?;
+        let minor = client_go.split('.').next()?;
+        let version = self.version();
+        Some(format!(
+            " -X helm.sh/helm/v3/internal/version.version={version} \
+             -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={minor} \
+             -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={minor}"
+        ))
+    }
+
     fn key(&self) -> String {
         let mut hash = Sha256::new();
+        if let Some(flags) = self.helm_ldflags() {
+            hash.update(flags.as_bytes());
+        }
         for (name, text) in self.sources {
             hash.update(name.as_bytes());
             hash.update([0]);
@@ -261,6 +281,7 @@ impl GoBinary {
                  -X k8s.io/component-base/version.gitTreeState=clean"
             );
         }
+        ldflags += &self.helm_ldflags().unwrap_or_default();
         let mut child = Command::new("go")
             .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
