@@ -63,6 +63,7 @@ pub struct ChartRepo {
 }
 
 impl ChartRepo {
+    /// Served by Python's `http.server`, to anyone.
     pub fn serve() -> ChartRepo {
         let dir = tempfile::tempdir().expect("temp dir for a chart repository");
         let home = tempfile::tempdir().expect("temp dir for helm's home");
@@ -72,6 +73,28 @@ impl ChartRepo {
         command.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]);
         command.arg(dir.path().join("charts"));
         let server = ServerProcess::start(command, &Endpoint::Tcp(port), &dir.path().join("server.log"));
+        ChartRepo { _server: server, port, dir, home }
+    }
+
+    /// Served by nginx with basic auth, to `user` with `password` only.
+    pub fn serve_authenticated(user: &str, password: &str) -> ChartRepo {
+        let dir = tempfile::tempdir().expect("temp dir for a chart repository");
+        let home = tempfile::tempdir().expect("temp dir for helm's home");
+        let prefix = dir.path();
+        fs::create_dir_all(prefix.join("charts")).unwrap();
+        // nginx accepts plain-text passwords in this form, so no hashing tool is needed.
+        fs::write(prefix.join("htpasswd"), format!("{user}:{{PLAIN}}{password}\n")).unwrap();
+        let port = free_port();
+        // As root nginx would switch to "nobody", who cannot read the temp dir.
+        let run_as = if nix::unistd::geteuid().is_root() { "user root;" } else { "" };
+        let p = prefix.display();
+        let config = format!(
+            "{run_as}\ndaemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log {p}/access.log;\n  client_body_temp_path {p}/client_body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    root {p}/charts;\n    location / {{ auth_basic \"charts\"; auth_basic_user_file {p}/htpasswd; }}\n  }}\n}}\n"
+        );
+        fs::write(prefix.join("nginx.conf"), config).unwrap();
+        let mut command = Command::new("nginx");
+        command.arg("-p").arg(prefix).arg("-c").arg(prefix.join("nginx.conf")).arg("-e").arg(prefix.join("error.log"));
+        let server = ServerProcess::start(command, &Endpoint::Tcp(port), &prefix.join("nginx.log"));
         ChartRepo { _server: server, port, dir, home }
     }
 

@@ -166,6 +166,12 @@ async fn kube_prometheus_stack_is_installed_changed_upgraded_and_pruned_from_a_c
     let stats = agent.render_stats();
     assert_eq!((stats.chart_downloads, stats.helm_templates), (1, 2), "{stats:?}");
 
+    // A commit that changes nothing the release reads: no render.
+    repo.write("manifests/keep.yaml", &cluster::configmap("keep", "two"));
+    agent.trigger_and_wait(repo.commit("unrelated")).await;
+    let stats = agent.render_stats();
+    assert_eq!((stats.chart_downloads, stats.helm_templates), (1, 2), "{stats:?}");
+
     // A version bump is an upgrade.
     charts.kube_prometheus_stack("88.5.4");
     repo.write("charts/monitoring.yaml", &release(&charts.url(), &ns, "88.5.4", "20d"));
@@ -307,4 +313,45 @@ fn a_chart_from_an_oci_registry_renders_as_from_a_chart_repository() {
     let from_oci = render(release(&format!("  repo: {}\n  plainHTTP: true\n", registry.url())));
     assert!(from_repo.len() > 100, "{}", from_repo.len());
     assert!(from_oci == from_repo, "the same chart renders the same objects from either source");
+}
+
+#[test]
+fn chart_repository_credentials_come_from_a_secret_dir_and_never_show_in_errors() {
+    let password = "hunter2-chart-password";
+    let charts = ChartRepo::serve_authenticated("charts", password);
+    let chart = tempfile::tempdir().unwrap();
+    for (path, text) in SMALL_CHART {
+        let path = chart.path().join(path.strip_prefix("vendor/").unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    charts.add(&chart.path().join("small"), None, &[]);
+    let release = format!(
+        "apiVersion: gitops.scale.dev/v1\nkind: HelmChart\nmetadata:\n  name: small\n  namespace: apps\nspec:\n  repo: {}\n  chart: small\n  version: 0.1.0\n",
+        charts.url()
+    );
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo.path().join("charts")).unwrap();
+    std::fs::write(repo.path().join("charts/small.yaml"), &release).unwrap();
+    let render = |secret: &[(&str, &str)]| {
+        let dir = gitops_tests::git::git_secret_dir(secret);
+        let credentials = render::ChartCredentials::from_secret_dir(dir.path()).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let tools = render::Tools { credentials, ..tools(cache.path()) };
+        Renderer::new(tools).render(repo.path(), "monitoring", &Capabilities::default())
+    };
+
+    let rendered = render(&[("username", "charts"), ("password", password)]).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(rendered.manifests.len(), 1);
+
+    for secret in [vec![], vec![("username", "charts"), ("password", "wrong-password-123")]] {
+        let errors: Vec<String> = render(&secret).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("charts/small.yaml:7: fetching chart small 0.1.0: "), "{errors:?}");
+        assert!(errors[0].contains("401"), "{errors:?}");
+        assert!(!errors[0].contains("wrong-password-123") && !errors[0].contains(password), "no secret: {errors:?}");
+    }
+    let debug =
+        format!("{:?}", render::ChartCredentials { username: Some("u".into()), password: Some(password.into()) });
+    assert!(!debug.contains(password), "{debug}");
 }
