@@ -176,15 +176,6 @@ impl Agent {
     }
 }
 
-/// `gitops-agent`, built by cargo into the target directory the calling test runs from.
-pub fn binary() -> PathBuf {
-    let status =
-        std::process::Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-agent"]).status().unwrap();
-    assert!(status.success(), "building gitops-agent");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("gitops-agent")
-}
-
 /// A GitHub push webhook for `main`, signed with `secret`: the body and its headers.
 pub fn github_push(secret: &str) -> (String, Vec<(&'static str, String)>) {
     use hmac::{Hmac, Mac};
