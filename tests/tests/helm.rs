@@ -355,3 +355,44 @@ fn chart_repository_credentials_come_from_a_secret_dir_and_never_show_in_errors(
         format!("{:?}", render::ChartCredentials { username: Some("u".into()), password: Some(password.into()) });
     assert!(!debug.contains(password), "{debug}");
 }
+
+#[tokio::test]
+async fn diff_shows_what_a_kustomization_and_a_chart_release_would_create() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "render-diff").await;
+    let repo = GitRepo::new();
+    for (path, text) in SMALL_CHART {
+        repo.write(path, text);
+    }
+    repo.write(
+        "charts/small.yaml",
+        &small_release("    replicas: 3\n").replace("namespace: apps", &format!("namespace: {ns}")),
+    );
+    repo.write("manifests/app/kustomization.yaml", "configMapGenerator:\n- name: generated\n  literals: [A=1]\n");
+    repo.commit("a kustomization and a chart release");
+    let built = gitops_tests::render::binaries();
+    let output = std::process::Command::new(gitops_tests::agent::binary())
+        .args(["diff", "--repo", &repo.file_url(), "--namespace", &ns, "--default-namespace", &ns])
+        .arg("--kustomize-bin")
+        .arg(&built.kustomize)
+        .arg("--helm-bin")
+        .arg(&built.helm)
+        .env("KUBECONFIG", cluster::shared().kubeconfig())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "changes: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let created: Vec<&str> = stdout.lines().filter(|l| l.starts_with("+ ")).collect();
+    assert_eq!(created.len(), 2, "{stdout}");
+    assert!(
+        created.iter().any(|l| l.ends_with("(charts/small.yaml:1): created") && l.contains(&format!("{ns}/small"))),
+        "{stdout}"
+    );
+    assert!(
+        created
+            .iter()
+            .any(|l| l.ends_with("(manifests/app/kustomization.yaml:1): created")
+                && l.contains(&format!("{ns}/generated-"))),
+        "{stdout}"
+    );
+}
