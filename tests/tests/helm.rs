@@ -269,9 +269,12 @@ fn bad_chart_releases_are_errors_at_their_file_and_line() {
     assert!(errors[0].starts_with("charts/small.yaml:8: helm template: "), "{errors:?}");
     assert!(errors[0].contains("replicas") && errors[0].contains("integer"), "{errors:?}");
 
-    // The same chart with good values renders, into the release's namespace.
-    let mut files = SMALL_CHART.to_vec();
-    let good = small_release("    replicas: 3\n");
+    // The same chart with good values renders, into the release's namespace; vendored
+    // under charts/, its own files are not taken for releases.
+    let vendored: Vec<(String, &str)> =
+        SMALL_CHART.iter().map(|(path, text)| (format!("charts/{path}"), *text)).collect();
+    let mut files: Vec<(&str, &str)> = vendored.iter().map(|(path, text)| (path.as_str(), *text)).collect();
+    let good = small_release("    replicas: 3\n").replace("path: vendor/small", "path: charts/vendor/small");
     files.push(("charts/small.yaml", &good));
     let repo = tempfile::tempdir().unwrap();
     for (path, text) in &files {

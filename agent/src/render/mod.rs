@@ -381,6 +381,11 @@ impl Renderer {
             credentials: &tools.credentials,
         };
         for file in findings.files(root, "charts", &["yaml", "yml"]) {
+            // A chart vendored under charts/ (for a release's `path`) is not a release.
+            let in_chart = file.ancestors().skip(1).take_while(|dir| *dir != Path::new("charts"));
+            if in_chart.into_iter().any(|dir| root.join(dir).join("Chart.yaml").is_file()) {
+                continue;
+            }
             let Some(text) = findings.read(root, &file) else { continue };
             let release = match helm::release(root, &repo, &file, text) {
                 Ok(release) => release,
