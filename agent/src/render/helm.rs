@@ -232,13 +232,9 @@ impl ChartCredentials {
         Ok(ChartCredentials { username: read("username")?, password: read("password")? })
     }
 
-    fn args(&self) -> Vec<OsString> {
-        match (&self.username, &self.password) {
-            (Some(user), Some(password)) => {
-                vec!["--username".into(), user.into(), "--password".into(), password.into()]
-            }
-            _ => Vec::new(),
-        }
+    /// Username and password, when both are given.
+    fn pair(&self) -> Option<(&str, &str)> {
+        Some((self.username.as_deref()?, self.password.as_deref()?))
     }
 
     fn secrets(&self) -> Vec<&str> {
@@ -293,20 +289,41 @@ impl Helm<'_> {
         let staging = dir.with_extension("partial");
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(cache_error(&staging))?;
+        let fetch_error = |error| HelmProblem::Fetch { chart: chart.to_owned(), version: version.to_owned(), error };
+        let secrets = self.credentials.secrets();
+        let plain: Option<OsString> = plain_http.then(|| "--plain-http".into());
         let mut args: Vec<OsString> = vec!["pull".into()];
-        if repo.starts_with("oci://") {
+        if let Some(registry) = repo.strip_prefix("oci://") {
+            if let Some((user, password)) = self.credentials.pair() {
+                // Logged in through stdin; helm keeps it in its registry config, in the cache.
+                let host = registry.split('/').next().unwrap_or(registry);
+                let login: Vec<OsString> = ["registry", "login", host, "--username", user, "--password-stdin"]
+                    .into_iter()
+                    .map(OsString::from)
+                    .chain(plain.clone())
+                    .collect();
+                let run = Run { program: self.bin, args: login, dir: &staging, env: self.env(), stdin: Some(password) };
+                run.output(self.limits, &secrets).map_err(fetch_error)?;
+            }
             args.push(format!("{}/{chart}", repo.trim_end_matches('/')).into());
+        } else if let Some((user, password)) = self.credentials.pair() {
+            // A repository named for its URL, added through stdin, then pulled by name.
+            let name = format!("gitops-{}", &hex::encode(Sha256::digest(repo))[..12]);
+            let add: Vec<OsString> =
+                ["repo", "add", &name, repo, "--username", user, "--password-stdin", "--force-update"]
+                    .into_iter()
+                    .map(OsString::from)
+                    .collect();
+            let run = Run { program: self.bin, args: add, dir: &staging, env: self.env(), stdin: Some(password) };
+            run.output(self.limits, &secrets).map_err(fetch_error)?;
+            args.push(format!("{name}/{chart}").into());
         } else {
             args.extend([chart.into(), "--repo".into(), repo.into()]);
         }
         args.extend(["--version".into(), version.into(), "--destination".into(), staging.clone().into()]);
-        if plain_http {
-            args.push("--plain-http".into());
-        }
-        args.extend(self.credentials.args());
-        let run = Run { program: self.bin, args, dir: &staging, env: self.env() };
-        let fetch_error = |error| HelmProblem::Fetch { chart: chart.to_owned(), version: version.to_owned(), error };
-        run.output(self.limits, &self.credentials.secrets()).map_err(fetch_error)?;
+        args.extend(plain);
+        let run = Run { program: self.bin, args, dir: &staging, env: self.env(), stdin: None };
+        run.output(self.limits, &secrets).map_err(fetch_error)?;
         let pulled = fs::read_dir(&staging)
             .map_err(cache_error(&staging))?
             .flatten()
@@ -361,7 +378,7 @@ impl Helm<'_> {
             fs::write(&inline, json).map_err(|e| HelmProblem::Cache { path: inline.clone(), source: e })?;
             args.extend(["--values".into(), inline.into()]);
         }
-        let run = Run { program: self.bin, args, dir: work.path(), env: self.env() };
+        let run = Run { program: self.bin, args, dir: work.path(), env: self.env(), stdin: None };
         run.output(self.limits, &[]).map_err(|error| {
             HelmProblem::Template(match error {
                 ToolError::Failed { program, message } => {

@@ -227,6 +227,7 @@ pub fn build(kustomize: &Path, limits: &Limits, repo: &Path, dir: &Path) -> Resu
         args: vec!["build".into(), repo.join(dir).into_os_string()],
         dir: repo,
         env: Vec::new(),
+        stdin: None,
     };
     run.output(limits, &[]).map_err(|error| match error {
         // Its messages name absolute paths inside the checkout; the repository's are shorter.

@@ -53,6 +53,9 @@ pub struct Run<'a> {
     pub args: Vec<OsString>,
     pub dir: &'a Path,
     pub env: Vec<(&'static str, OsString)>,
+    /// Written to the tool's standard input: the way a secret reaches it, never the
+    /// command line, which any process may read in /proc.
+    pub stdin: Option<&'a str>,
 }
 
 impl Run<'_> {
@@ -66,7 +69,7 @@ impl Run<'_> {
             .current_dir(self.dir)
             .env_clear()
             .envs(self.env)
-            .stdin(Stdio::null())
+            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let memory = limits.memory;
@@ -81,6 +84,10 @@ impl Run<'_> {
             });
         }
         let mut child = command.spawn().map_err(|source| ToolError::Spawn { program: program.clone(), source })?;
+        if let (Some(text), Some(mut stdin)) = (self.stdin, child.stdin.take()) {
+            // A tool that exits before reading it all is reported by its status below.
+            let _ = std::io::Write::write_all(&mut stdin, text.as_bytes());
+        }
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         // Read on threads so a large output cannot fill a pipe and stall the child.
@@ -136,6 +143,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             dir: Path::new("/"),
             env: vec![("ONLY", "this".into())],
+            stdin: Some("from stdin"),
         }
         .output(limits, &["hunter2"])
     }
@@ -150,6 +158,11 @@ mod tests {
     fn a_failure_carries_the_tool_message_without_secrets() {
         let error = sh("echo 'login hunter2 refused' >&2; exit 3", &Limits::default()).unwrap_err().to_string();
         assert_eq!(error, "sh failed: login *** refused");
+    }
+
+    #[test]
+    fn standard_input_reaches_the_tool() {
+        assert_eq!(sh("read line; echo \"$line\"", &Limits::default()).unwrap(), "from stdin\n");
     }
 
     #[test]
