@@ -15,6 +15,7 @@ use gitops_tests::git::GitRepo;
 use gitops_tests::render::{ChartRepo, OciRegistry, helm, tools};
 use kube::api::{Api, DynamicObject};
 use kube::discovery::Discovery;
+use serde_json::Value;
 
 const CHART: &str = "kube-prometheus-stack";
 const PROMETHEUS: &str = "monitoring.coreos.com/v1";
@@ -25,8 +26,8 @@ const GRAFANA_PASSWORD: &str = "a-test-value-not-a-secret";
 
 /// On a control plane without a node the operator never runs, so its admission webhook
 /// could never answer: off, as the chart allows.
-const VALUES_FILE: &str =
-    "prometheusOperator:\n  admissionWebhooks:\n    enabled: false\nnodeExporter:\n  enabled: true\n";
+/// And Grafana's admin password is set, so that two renders of the same inputs are equal.
+const VALUES_FILE: &str = "prometheusOperator:\n  admissionWebhooks:\n    enabled: false\nnodeExporter:\n  enabled: true\ngrafana:\n  adminPassword: a-test-value-not-a-secret\n";
 
 fn release(repo_url: &str, namespace: &str, version: &str, retention: &str) -> String {
     format!(
@@ -34,17 +35,15 @@ fn release(repo_url: &str, namespace: &str, version: &str, retention: &str) -> S
     )
 }
 
-/// `(apiVersion, kind, namespace, name)` of every object `helm template` renders for the release,
-/// namespaced ones without a namespace in the release's, as the agent places them.
+/// The objects `helm template` renders for the release.
 fn helm_template(
     chart: &Path,
     namespace: &str,
     values: &Path,
     retention: &str,
     capabilities: &Capabilities,
-    discovery: &Discovery,
     home: &Path,
-) -> BTreeSet<(String, String, String, String)> {
+) -> Vec<Value> {
     let inline = home.join("inline.yaml");
     std::fs::write(&inline, format!("prometheus:\n  prometheusSpec:\n    retention: {retention}\n")).unwrap();
     let api_versions = capabilities.api_versions.join(",");
@@ -67,8 +66,16 @@ fn helm_template(
     ];
     let text = helm(&args, home);
     let manifests = render::render_text(Path::new("helm-template.yaml"), &text).unwrap_or_else(|e| panic!("{e:#?}"));
-    manifests
+    manifests.into_iter().map(|m| m.object).collect()
+}
+
+/// `(apiVersion, kind, namespace, name)` of every object, namespaced ones without a
+/// namespace in the release's, as the agent places them.
+fn ids(objects: &[Value], namespace: &str, discovery: &Discovery) -> BTreeSet<(String, String, String, String)> {
+    let at = render::Location { file: "helm-template.yaml".into(), line: 1 };
+    objects
         .iter()
+        .map(|object| render::Manifest { object: object.clone(), location: at.clone(), default_namespace: None })
         .map(|m| {
             let namespaced = discovery
                 .resolve_gvk(&m.gvk())
@@ -136,7 +143,16 @@ async fn kube_prometheus_stack_is_installed_changed_upgraded_and_pruned_from_a_c
     // Discovered again now that the chart's CRDs are served.
     let discovery = Discovery::new(client.clone()).run_aggregated().await.unwrap();
     let values = repo.work_tree().join("values/monitoring.yaml");
-    let expected = helm_template(&chart, &ns, &values, "10d", &capabilities, &discovery, charts.helm_home());
+    let rendered = helm_template(&chart, &ns, &values, "10d", &capabilities, charts.helm_home());
+    // Object for object, what the agent renders for the same inputs.
+    let agent_cache = tempfile::tempdir().unwrap();
+    let agent_render = Renderer::new(tools(agent_cache.path()))
+        .render(&repo.work_tree(), &ns, &capabilities)
+        .unwrap_or_else(|e| panic!("{e:#?}"));
+    let from_chart = agent_render.manifests.into_iter().filter(|m| m.location.file.starts_with("charts"));
+    let agent_objects: Vec<Value> = from_chart.map(|m| m.object).collect();
+    assert!(agent_objects == rendered, "the agent renders what helm template renders");
+    let expected = ids(&rendered, &ns, &discovery);
     assert!(expected.len() > 100, "kube-prometheus-stack renders its CRDs and objects: {}", expected.len());
     assert_eq!(managed(&agent).await, (expected.len() + 1) as f64, "the release's objects and keep");
     for (api_version, kind, object_ns, name) in [
