@@ -31,6 +31,8 @@ pub enum KustomizeProblem {
     Missing { entry: String, field: &'static str },
     #[error("{entry:?} resolves to {}, outside the repository", resolved.display())]
     OutsideRepo { entry: String, resolved: PathBuf },
+    #[error("{entry:?} in {field} is a URL; only files in the repository are read")]
+    RemoteFile { entry: String, field: &'static str },
     #[error("`{field}` must be a list of paths")]
     NotAList { field: &'static str },
     #[error("helmCharts in a kustomization are not rendered; put the release in charts/ instead")]
@@ -100,6 +102,13 @@ pub fn inputs(repo: &Path, dir: &Path) -> Result<Inputs, Vec<(Location, Problem)
         if object.contains_key("helmCharts") {
             errors.push((at(&relative_file, line_of(&text, "helmCharts")), KustomizeProblem::HelmCharts.into()));
         }
+        for (field, entry) in file_entries(&object) {
+            // kustomize fetches a URL in any of these itself, past its load restrictor.
+            if entry.contains("://") {
+                let here = at(&relative_file, line_of(&text, entry));
+                errors.push((here, KustomizeProblem::RemoteFile { entry: entry.to_owned(), field }.into()));
+            }
+        }
         for field in PATH_FIELDS {
             let entries = match object.get(field) {
                 None | Some(Value::Null) => continue,
@@ -128,6 +137,40 @@ pub fn inputs(repo: &Path, dir: &Path) -> Result<Inputs, Vec<(Location, Problem)
         }
     }
     if errors.is_empty() { Ok(found) } else { Err(errors) }
+}
+
+/// Every file a kustomization names outside [`PATH_FIELDS`]: patches, generator
+/// sources, transformer and OpenAPI files, with the field naming them.
+fn file_entries(object: &serde_json::Map<String, Value>) -> Vec<(&'static str, &str)> {
+    let mut found = Vec::new();
+    for field in ["patchesStrategicMerge", "configurations", "generators", "transformers", "validators"] {
+        found.extend(strings(object.get(field)).into_iter().map(|entry| (field, entry)));
+    }
+    for field in ["patches", "patchesJson6902", "replacements"] {
+        for item in object.get(field).and_then(Value::as_array).into_iter().flatten() {
+            found.extend(strings(item.get("path")).into_iter().map(|entry| (field, entry)));
+        }
+    }
+    found.extend(strings(object.get("openapi").and_then(|o| o.get("path"))).into_iter().map(|e| ("openapi", e)));
+    for field in ["configMapGenerator", "secretGenerator"] {
+        for item in object.get(field).and_then(Value::as_array).into_iter().flatten() {
+            for key in ["files", "envs", "env"] {
+                // `files` entries may be `KEY=PATH`.
+                let paths = strings(item.get(key)).into_iter().map(|e| e.split_once('=').map_or(e, |(_, path)| path));
+                found.extend(paths.map(|entry| (field, entry)));
+            }
+        }
+    }
+    found
+}
+
+/// A string, or the strings of a list.
+fn strings(value: Option<&Value>) -> Vec<&str> {
+    match value {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
 }
 
 enum Resolved {
@@ -276,6 +319,19 @@ mod tests {
         let before = found.key(dir.path(), Path::new("kustomize"));
         fs::write(dir.path().join("base/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n").unwrap();
         assert_ne!(found.key(dir.path(), Path::new("kustomize")), before, "a base's change changes the key");
+    }
+
+    #[test]
+    fn urls_in_patches_and_generators_are_refused_at_their_line() {
+        let kustomization = "patches:\n- path: https://example.com/patch.yaml\nconfigMapGenerator:\n- name: x\n  files:\n  - local.txt\n  - key=http://example.com/f\ncommonAnnotations:\n  docs: https://example.com/ok\n";
+        let dir = repo(&[("app/kustomization.yaml", kustomization)]);
+        assert_eq!(
+            errors(&dir, "app"),
+            [
+                "app/kustomization.yaml:2: \"https://example.com/patch.yaml\" in patches is a URL; only files in the repository are read",
+                "app/kustomization.yaml:7: \"http://example.com/f\" in configMapGenerator is a URL; only files in the repository are read",
+            ]
+        );
     }
 
     #[test]
