@@ -161,6 +161,18 @@ mod tests {
     }
 
     #[test]
+    fn a_tool_named_without_a_path_is_found_on_the_agents_path() {
+        let run = Run {
+            program: Path::new("sh"),
+            args: vec!["-c".into(), "echo found".into()],
+            dir: Path::new("/"),
+            env: vec![],
+            stdin: None,
+        };
+        assert_eq!(run.output(&Limits::default(), &[]).unwrap(), "found\n");
+    }
+
+    #[test]
     fn standard_input_reaches_the_tool() {
         assert_eq!(sh("read line; echo \"$line\"", &Limits::default()).unwrap(), "from stdin\n");
     }
