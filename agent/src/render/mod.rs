@@ -474,8 +474,8 @@ fn find_kustomizations(root: &Path, dir: &Path, found: &mut Vec<PathBuf>) {
     }
 }
 
-/// Renders the repository at `root` with the tools on `PATH` and no cluster
-/// capabilities: what `gitops-agent validate` checks offline.
+/// Renders the repository at `root` once, with kustomize and helm from `PATH` and helm's
+/// default capabilities (no cluster): for callers that keep no [`Renderer`].
 pub fn render(root: &Path, dashboards_namespace: &str) -> Result<Rendered, Vec<RenderError>> {
     Renderer::new(Tools::default()).render(root, dashboards_namespace, &Capabilities::default())
 }
