@@ -20,6 +20,7 @@ use crate::batch::BatchRuns;
 use crate::drift::{self, DriftWatch};
 use crate::leader::{LeaderError, Leadership};
 use crate::reconcile::{self, Config};
+use crate::render;
 use crate::report::StatusReport;
 use crate::server::{self, WebhookSecret};
 use crate::source::GitSource;
@@ -51,6 +52,8 @@ pub struct Options {
     pub leader_election: Option<LeaderElection>,
     /// Write each reconcile's outcome into ConfigMap `gitops-agent-status`.
     pub status_report: bool,
+    /// kustomize, helm and their settings; `path_in_repo` is taken from `path`.
+    pub render: render::Tools,
 }
 
 /// How this replica competes for the Lease [`LEASE_NAME`].
@@ -87,6 +90,7 @@ pub struct Agent {
     /// Follows suspend, resume and sync requests ([`crate::control`]).
     control: JoinHandle<()>,
     leadership: Leadership,
+    render_stats: render::StatsHandle,
 }
 
 impl Agent {
@@ -112,7 +116,9 @@ impl Agent {
         });
         let access = options.sync.access.clone();
         let default_namespace = options.sync.default_namespace.clone();
-        let syncer = Syncer::new(writer.clone(), options.sync);
+        let tools = render::Tools { path_in_repo: options.path.clone(), ..options.render };
+        let syncer = Syncer::new(writer.clone(), options.sync).with_tools(tools);
+        let render_stats = syncer.render_stats();
         let drift = DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone());
         let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace);
         let config = Config {
@@ -151,7 +157,7 @@ impl Agent {
             suspension,
             stopped,
         ));
-        Ok(Agent { state, address, stop, sync_loop, server, leader_shown, control, leadership })
+        Ok(Agent { state, address, stop, sync_loop, server, leader_shown, control, leadership, render_stats })
     }
 
     /// Where the HTTP server listens.
@@ -161,6 +167,12 @@ impl Agent {
 
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// How many kustomize builds, helm templates and chart downloads ran, and how many
+    /// renders came from the cache.
+    pub fn render_stats(&self) -> render::RenderStats {
+        self.render_stats.get()
     }
 
     /// Finishes the sync in flight, then releases the Lease (so the standby cannot

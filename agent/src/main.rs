@@ -32,6 +32,8 @@ enum Cmd {
         source: SourceArgs,
         #[command(flatten)]
         apply: ApplyArgs,
+        #[command(flatten)]
+        render: RenderArgs,
     },
     /// Ask the running agent to apply, correct, prune and run nothing until resumed.
     Suspend(AgentNamespace),
@@ -45,7 +47,51 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
         dashboards_namespace: String,
+        #[command(flatten)]
+        render: RenderArgs,
     },
+}
+
+/// The renderers of kustomizations and chart releases.
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// The kustomize binary (v5).
+    #[arg(long, env = "GITOPS_KUSTOMIZE_BIN", default_value = "kustomize")]
+    kustomize_bin: PathBuf,
+    /// The helm binary (v3).
+    #[arg(long, env = "GITOPS_HELM_BIN", default_value = "helm")]
+    helm_bin: PathBuf,
+    /// Where downloaded charts are kept (default: the system's temporary directory).
+    #[arg(long, env = "GITOPS_CHART_CACHE_DIR")]
+    chart_cache_dir: Option<PathBuf>,
+    /// A mounted Secret for chart repositories and registries: files username, password.
+    #[arg(long, env = "GITOPS_CHART_SECRET_DIR")]
+    chart_secret_dir: Option<PathBuf>,
+    /// How long one kustomize build, chart download or helm template may take.
+    #[arg(long, env = "GITOPS_RENDER_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    render_timeout: Duration,
+    /// The most memory (MiB of heap) one kustomize or helm run may use.
+    #[arg(long, env = "GITOPS_RENDER_MEMORY_MIB", default_value_t = 2048)]
+    render_memory_mib: u64,
+}
+
+impl RenderArgs {
+    fn tools(self, path_in_repo: &std::path::Path) -> Result<render::Tools> {
+        let defaults = render::Tools::default();
+        let credentials = match &self.chart_secret_dir {
+            Some(dir) => render::ChartCredentials::from_secret_dir(dir)
+                .with_context(|| format!("reading --chart-secret-dir {}", dir.display()))?,
+            None => render::ChartCredentials::default(),
+        };
+        Ok(render::Tools {
+            kustomize: self.kustomize_bin,
+            helm: self.helm_bin,
+            limits: render::Limits { timeout: self.render_timeout, memory: self.render_memory_mib << 20 },
+            chart_cache: self.chart_cache_dir.unwrap_or(defaults.chart_cache),
+            credentials,
+            path_in_repo: path_in_repo.to_owned(),
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -54,6 +100,8 @@ struct RunArgs {
     source: SourceArgs,
     #[command(flatten)]
     apply: ApplyArgs,
+    #[command(flatten)]
+    render: RenderArgs,
     /// How often to ask the remote for its branch head.
     #[arg(long, env = "GITOPS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     interval: Duration,
@@ -209,19 +257,21 @@ fn main() -> ExitCode {
         }
     }
     let outcome = match cli.command {
-        Cmd::Validate { dir, dashboards_namespace } => validate(&dir, &dashboards_namespace),
+        Cmd::Validate { dir, dashboards_namespace, render } => validate(&dir, &dashboards_namespace, render),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Cmd::Suspend(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Suspend))),
         Cmd::Resume(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Resume))),
         Cmd::Sync(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Sync))),
         // Like diff(1) and `kubectl diff`: 1 means "changes", so an error is 2.
-        Cmd::Diff { source, apply } => match runtime().and_then(|rt| rt.block_on(diff(source, apply))) {
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return ExitCode::from(2);
+        Cmd::Diff { source, apply, render } => {
+            match runtime().and_then(|rt| rt.block_on(diff(source, apply, render))) {
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+                done => done,
             }
-            done => done,
-        },
+        }
     };
     match outcome {
         Ok(code) => code,
@@ -236,19 +286,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn validate(dir: &std::path::Path, dashboards_namespace: &str) -> Result<ExitCode> {
+fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArgs) -> Result<ExitCode> {
     // `validate repo/manifests` would find nothing to check and pass.
-    if !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
+    let kustomization = render::kustomize::kustomization_file(dir).is_some();
+    if !kustomization && !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
         let named = dir.file_name().and_then(|name| name.to_str()).filter(|name| render::SOURCE_DIRS.contains(name));
         let hint = match (named, dir.parent()) {
             (Some(_), Some(parent)) => format!("; did you mean {}?", parent.display()),
             _ => String::new(),
         };
         let sources = render::SOURCE_DIRS.map(|source| format!("{source}/")).join(", ");
-        println!("{}: holds none of {sources}, so there is nothing to validate{hint}", dir.display());
+        println!(
+            "{}: holds no kustomization and none of {sources}, so there is nothing to validate{hint}",
+            dir.display()
+        );
         return Ok(ExitCode::FAILURE);
     }
-    match render::render(dir, dashboards_namespace) {
+    // Bases and values files may come from anywhere in the repository that holds `dir`.
+    let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(dir);
+    let path_in_repo = dir.strip_prefix(repo).unwrap_or(std::path::Path::new("."));
+    let renderer = render::Renderer::new(render.tools(path_in_repo)?);
+    match renderer.render(dir, dashboards_namespace, &render::Capabilities::default()) {
         Ok(rendered) => {
             let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
             println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
@@ -298,6 +356,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         webhook_secret,
         leader_election,
         status_report: true,
+        render: args.render.tools(&args.source.path)?,
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -320,11 +379,11 @@ async fn ask(agent: AgentNamespace, request: control::Request) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn diff(source: SourceArgs, apply: ApplyArgs) -> Result<ExitCode> {
+async fn diff(source: SourceArgs, apply: ApplyArgs, render: RenderArgs) -> Result<ExitCode> {
     let git = source.git_source()?;
     // `diff` writes nothing: a writer that never leads makes sure of it.
     let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
-    let syncer = sync::Syncer::new(writer, apply.options());
+    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(render.tools(&source.path)?);
     let work = tempfile::tempdir().context("creating a work directory")?;
     let (head, tree) = gitops_agent::source::fetch_tree(&git, work.path())?;
     let differences = syncer.diff(&tree.join(&source.path)).await?;

@@ -17,7 +17,7 @@ use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
 use crate::inventory::{Inventory, InventoryError, Store};
 use crate::object::ObjectId;
 use crate::plan::{self, Plan};
-use crate::render::{self, JobSpec, Problem, RenderError};
+use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -73,6 +73,7 @@ pub struct Syncer {
     applier: Applier,
     store: Store,
     options: Options,
+    renderer: Renderer,
 }
 
 impl Syncer {
@@ -95,7 +96,18 @@ impl Syncer {
             applier: Applier::new(writer, crate::FIELD_MANAGER, options.force_conflicts),
             store,
             options,
+            renderer: Renderer::new(render::Tools::default()),
         }
+    }
+
+    /// This syncer, rendering with `tools` (kustomize, helm and their settings).
+    pub fn with_tools(self, tools: render::Tools) -> Syncer {
+        Syncer { renderer: Renderer::new(tools), ..self }
+    }
+
+    /// What rendered so far and what came from the render cache.
+    pub fn render_stats(&self) -> render::StatsHandle {
+        self.renderer.stats_handle()
     }
 
     /// The applier this syncer writes with, for the drift watch's corrections.
@@ -159,8 +171,11 @@ impl Syncer {
 
     /// Renders the tree and plans it against the cluster and the stored inventory.
     async fn plan(&self, root: &Path) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
-        let rendered = render::render(root, &self.options.dashboards_namespace).map_err(SyncError::Render)?;
         let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
+        let version = self.client.apiserver_version().await.map_err(SyncError::Discovery)?;
+        let capabilities = capabilities(&discovery, version.git_version);
+        let rendered =
+            self.renderer.render(root, &self.options.dashboards_namespace, &capabilities).map_err(SyncError::Render)?;
         let inventory = self.store.load().await?;
         let options = &self.options;
         let plan = plan::plan(rendered.manifests, &discovery, &options.default_namespace, &options.access, &inventory)
@@ -259,6 +274,21 @@ fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), S
         return Err(SyncError::EmptyRevision(owned));
     }
     Ok(())
+}
+
+/// What charts are told of the cluster: its version and every `GROUP/VERSION` and
+/// `GROUP/VERSION/Kind` it serves, as helm's own client would discover them.
+pub fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities {
+    let mut api_versions = std::collections::BTreeSet::new();
+    for group in discovery.groups() {
+        for version in group.versions() {
+            for (resource, _) in group.versioned_resources(version) {
+                api_versions.insert(resource.api_version.clone());
+                api_versions.insert(format!("{}/{}", resource.api_version, resource.kind));
+            }
+        }
+    }
+    Capabilities { kube_version: Some(kube_version), api_versions: api_versions.into_iter().collect() }
 }
 
 /// Whether an object exists: it does if it is in line (no preview).

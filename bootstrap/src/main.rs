@@ -318,17 +318,18 @@ async fn main() -> Result<()> {
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
             let agent_binary = agent::find_agent_binary();
-            let (binaries, base, agent_image) = tokio::task::spawn_blocking(move || {
+            let (binaries, tools, base, agent_image) = tokio::task::spawn_blocking(move || {
                 let (binaries, base) = (local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?);
+                let tools = local::build::ensure_render_tools(&cache)?;
                 let agent_image = agent_binary
                     .is_file()
-                    .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary)?))
+                    .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary, &tools)?))
                     .transpose()?;
                 for image in local::dockerfile::scale() {
                     let built = local::dockerfile::build(&cache, &base, &image)?;
                     println!("{} image: {}", built.name, built.archive.display());
                 }
-                Ok::<_, local::Error>((binaries, base, agent_image))
+                Ok::<_, local::Error>((binaries, tools, base, agent_image))
             })
             .await??;
             println!(
@@ -338,6 +339,8 @@ async fn main() -> Result<()> {
             println!("etcd: {}", binaries.etcd.display());
             println!("pause: {}", binaries.pause.display());
             println!("registry: {}", binaries.registry.display());
+            println!("kustomize: {}", tools.kustomize.display());
+            println!("helm: {}", tools.helm.display());
             println!("debian:bookworm base image: {}", base.display());
             match agent_image {
                 Some(image) => println!("gitops-agent image: {}", image.archive.display()),

@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub leader_election: Option<LeaderElection>,
     /// Write the status ConfigMap in `namespace`.
     pub status_report: bool,
+    /// kustomize and helm ([`crate::render::tools`] for the built ones).
+    pub render: gitops_agent::render::Tools,
 }
 
 impl AgentConfig {
@@ -56,6 +58,7 @@ impl AgentConfig {
             allowed_signers: None,
             leader_election: None,
             status_report: false,
+            render: gitops_agent::render::Tools::default(),
         }
     }
 }
@@ -100,6 +103,7 @@ impl Agent {
             webhook_secret,
             leader_election: config.leader_election,
             status_report: config.status_report,
+            render: config.render,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = gitops_agent::agent::Agent::start(client, listener, options).await.expect("the agent starts");
@@ -109,6 +113,11 @@ impl Agent {
             agent: Some(agent),
             _work: work,
         }
+    }
+
+    /// What the agent rendered and took from its render cache so far.
+    pub fn render_stats(&self) -> gitops_agent::render::RenderStats {
+        self.agent.as_ref().expect("running").render_stats()
     }
 
     /// Sends a request and returns the status code and body.

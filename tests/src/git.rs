@@ -413,7 +413,7 @@ pub fn git_secret_dir(files: &[(&str, &str)]) -> TempDir {
 }
 
 /// Where a server accepts connections once it is ready.
-enum Endpoint {
+pub(crate) enum Endpoint {
     Tcp(u16),
     Unix(PathBuf),
 }
@@ -430,7 +430,7 @@ impl Endpoint {
 /// A server process in a process group of its own, so that dropping it kills the
 /// server and every child it forked (nginx workers, sshd sessions, CGI scripts),
 /// leaving nothing behind when a test ends or panics.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
 }
 
@@ -439,7 +439,7 @@ impl ServerProcess {
 
     /// Starts `command` with its output in `log`, and returns once `endpoint` accepts
     /// connections. Panics with the log if the server exits or never gets ready.
-    fn start(mut command: Command, endpoint: &Endpoint, log: &Path) -> ServerProcess {
+    pub(crate) fn start(mut command: Command, endpoint: &Endpoint, log: &Path) -> ServerProcess {
         let output = File::create(log).expect("creating a server log");
         command
             .stdin(Stdio::null())
@@ -472,7 +472,7 @@ impl Drop for ServerProcess {
 
 /// A loopback port nobody listens on right now. Another process could take it before
 /// the server binds it; on a test machine that is rare enough to accept.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("binding a free loopback port")

@@ -29,7 +29,8 @@ pub fn resolve_scope(
             (Some(false), Some(_)) => Some(Problem::NamespaceOnClusterScoped { kind: manifest.kind().to_owned() }),
             (Some(false), None) | (Some(true), Some(_)) => None,
             (Some(true), None) => {
-                manifest.object["metadata"]["namespace"] = Value::from(default_namespace);
+                let namespace = manifest.default_namespace.as_deref().unwrap_or(default_namespace);
+                manifest.object["metadata"]["namespace"] = Value::from(namespace);
                 None
             }
         }
@@ -57,7 +58,7 @@ mod tests {
     use crate::render::Location;
 
     fn manifest(line: usize, object: Value) -> Manifest {
-        Manifest { object, location: Location { file: "manifests/a.yaml".into(), line } }
+        Manifest { object, location: Location { file: "manifests/a.yaml".into(), line }, default_namespace: None }
     }
 
     fn discovery(gvk: &GroupVersionKind) -> Option<bool> {

@@ -10,7 +10,17 @@
 //!   ([`dashboards`]), among the manifests, so that it is applied, pruned and watched
 //!   for drift like any object;
 //! - every batch job spec of `jobs/**.{yaml,yml}` as a [`JobSpec`] ([`jobs`]): a run
-//!   template, never applied as itself.
+//!   template, never applied as itself;
+//! - every directory under `manifests/` holding a kustomization (or `--path` itself, in
+//!   place of `manifests/`), rendered as a whole by `kustomize build` ([`kustomize`]);
+//!   its files are not read one by one, and a kustomization another one includes is
+//!   rendered only through it;
+//! - every chart release of `charts/**.{yaml,yml}` rendered by `helm template`
+//!   ([`helm`]).
+//!
+//! A [`Renderer`] runs the tools and keeps their output by the hash of its inputs, so
+//! an unchanged overlay or release is not rendered again; its [`RenderStats`] count
+//! what ran.
 //!
 //! Files decode as `kubectl create -f FILE` decodes them ([`decode`]: YAML 1.1 scalars,
 //! multi-document streams, JSON streams), so a file means here what it means to kubectl;
@@ -24,9 +34,12 @@
 
 mod dashboards;
 mod decode;
+pub mod helm;
 mod jobs;
+pub mod kustomize;
 mod libyaml;
 mod scalar;
+pub mod tool;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -34,15 +47,19 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use kube::core::{GroupVersionKind, ObjectMeta};
 use serde_json::{Map, Value};
 
 pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
 pub use decode::DecodeError;
+pub use helm::{Capabilities, ChartCredentials, HelmProblem};
 pub use jobs::{CONCURRENCY_ANNOTATION, ConcurrencyPolicy, HISTORY_LIMIT_ANNOTATION, JobSpec};
+pub use kustomize::KustomizeProblem;
 pub use scalar::ScalarError;
+pub use tool::Limits;
 
 use decode::Document;
 
@@ -68,8 +85,12 @@ pub struct Manifest {
     /// `ObjectMeta` without losing a field, with a `name`. So it deserializes into a
     /// `kube::api::DynamicObject` as it is, and goes into a server-side apply as it is.
     pub object: Value,
-    /// Where the document (or the List item) starts.
+    /// Where the document (or the List item) starts; for a kustomize or helm render,
+    /// the kustomization or the chart release file.
     pub location: Location,
+    /// The namespace for this object if it is namespaced and names none, instead of
+    /// `--default-namespace`: a chart release's namespace.
+    pub default_namespace: Option<String>,
 }
 
 impl Manifest {
@@ -162,6 +183,10 @@ pub enum Problem {
     Dashboard(#[from] dashboards::DashboardProblem),
     #[error("{0}")]
     Job(#[from] jobs::JobProblem),
+    #[error("{0}")]
+    Kustomize(#[from] KustomizeProblem),
+    #[error("{0}")]
+    Helm(#[from] HelmProblem),
 }
 
 /// The largest file read: larger ones are refused unread, so a stray dump or a
@@ -180,40 +205,312 @@ pub struct Rendered {
 }
 
 /// The directories under `--path` that [`render`] reads.
-pub const SOURCE_DIRS: [&str; 3] = ["manifests", "dashboards", "jobs"];
+pub const SOURCE_DIRS: [&str; 4] = ["manifests", "dashboards", "jobs", "charts"];
 
-/// Renders the repository at `root`; dashboards' ConfigMaps go to `dashboards_namespace`.
+/// The renderers the agent runs, and where they keep their state.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// `--kustomize-bin`.
+    pub kustomize: PathBuf,
+    /// `--helm-bin`.
+    pub helm: PathBuf,
+    pub limits: Limits,
+    /// Downloaded charts and helm's own state (`--chart-cache-dir`).
+    pub chart_cache: PathBuf,
+    /// For chart repositories and registries (`--chart-secret-dir`).
+    pub credentials: ChartCredentials,
+    /// `--path`: the rendered directory is this far below the repository root, which
+    /// bases and values files may come from and must not leave.
+    pub path_in_repo: PathBuf,
+}
+
+impl Default for Tools {
+    /// Both tools from `PATH`, charts in the system's temporary directory.
+    fn default() -> Self {
+        Tools {
+            kustomize: "kustomize".into(),
+            helm: "helm".into(),
+            limits: Limits::default(),
+            chart_cache: std::env::temp_dir().join("gitops-agent-charts"),
+            credentials: ChartCredentials::default(),
+            path_in_repo: ".".into(),
+        }
+    }
+}
+
+impl Tools {
+    /// The repository root of a rendered directory `root`.
+    fn repo_root(&self, root: &Path) -> PathBuf {
+        let depth = self.path_in_repo.components().filter(|c| matches!(c, Component::Normal(_))).count();
+        root.ancestors().nth(depth).unwrap_or(root).to_owned()
+    }
+
+    /// `path` (relative to the repository) as a path relative to `--path` where it is
+    /// inside it, so that errors name files the way the rest of the render does.
+    fn under_root(&self, path: &Path) -> PathBuf {
+        let prefix: PathBuf = self.path_in_repo.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+        path.strip_prefix(&prefix).map(Path::to_owned).unwrap_or_else(|_| path.to_owned())
+    }
+}
+
+/// How many renders ran and how many came from the cache, since the renderer started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RenderStats {
+    pub kustomize_builds: u64,
+    pub helm_templates: u64,
+    pub chart_downloads: u64,
+    pub cache_hits: u64,
+}
+
+/// Renders revisions, keeping the tools' output by the hash of its inputs.
+#[derive(Debug)]
+pub struct Renderer {
+    tools: Tools,
+    /// Output by input hash: only the entries the last revision used are kept.
+    cache: Mutex<HashMap<String, Arc<str>>>,
+    /// Shared with whoever asked for [`Renderer::stats_handle`].
+    stats: Arc<Mutex<RenderStats>>,
+}
+
+/// Reads a [`Renderer`]'s stats from elsewhere (the agent, once its syncer runs in the loop).
+#[derive(Debug, Clone)]
+pub struct StatsHandle(Arc<Mutex<RenderStats>>);
+
+impl StatsHandle {
+    pub fn get(&self) -> RenderStats {
+        *self.0.lock().expect("not poisoned")
+    }
+}
+
+impl Renderer {
+    pub fn new(tools: Tools) -> Renderer {
+        Renderer { tools, cache: Mutex::default(), stats: Arc::default() }
+    }
+
+    pub fn stats(&self) -> RenderStats {
+        *self.stats.lock().expect("not poisoned")
+    }
+
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.stats.clone())
+    }
+
+    /// Renders the repository at `root` (`--path` in the checkout); dashboards'
+    /// ConfigMaps go to `dashboards_namespace`; charts see `capabilities`.
+    pub fn render(
+        &self,
+        root: &Path,
+        dashboards_namespace: &str,
+        capabilities: &Capabilities,
+    ) -> Result<Rendered, Vec<RenderError>> {
+        let mut findings = Findings::default();
+        let mut used = HashSet::new();
+        let kustomizations = self.kustomizations(root, &mut findings, &mut used);
+        if kustomize::kustomization_file(root).is_none() {
+            for file in findings.files(root, "manifests", &["yaml", "yml", "json"]) {
+                if !kustomizations.iter().any(|dir| file.starts_with(dir)) {
+                    findings.objects(root, &file);
+                }
+            }
+        }
+        self.charts(root, capabilities, &mut findings, &mut used);
+        self.cache.lock().expect("not poisoned").retain(|key, _| used.contains(key));
+        findings.rest(root, dashboards_namespace)
+    }
+
+    /// Renders every kustomization of the revision into `findings`; returns every
+    /// kustomization directory found (relative to `root`), whose files are not read
+    /// one by one.
+    fn kustomizations(&self, root: &Path, findings: &mut Findings, used: &mut HashSet<String>) -> Vec<PathBuf> {
+        let tools = &self.tools;
+        let repo = tools.repo_root(root);
+        let in_repo = |dir: &Path| -> PathBuf {
+            let prefix: PathBuf =
+                tools.path_in_repo.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+            if dir == Path::new(".") { prefix } else { prefix.join(dir) }
+        };
+        let found: Vec<PathBuf> = match kustomize::kustomization_file(root) {
+            Some(_) => vec![PathBuf::from(".")],
+            None => {
+                let mut found = Vec::new();
+                find_kustomizations(root, Path::new("manifests"), &mut found);
+                found
+            }
+        };
+        let mut inputs = Vec::new();
+        for dir in &found {
+            let dir_in_repo = in_repo(dir);
+            match kustomize::inputs(&repo, &dir_in_repo) {
+                Ok(found_inputs) => inputs.push((dir.clone(), dir_in_repo, found_inputs)),
+                Err(errors) => {
+                    for (at, problem) in errors {
+                        findings.error(Location { file: tools.under_root(&at.file), line: at.line }, problem);
+                    }
+                }
+            }
+        }
+        for (dir, dir_in_repo, own) in &inputs {
+            // A base another kustomization includes is rendered as part of it.
+            if inputs.iter().any(|(_, other, theirs)| other != dir_in_repo && theirs.dirs.contains(dir_in_repo)) {
+                continue;
+            }
+            let file = kustomize::kustomization_file(&root.join(dir)).expect("found by its file");
+            let at = Location { file: file.strip_prefix(root).unwrap_or(&file).to_owned(), line: 1 };
+            let key = own.key(&repo, &tools.kustomize);
+            let output = self.cached(&key, used, |stats| {
+                stats.kustomize_builds += 1;
+                tracing::info!(kustomization = %at.file.display(), "kustomize build");
+                kustomize::build(&tools.kustomize, &tools.limits, &repo, dir_in_repo).map_err(Problem::from)
+            });
+            match output {
+                Ok(text) => findings.tool_objects(&at, &text, None),
+                Err(problem) => findings.error(at, problem),
+            }
+        }
+        found
+    }
+
+    /// Renders every chart release of `charts/` into `findings`.
+    fn charts(&self, root: &Path, capabilities: &Capabilities, findings: &mut Findings, used: &mut HashSet<String>) {
+        let tools = &self.tools;
+        let repo = tools.repo_root(root);
+        let helm = helm::Helm {
+            bin: &tools.helm,
+            cache: &tools.chart_cache,
+            limits: &tools.limits,
+            credentials: &tools.credentials,
+        };
+        for file in findings.files(root, "charts", &["yaml", "yml"]) {
+            // A chart vendored under charts/ (for a release's `path`) is not a release.
+            let in_chart = file.ancestors().skip(1).take_while(|dir| *dir != Path::new("charts"));
+            if in_chart.into_iter().any(|dir| root.join(dir).join("Chart.yaml").is_file()) {
+                continue;
+            }
+            let Some(text) = findings.read(root, &file) else { continue };
+            let release = match helm::release(root, &repo, &file, text) {
+                Ok(release) => release,
+                Err(errors) => {
+                    for (at, problem) in errors {
+                        findings.error(at, problem);
+                    }
+                    continue;
+                }
+            };
+            let (chart, digest) = match &release.source {
+                helm::ChartSource::Remote { repo: url, chart, version, plain_http } => {
+                    match helm.chart(url, chart, version, *plain_http) {
+                        Ok((archive, digest, downloaded)) => {
+                            if downloaded {
+                                self.stats.lock().expect("not poisoned").chart_downloads += 1;
+                                tracing::info!(release = release.name, chart, version, digest, "downloaded chart");
+                            }
+                            (archive, digest)
+                        }
+                        Err(problem) => {
+                            // helm says which: a version the repository lacks, or a repository it cannot read.
+                            let field = if problem.to_string().contains("not found") { "version" } else { "repo" };
+                            findings.error(release.at(field), problem.into());
+                            continue;
+                        }
+                    }
+                }
+                helm::ChartSource::Path(path) => (repo.join(path), helm::tree_digest(&repo.join(path))),
+            };
+            let key = helm::render_key(&tools.helm, &release, &digest, &repo, capabilities);
+            let at = Location { file: file.clone(), line: 1 };
+            let output = self.cached(&key, used, |stats| {
+                stats.helm_templates += 1;
+                tracing::info!(release = release.name, file = %file.display(), "helm template");
+                helm.template(&release, &chart, &repo, capabilities).map_err(Problem::from)
+            });
+            match output {
+                Ok(text) => findings.tool_objects(&at, &text, Some(&release.namespace)),
+                Err(problem) => {
+                    let at = if release.values.is_empty() { at } else { release.at("values") };
+                    findings.error(at, problem)
+                }
+            }
+        }
+    }
+
+    /// The output cached under `key`, else what `render` makes of it (kept on success).
+    fn cached(
+        &self,
+        key: &str,
+        used: &mut HashSet<String>,
+        render: impl FnOnce(&mut RenderStats) -> Result<String, Problem>,
+    ) -> Result<Arc<str>, Problem> {
+        used.insert(key.to_owned());
+        if let Some(output) = self.cache.lock().expect("not poisoned").get(key) {
+            self.stats.lock().expect("not poisoned").cache_hits += 1;
+            return Ok(output.clone());
+        }
+        let output: Arc<str> = {
+            let mut stats = self.stats();
+            let result = render(&mut stats);
+            *self.stats.lock().expect("not poisoned") = stats;
+            result?.into()
+        };
+        self.cache.lock().expect("not poisoned").insert(key.to_owned(), output.clone());
+        Ok(output)
+    }
+}
+
+/// The directories under `dir` (relative to `root`) holding a kustomization: the
+/// topmost ones, as each is rendered with everything below it.
+fn find_kustomizations(root: &Path, dir: &Path, found: &mut Vec<PathBuf>) {
+    let path = root.join(dir);
+    if kustomize::kustomization_file(&path).is_some() {
+        return found.push(dir.to_owned());
+    }
+    let Ok(entries) = fs::read_dir(&path) else { return };
+    let mut entries: Vec<_> = entries.flatten().collect();
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        // A symlinked directory is walked (and checked) by the file walk, not here.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            find_kustomizations(root, &dir.join(entry.file_name()), found);
+        }
+    }
+}
+
+/// Renders the repository at `root` once, with kustomize and helm from `PATH` and helm's
+/// default capabilities (no cluster): for callers that keep no [`Renderer`].
 pub fn render(root: &Path, dashboards_namespace: &str) -> Result<Rendered, Vec<RenderError>> {
-    let mut findings = Findings::default();
-    for file in findings.files(root, "manifests", &["yaml", "yml", "json"]) {
-        findings.objects(root, &file);
-    }
-    let manifests = std::mem::take(&mut findings.manifests);
-    for file in findings.files(root, "jobs", &["yaml", "yml"]) {
-        findings.objects(root, &file);
-    }
-    let job_manifests = std::mem::replace(&mut findings.manifests, manifests);
-    let jobs_duplicates = duplicates(&job_manifests);
-    findings.errors.extend(jobs_duplicates);
-    let mut jobs = Vec::new();
-    for manifest in job_manifests {
-        match JobSpec::new(manifest) {
-            Ok(spec) => jobs.push(spec),
-            Err((at, problem)) => findings.error(at, problem.into()),
-        }
-    }
+    Renderer::new(Tools::default()).render(root, dashboards_namespace, &Capabilities::default())
+}
 
-    let mut uids = dashboards::Uids::default();
-    for file in findings.files(root, "dashboards", &["json"]) {
-        let Some(text) = findings.read(root, &file) else { continue };
-        match dashboards::config_map(&file, &text, dashboards_namespace, &mut uids) {
-            Ok(manifest) => findings.manifests.push(manifest),
-            Err((line, problem)) => findings.error(Location { file, line }, problem),
+impl Findings {
+    /// Job specs and dashboards, then the checks of the whole revision.
+    fn rest(mut self, root: &Path, dashboards_namespace: &str) -> Result<Rendered, Vec<RenderError>> {
+        let findings = &mut self;
+        let manifests = std::mem::take(&mut findings.manifests);
+        for file in findings.files(root, "jobs", &["yaml", "yml"]) {
+            findings.objects(root, &file);
         }
+        let job_manifests = std::mem::replace(&mut findings.manifests, manifests);
+        let jobs_duplicates = duplicates(&job_manifests);
+        findings.errors.extend(jobs_duplicates);
+        let mut jobs = Vec::new();
+        for manifest in job_manifests {
+            match JobSpec::new(manifest) {
+                Ok(spec) => jobs.push(spec),
+                Err((at, problem)) => findings.error(at, problem.into()),
+            }
+        }
+
+        let mut uids = dashboards::Uids::default();
+        for file in findings.files(root, "dashboards", &["json"]) {
+            let Some(text) = findings.read(root, &file) else { continue };
+            match dashboards::config_map(&file, &text, dashboards_namespace, &mut uids) {
+                Ok(manifest) => findings.manifests.push(manifest),
+                Err((line, problem)) => findings.error(Location { file, line }, problem),
+            }
+        }
+        let duplicates = duplicates(&findings.manifests);
+        findings.errors.extend(duplicates);
+        self.into_result().map(|manifests| Rendered { manifests, jobs })
     }
-    let duplicates = duplicates(&findings.manifests);
-    findings.errors.extend(duplicates);
-    findings.into_result().map(|manifests| Rendered { manifests, jobs })
 }
 
 /// The objects of one file's `text`, checked as [`render`] checks a file of
@@ -270,6 +567,20 @@ impl Findings {
     fn objects(&mut self, root: &Path, file: &Path) {
         if let Some(text) = self.read(root, file) {
             self.text_objects(file, &text);
+        }
+    }
+
+    /// The objects a tool rendered, each placed at `at` (the kustomization or release
+    /// file), defaulting to `namespace` if namespaced and without one.
+    fn tool_objects(&mut self, at: &Location, text: &str, namespace: Option<&str>) {
+        let (manifests, errors) = (self.manifests.len(), self.errors.len());
+        self.text_objects(&at.file, text);
+        for manifest in &mut self.manifests[manifests..] {
+            manifest.location = at.clone();
+            manifest.default_namespace = namespace.map(str::to_owned);
+        }
+        for error in &mut self.errors[errors..] {
+            error.at = at.clone();
         }
     }
 
@@ -352,7 +663,11 @@ impl Findings {
             problems.push(Problem::ObjectTooLarge(bytes));
         }
         if problems.is_empty() {
-            return self.manifests.push(Manifest { object: Value::Object(object), location: at });
+            return self.manifests.push(Manifest {
+                object: Value::Object(object),
+                location: at,
+                default_namespace: None,
+            });
         }
         for problem in problems {
             self.error(at.clone(), problem);

@@ -72,6 +72,14 @@ pub async fn start(state_dir: &Path, kubeconfig: &Path, options: &AgentOptions) 
         // Polls matter only for remote repositories; local ones are watched.
         "--interval=10s".into(),
     ];
+    let tools = tokio::task::spawn_blocking(|| super::build::ensure_render_tools(&super::build::cache_dir()))
+        .await
+        .expect("the tools' build does not panic")?;
+    let args = [
+        args,
+        vec![format!("--kustomize-bin={}", tools.kustomize.display()), format!("--helm-bin={}", tools.helm.display())],
+    ]
+    .concat();
     let env = [("KUBECONFIG", kubeconfig.as_os_str())];
     let agent = Process::spawn_with_env(state_dir, "gitops-agent", &options.binary, &args, &env, Lifetime::Detached)?;
 
@@ -152,7 +160,8 @@ pub async fn install_in_cluster(
     let cache = super::build::cache_dir();
     let built = tokio::task::spawn_blocking(move || {
         let base = super::image::debian_base(&cache)?;
-        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary)?)
+        let tools = super::build::ensure_render_tools(&cache)?;
+        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary, &tools)?)
     })
     .await
     .expect("image build does not panic")?;

@@ -118,6 +118,49 @@ const PAUSE: GoBinary = GoBinary {
     package: ".",
 };
 
+/// The agent's kustomize renderer. v5.7 rather than v5.8: v5.8 needs Go 1.27 (through
+/// `GOTOOLCHAIN`, a second toolchain download), and v5.7 renders what kubectl 1.32's
+/// embedded kustomize renders, which the parity tests compare against.
+const KUSTOMIZE: GoBinary = GoBinary {
+    name: "kustomize",
+    module: "sigs.k8s.io/kustomize/kustomize/v5",
+    holds: "kustomize",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/kustomize/go.mod")),
+        ("go.sum", include_str!("../../controlplane/kustomize/go.sum")),
+        ("tools.go", include_str!("../../controlplane/kustomize/tools.go")),
+    ],
+    // It runs in the agent's image, which may have no libc.
+    cgo: false,
+    package: "sigs.k8s.io/kustomize/kustomize/v5",
+};
+
+/// The agent's Helm chart renderer.
+const HELM: GoBinary = GoBinary {
+    name: "helm",
+    module: "helm.sh/helm/v3",
+    holds: "helm",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/helm/go.mod")),
+        ("go.sum", include_str!("../../controlplane/helm/go.sum")),
+        ("tools.go", include_str!("../../controlplane/helm/tools.go")),
+    ],
+    cgo: false,
+    package: "helm.sh/helm/v3/cmd/helm",
+};
+
+/// The renderers the agent runs as child processes (`--kustomize-bin`, `--helm-bin`).
+#[derive(Debug, Clone)]
+pub struct RenderTools {
+    pub kustomize: PathBuf,
+    pub helm: PathBuf,
+}
+
+/// Returns the cached kustomize and helm, building either if missing or stale.
+pub fn ensure_render_tools(cache: &Path) -> Result<RenderTools, Error> {
+    Ok(RenderTools { kustomize: KUSTOMIZE.ensure_built(cache)?, helm: HELM.ensure_built(cache)? })
+}
+
 /// Paths of the built control-plane binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -175,8 +218,28 @@ impl GoBinary {
             .unwrap_or("local")
     }
 
+    /// What helm's Makefile links in: its version, and the Kubernetes version its
+    /// client-go implies (k8s.io/client-go v0.X → 1.X), which `helm template` assumes
+    /// without `--kube-version` (else v1.20, which charts requiring a newer one refuse).
+    fn helm_ldflags(&self) -> Option<String> {
+        if self.module != HELM.module {
+            return None;
+        }
+        let client_go = self.go_mod().lines().find_map(|l| l.trim().strip_prefix("k8s.io/client-go v0."))?;
+        let minor = client_go.split('.').next()?;
+        let version = self.version();
+        Some(format!(
+            " -X helm.sh/helm/v3/internal/version.version={version} \
+             -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={minor} \
+             -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={minor}"
+        ))
+    }
+
     fn key(&self) -> String {
         let mut hash = Sha256::new();
+        if let Some(flags) = self.helm_ldflags() {
+            hash.update(flags.as_bytes());
+        }
         for (name, text) in self.sources {
             hash.update(name.as_bytes());
             hash.update([0]);
@@ -218,6 +281,7 @@ impl GoBinary {
                  -X k8s.io/component-base/version.gitTreeState=clean"
             );
         }
+        ldflags += &self.helm_ldflags().unwrap_or_default();
         let mut child = Command::new("go")
             .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
@@ -294,6 +358,8 @@ mod tests {
     fn versions_come_from_go_mod() {
         assert!(KUBE.version().starts_with("v1."), "{}", KUBE.version());
         assert!(ETCD.version().starts_with("v3.6."), "{}", ETCD.version());
+        assert_eq!(KUSTOMIZE.version(), "v5.7.1");
+        assert_eq!(HELM.version(), "v3.22.0");
         assert_eq!(kube_major_minor("v1.37.2"), ("1", "37"));
     }
 

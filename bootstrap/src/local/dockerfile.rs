@@ -57,13 +57,21 @@ pub struct Built {
     pub tag: String,
 }
 
-/// The agent's image from `agent/Dockerfile`, around `binary` (a `gitops-agent` cargo built).
-pub fn agent(binary: &Path) -> Result<Dockerfile, Error> {
-    let contents = fs::read(binary).map_err(|e| Error::io(binary, e))?;
+/// The agent's image from `agent/Dockerfile`, around `binary` (a `gitops-agent` cargo
+/// built) and the kustomize and helm of `tools`.
+pub fn agent(binary: &Path, tools: &super::build::RenderTools) -> Result<Dockerfile, Error> {
+    let program = |name: &str, path: &Path| {
+        let contents = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok::<_, Error>(ContextFile { path: PathBuf::from(name), contents, executable: true })
+    };
     Ok(Dockerfile {
         name: "gitops-agent",
         text: include_str!("../../../agent/Dockerfile"),
-        context: vec![ContextFile { path: PathBuf::from("gitops-agent"), contents, executable: true }],
+        context: vec![
+            program("gitops-agent", binary)?,
+            program("kustomize", &tools.kustomize)?,
+            program("helm", &tools.helm)?,
+        ],
         args: vec![("BINARY_FROM", "prebuilt".to_owned())],
         bases: &["RUNTIME_IMAGE"],
     })
