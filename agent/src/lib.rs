@@ -23,6 +23,7 @@ pub mod apply;
 pub mod batch;
 pub mod control;
 pub mod drift;
+pub mod health;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
