@@ -21,6 +21,7 @@ use crate::drift::{self, DriftWatch};
 use crate::leader::{LeaderError, Leadership};
 use crate::reconcile::{self, Config};
 use crate::report::StatusReport;
+use crate::rollout::RolloutWatch;
 use crate::server::{self, WebhookSecret};
 use crate::source::GitSource;
 use crate::status::AppState;
@@ -46,6 +47,8 @@ pub struct Options {
     /// which also holds the Lease and the status ConfigMap.
     pub sync: sync::Options,
     pub drift: drift::Policy,
+    /// How long the revision's objects get to become healthy (`--health-timeout`).
+    pub health_timeout: Duration,
     pub webhook_secret: Option<WebhookSecret>,
     /// Compete for the Lease; `None`: this is the only replica.
     pub leader_election: Option<LeaderElection>,
@@ -113,7 +116,9 @@ impl Agent {
         let access = options.sync.access.clone();
         let default_namespace = options.sync.default_namespace.clone();
         let syncer = Syncer::new(writer.clone(), options.sync);
-        let drift = DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone());
+        let rollout = RolloutWatch::new(writer.client().clone(), state.clone(), options.health_timeout);
+        let drift =
+            DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone(), rollout.clone());
         let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace);
         let config = Config {
             source: options.source,
@@ -145,6 +150,7 @@ impl Agent {
             config,
             syncer,
             drift,
+            rollout,
             runs,
             loop_state,
             leadership.changes(),

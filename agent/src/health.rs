@@ -105,11 +105,9 @@ pub fn selects_pods(group: &str, kind: &str) -> bool {
     matches!((group, kind), ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch", "Job"))
 }
 
-/// The health of `object`, of `kind` in API group `group`; for a workload (see
-/// [`selects_pods`]) `pods` are the pods of its namespace, and a failing one is the
-/// reason it is not healthy.
-pub fn health(group: &str, kind: &str, object: &Value, pods: &[&PodSummary]) -> Health {
-    let own = match (group, kind) {
+/// The health `object`, of `kind` in API group `group`, reports of itself.
+pub fn own(group: &str, kind: &str, object: &Value) -> Health {
+    match (group, kind) {
         ("apps", "Deployment") => deployment(object),
         ("apps", "StatefulSet") => stateful_set(object),
         ("apps", "DaemonSet") => daemon_set(object),
@@ -121,11 +119,16 @@ pub fn health(group: &str, kind: &str, object: &Value, pods: &[&PodSummary]) -> 
         ("apiextensions.k8s.io", "CustomResourceDefinition") => definition(object),
         ("apiregistration.k8s.io", "APIService") => api_service(object),
         _ => generic(object),
-    };
-    if own.status == HealthStatus::Healthy || !selects_pods(group, kind) {
+    }
+}
+
+/// A workload's health (see [`selects_pods`]) given its `own` and the pods of its
+/// namespace: the pods its `selector` (its `spec.selector`) picks say why it is not
+/// healthy, and a container that cannot start makes it Degraded.
+pub fn with_pods(own: Health, selector: Option<&Value>, pods: &[&PodSummary]) -> Health {
+    if own.status == HealthStatus::Healthy {
         return own;
     }
-    let selector = object.pointer("/spec/selector");
     let mine = pods.iter().filter(|pod| !pod.terminating && selector.is_some_and(|s| matches(s, &pod.labels)));
     let mut problems: Vec<&Health> = mine.filter_map(|pod| pod.problem.as_ref()).collect();
     // The worst pod speaks for the workload: a failing container before a slow one.
@@ -471,6 +474,14 @@ fn generic(object: &Value) -> Health {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn health(group: &str, kind: &str, object: &Value, pods: &[&PodSummary]) -> Health {
+        let own = own(group, kind, object);
+        if !selects_pods(group, kind) {
+            return own;
+        }
+        with_pods(own, object.pointer("/spec/selector"), pods)
+    }
 
     fn deployment(status: Value) -> Value {
         json!({
