@@ -3,8 +3,8 @@
 //! Input: a bound listener and the shared [`AppState`], which the sync loop keeps up to
 //! date through its `record` and `set_*` methods.
 //! Output: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (a sync
-//! has succeeded), `/status` (JSON, see [`crate::status::Status`]) and `/hooks/git`: a push webhook from
-//! GitHub, Gitea or GitLab that, once authenticated, wakes the sync loop
+//! has succeeded, or this replica stands by for the leader), `/status` (JSON, see
+//! [`crate::status::Status`]) and `/hooks/git`: a push webhook from GitHub, Gitea or GitLab that, once authenticated, wakes the sync loop
 //! ([`AppState::fetch_requested`]) instead of letting it wait for the next poll.
 //! Anything else is 404.
 

@@ -3,6 +3,7 @@
 //! server. A reconcile's outcome is recorded once, by [`AppState::record`], which
 //! updates all three; the drift watch and the batch runs keep their own lists here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +31,9 @@ pub struct AppState {
     status: Mutex<Status>,
     /// Where reconciles' outcomes are written in the cluster, if anywhere.
     report: Option<StatusReport>,
+    /// A replica that stands by in the leader election is ready without a sync of its
+    /// own: it serves /metrics and /status, and takes over when the leader goes.
+    stands_by: AtomicBool,
 }
 
 /// The body of `/status`.
@@ -126,6 +130,7 @@ impl AppState {
             fetch_now: Notify::new(),
             status: Mutex::new(Status::default()),
             report: None,
+            stands_by: AtomicBool::new(false),
         }
     }
 
@@ -175,7 +180,10 @@ impl AppState {
     }
 
     /// Whether this replica leads now.
+    /// Whether this replica leads now; set only where leadership is decided, so a
+    /// replica that was never told stands by for nobody.
     pub fn set_leader(&self, leads: bool) {
+        self.stands_by.store(!leads, Ordering::Relaxed);
         self.metrics.set_leader(leads);
         self.status().leader = leads;
     }
@@ -240,8 +248,9 @@ impl AppState {
         self.fetch_now.notified().await;
     }
 
+    /// Ready once a sync succeeded, or while standing by for the leader.
     pub(crate) fn is_ready(&self) -> bool {
-        self.status().revision.is_some()
+        self.stands_by.load(Ordering::Relaxed) || self.status().revision.is_some()
     }
 
     pub(crate) fn status(&self) -> MutexGuard<'_, Status> {

@@ -128,6 +128,11 @@ impl Syncer {
         self.store.begin(&mut inventory, &planned).await?;
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
+        // Roles before the bindings' dry runs, which look them up (see `plan`).
+        let roles = self.dry_run(&plan.roles, in_line).await?;
+        let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
+        self.store.begin(&mut inventory, &planned).await?;
+        changes.extend(self.applier.apply(&plan.roles, &roles).await.map_err(SyncError::Apply)?);
 
         // Everything else is dry-run before any of it is written.
         let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();

@@ -37,9 +37,13 @@ enum Cmd {
         /// repository made from repo-template/ in `STATE_DIR/repo`.
         #[arg(long, required_if_eq("provider", "eks"))]
         repo: Option<String>,
-        /// Local: address of the agent's /metrics, /status and /hooks/git.
+        /// Local, with --agent-process: address of the agent's /metrics, /status and /hooks/git.
         #[arg(long, default_value = "127.0.0.1:8080")]
         agent_listen: String,
+        /// Local: run the agent as a process on this machine (for development) instead
+        /// of as pods in the cluster; implied by --no-node.
+        #[arg(long)]
+        agent_process: bool,
         /// Local: start the cluster only, without the agent.
         #[arg(long)]
         no_agent: bool,
@@ -226,9 +230,24 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Cmd::Up { provider: Provider::Local, state_dir, repo, agent_listen, no_agent, no_node, install, .. } => {
+        Cmd::Up {
+            provider: Provider::Local,
+            state_dir,
+            repo,
+            agent_listen,
+            agent_process,
+            no_agent,
+            no_node,
+            install,
+            ..
+        } => {
             let state_dir = state_dir.expect("clap requires --state-dir for local");
-            up_local(&state_dir, repo, agent_listen, no_agent, !no_node, &install).await
+            let agent = match (no_agent, agent_process || no_node) {
+                (true, _) => LocalAgent::None,
+                (false, true) => LocalAgent::Process { listen: agent_listen },
+                (false, false) => LocalAgent::InCluster,
+            };
+            up_local(&state_dir, repo, agent, !no_node, &install).await
         }
         Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
             let args = *args;
@@ -325,11 +344,21 @@ async fn main() -> Result<()> {
     }
 }
 
+/// Where `up --provider local` runs the agent.
+enum LocalAgent {
+    None,
+    /// Pods of the cluster, installed from manifests/install/ as on EKS.
+    InCluster,
+    /// A process beside the cluster, answering on `listen`.
+    Process {
+        listen: String,
+    },
+}
+
 async fn up_local(
     state_dir: &std::path::Path,
     repo: Option<String>,
-    agent_listen: String,
-    no_agent: bool,
+    agent: LocalAgent,
     node: bool,
     install_args: &InstallArgs,
 ) -> Result<()> {
@@ -347,39 +376,58 @@ async fn up_local(
     if node {
         println!("node {} is Ready", local::network::NODE_NAME);
     }
-    if !no_agent {
+    let resume = format!("gitops-bootstrap down --provider local --state-dir {}", state_dir.display());
+    if !matches!(agent, LocalAgent::None) {
         let repo = match repo {
             Some(repo) => repo,
             None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
         };
         let client = plane.client().await?;
-        // The same install as on EKS: the manifests are applied (their pods find no
-        // image on the node yet), and the agent runs beside the control plane instead.
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
-        install::install_and_report(&client, &install_args.options(repo.clone()))
+        let binary = agent::find_agent_binary();
+        let follows = match agent {
+            LocalAgent::InCluster => {
+                let options = agent::InClusterOptions {
+                    binary,
+                    install: install_args.options(repo.clone()),
+                    lifetime: local::Lifetime::Detached,
+                };
+                let installed = agent::install_in_cluster(&plane, &options).await.with_context(|| {
+                    format!("installing the agent in the cluster; it keeps running until `{resume}`")
+                })?;
+                format!(
+                    "gitops-agent runs in the cluster ({}) and follows {} (as {})",
+                    installed.image, repo, installed.repo_url
+                )
+            }
+            LocalAgent::Process { listen } => {
+                // The same install as on EKS, but with no node its pods never start:
+                // the agent runs beside the control plane instead.
+                install::install_and_report(&client, &install_args.options(repo.clone()))
+                    .await
+                    .context("installing the agent's manifests")?;
+                let options = agent::AgentOptions { binary, repo: repo.clone(), listen };
+                agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
+                    format!(
+                        "starting gitops-agent ({}); the control plane keeps running until `{resume}`",
+                        options.binary.display(),
+                    )
+                })?;
+                format!(
+                    "gitops-agent runs as a process and follows {repo}\n  status: http://{0}/status   metrics: http://{0}/metrics",
+                    options.listen
+                )
+            }
+            LocalAgent::None => unreachable!("handled above"),
+        };
+        let revision = install::wait_synced(&client, Duration::from_secs(180), &resume)
             .await
-            .context("installing the agent's manifests")?;
-        let options = agent::AgentOptions { binary: agent::find_agent_binary(), repo, listen: agent_listen };
-        let resume = format!("gitops-bootstrap down --provider local --state-dir {}", state_dir.display());
-        agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
-            format!(
-                "starting gitops-agent ({}); the control plane keeps running until `{resume}`",
-                options.binary.display(),
-            )
-        })?;
-        let revision = install::wait_synced(&client, Duration::from_secs(120), &resume)
-            .await
-            .context("waiting for the agent's status ConfigMap")?;
-        println!(
-            "gitops-agent follows {} and has applied its head ({revision}): commit to it and watch the cluster follow.\n  \
-             status: http://{}/status   metrics: http://{}/metrics",
-            options.repo, options.listen, options.listen
-        );
+            .context("waiting for the agent's first sync")?;
+        println!("{follows}\nIt has applied {revision}: commit to the repository and watch the cluster follow.");
     }
     println!(
-        "\n  export KUBECONFIG={}\n  kubectl get nodes\n\nStop it all with: gitops-bootstrap down --provider local --state-dir {}",
+        "\n  export KUBECONFIG={}\n  kubectl get nodes\n\nStop it all with: {resume}",
         plane.kubeconfig().display(),
-        state_dir.display(),
     );
     Ok(())
 }

@@ -4,6 +4,8 @@
 //!   works in a [`namespace`] of its own, so tests run in parallel without seeing each
 //!   other.
 //! - [`private`]: a control plane of its own, for tests that stop or restart components.
+//! - [`node`]: the cluster with the machine's one node, for tests whose pods run; one
+//!   process at a time holds it, the others wait.
 //!
 //! Both are tied to the test process: when it exits, panics or is SIGKILLed, the kernel
 //! kills the components (see `gitops_bootstrap::local::process`).
@@ -12,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options};
+use gitops_bootstrap::local::node::WhenInUse;
+use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options, stop_state_dir};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 
@@ -62,12 +65,43 @@ pub async fn private() -> LocalControlPlane {
         .unwrap_or_else(|e| panic!("starting a private control plane: {e}"))
 }
 
-/// A cluster with the machine's one node, stopped (and the node's traces removed from
-/// the machine) when dropped. Only one can run at a time: tests that need pods live in
-/// one test binary and take turns.
+/// The options of a cluster with the machine's one node. Another process's node (a
+/// test binary of another worktree, a `gitops-bootstrap up`) is waited for, not failed on.
+fn node_options(dir: PathBuf) -> Options {
+    Options { when_node_in_use: WhenInUse::Wait, ..Options::with_node(dir, Lifetime::TiedToThisProcess) }
+}
+
+/// The cluster with the machine's one node, shared by every test of this binary like
+/// [`shared`] (each test in a [`namespace`] of its own). Its components die with the
+/// process; what the node left on the machine (bridge, iptables rules, mounts) is
+/// removed when the process exits, and by whichever node starts next.
+pub fn node() -> &'static LocalControlPlane {
+    static NODE: OnceLock<LocalControlPlane> = OnceLock::new();
+    NODE.get_or_init(|| {
+        remove_stale_state();
+        let options = node_options(state_root().join("node"));
+        let plane = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(LocalControlPlane::start(&options))
+        })
+        .join()
+        .expect("node start does not panic")
+        .unwrap_or_else(|e| panic!("starting the cluster with the node: {e}"));
+        extern "C" fn stop_node() {
+            let _ = stop_state_dir(&state_root().join("node"));
+        }
+        // SAFETY: registers a plain function; it runs once, as the process exits.
+        unsafe { nix::libc::atexit(stop_node) };
+        plane
+    })
+}
+
+/// A cluster with the machine's one node of the caller's own, stopped (and the node's
+/// traces removed from the machine) when dropped: for the test that checks what
+/// stopping leaves. It waits while [`node`] or another process holds the node.
 pub async fn with_node() -> LocalControlPlane {
     remove_stale_state();
-    LocalControlPlane::start(&Options::with_node(state_root().join("node"), Lifetime::TiedToThisProcess))
+    LocalControlPlane::start(&node_options(state_root().join("own-node")))
         .await
         .unwrap_or_else(|e| panic!("starting a cluster with a node: {e}"))
 }

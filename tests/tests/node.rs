@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use gitops_bootstrap::local::image::{Image, ImageFile};
 use gitops_bootstrap::local::network::{NODE_IP, NODE_NAME};
+use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options};
 use gitops_tests::cluster::{self, eventually};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, PostParams};
@@ -301,6 +302,15 @@ spec:
         events.contains("proxyconnect tcp: dial tcp 127.0.0.1:9: connect: connection refused").then_some(())
     })
     .await;
+
+    // The machine has one node: a second cluster that wants it is refused, and told
+    // which cluster holds it.
+    let other = tempfile::tempdir().unwrap();
+    let refused = LocalControlPlane::start(&Options::with_node(other.path(), Lifetime::TiedToThisProcess))
+        .await
+        .expect_err("a second node on the machine");
+    let holder = format!("in use by the cluster in {}", plane.state_dir().display());
+    assert!(refused.to_string().contains(&holder), "the refusal names the holder: {refused}");
 
     // Stopping as `down` does (from the state directory alone) removes every trace of
     // the node from the machine.

@@ -3,8 +3,12 @@
 //!
 //! Staging order lives here and nowhere else:
 //! 1. definitions: CustomResourceDefinitions and Namespaces, which the rest may need;
-//! 2. other cluster-scoped objects;
-//! 3. namespaced objects.
+//! 2. roles: ClusterRoles and Roles, which the revision's bindings may refer to (the
+//!    API server checks a binding against its role's rules, so a binding to a role the
+//!    revision adds cannot be dry-run before that role exists, unless the agent may
+//!    `bind` any role, which would let it grant itself anything);
+//! 3. other cluster-scoped objects;
+//! 4. namespaced objects.
 //!
 //! Pruning runs the other way round: namespaced objects, then cluster-scoped ones,
 //! then Namespaces and CRDs last (deleting those first would cascade).
@@ -30,6 +34,8 @@ pub use scope::resolve_scope;
 pub struct Plan {
     /// CRDs and Namespaces.
     pub definitions: Vec<Planned>,
+    /// ClusterRoles and Roles.
+    pub roles: Vec<Planned>,
     pub cluster_scoped: Vec<Planned>,
     pub namespaced: Vec<Planned>,
     /// Objects the agent created for an earlier revision that this one no longer has,
@@ -40,7 +46,7 @@ pub struct Plan {
 impl Plan {
     /// Every object to apply, in stage order.
     pub fn objects(&self) -> impl Iterator<Item = &Planned> {
-        self.definitions.iter().chain(&self.cluster_scoped).chain(&self.namespaced)
+        self.definitions.iter().chain(&self.roles).chain(&self.cluster_scoped).chain(&self.namespaced)
     }
 
     /// The CRDs among the definitions, which must be Established before stage 2.
@@ -48,18 +54,26 @@ impl Plan {
         self.definitions.iter().filter(|p| is_crd(&p.id)).cloned().collect()
     }
 
-    /// Whether the revision itself defines what `object` needs to exist in: its
-    /// namespace, or the CRD of its kind. Only such an object cannot be dry-run
-    /// before the revision's definitions are applied.
+    /// Whether the revision itself defines what `object` needs to exist: its
+    /// namespace, the CRD of its kind, or the role it binds. Only such an object cannot
+    /// be dry-run before the stages before its own are applied.
     pub fn defines_home_of(&self, object: &Planned) -> bool {
-        self.definitions.iter().any(|definition| {
-            let id = &definition.id;
-            let data = &definition.object.data;
-            (id.group.is_empty() && id.kind == "Namespace" && id.name == object.id.namespace)
-                || (is_crd(id)
-                    && data["spec"]["group"] == object.id.group.as_str()
-                    && data["spec"]["names"]["kind"] == object.id.kind.as_str())
-        })
+        let role = &object.object.data["roleRef"];
+        let binds_new_role = is_binding(&object.id)
+            && self.roles.iter().any(|r| {
+                r.id.kind == role["kind"]
+                    && r.id.name == role["name"]
+                    && (r.id.kind == "ClusterRole" || r.id.namespace == object.id.namespace)
+            });
+        binds_new_role
+            || self.definitions.iter().any(|definition| {
+                let id = &definition.id;
+                let data = &definition.object.data;
+                (id.group.is_empty() && id.kind == "Namespace" && id.name == object.id.namespace)
+                    || (is_crd(id)
+                        && data["spec"]["group"] == object.id.group.as_str()
+                        && data["spec"]["names"]["kind"] == object.id.kind.as_str())
+            })
     }
 }
 
@@ -128,6 +142,7 @@ pub fn plan(
         desired.insert(planned.id.clone());
         match (is_definition(&planned.id), namespaced) {
             (true, _) => plan.definitions.push(planned),
+            _ if is_role(&planned.id) => plan.roles.push(planned),
             (false, false) => plan.cluster_scoped.push(planned),
             (false, true) => plan.namespaced.push(planned),
         }
@@ -146,6 +161,14 @@ pub fn plan(
     prune.sort_by_key(|p| (prune_order(&p.id), p.id.clone()));
     plan.prune = prune.chunk_by(|a, b| prune_order(&a.id) == prune_order(&b.id)).map(<[Planned]>::to_vec).collect();
     Ok(plan)
+}
+
+fn is_role(id: &ObjectId) -> bool {
+    id.group == "rbac.authorization.k8s.io" && matches!(id.kind.as_str(), "ClusterRole" | "Role")
+}
+
+fn is_binding(id: &ObjectId) -> bool {
+    id.group == "rbac.authorization.k8s.io" && matches!(id.kind.as_str(), "ClusterRoleBinding" | "RoleBinding")
 }
 
 fn is_definition(id: &ObjectId) -> bool {

@@ -115,3 +115,107 @@ async fn http_status(address: &str, path: &str) -> std::io::Result<u16> {
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other("not an HTTP response"))
 }
+
+/// How to install the agent in the local cluster, as on EKS.
+#[derive(Debug, Clone)]
+pub struct InClusterOptions {
+    /// The `gitops-agent` binary the image is built around.
+    pub binary: PathBuf,
+    /// The install's settings; `repo` is a path on this machine (served to the pods by
+    /// a git daemon on the node's address) or a URL the pods can reach, and `image` is
+    /// replaced by the image built here.
+    pub install: crate::install::InstallOptions,
+    pub lifetime: Lifetime,
+}
+
+/// The agent as installed in the local cluster.
+#[derive(Debug)]
+pub struct InCluster {
+    /// The image the Deployment runs, in the node's registry.
+    pub image: String,
+    /// The repository as the pods fetch it.
+    pub repo_url: String,
+    /// The git daemon serving a local repository to the pods, if it is one.
+    pub git_daemon: Option<Process>,
+}
+
+/// Builds the agent's image from agent/Dockerfile around `options.binary`, pushes it to
+/// the node's registry, serves a local repository to the pods with `git daemon` on the
+/// node's address (its hooks request a sync at each commit, as a webhook would), and
+/// installs `manifests/install/` with that image and repository. Returns once installed;
+/// [`crate::install::wait_synced`] then waits for the first sync.
+pub async fn install_in_cluster(
+    plane: &super::LocalControlPlane,
+    options: &InClusterOptions,
+) -> Result<InCluster, Error> {
+    let registry = plane.registry().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?.to_owned();
+    let binary = options.binary.clone();
+    let cache = super::build::cache_dir();
+    let built = tokio::task::spawn_blocking(move || {
+        let base = super::image::debian_base(&cache)?;
+        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary))
+    })
+    .await
+    .expect("image build does not panic")?;
+    let tagged = format!("{}:{}", built.name, built.tag);
+    plane.push_image(&built.archive, &built.archived_as, &[&tagged, &format!("{}:latest", built.name)])?;
+    let image = format!("{registry}/{tagged}");
+
+    let repo_path = Path::new(&options.install.repo);
+    let (repo_url, git_daemon) = if repo_path.is_dir() {
+        let repo_path = std::fs::canonicalize(repo_path).map_err(|e| Error::io(repo_path, e))?;
+        let (url, daemon) = serve_repo(plane.state_dir(), &repo_path, options.lifetime)?;
+        write_sync_hooks(&repo_path, &options.binary, plane.kubeconfig())?;
+        (url, Some(daemon))
+    } else {
+        (options.install.repo.clone(), None)
+    };
+    let install =
+        crate::install::InstallOptions { repo: repo_url.clone(), image: image.clone(), ..options.install.clone() };
+    crate::install::install_and_report(&plane.client().await?, &install).await?;
+    Ok(InCluster { image, repo_url, git_daemon })
+}
+
+/// Serves the repository at `repo` read-only with `git daemon` on the node's address,
+/// which pods reach (the bridge is their gateway) and nothing outside this machine does.
+fn serve_repo(state_dir: &Path, repo: &Path, lifetime: Lifetime) -> Result<(String, Process), Error> {
+    let listener = std::net::TcpListener::bind((super::network::NODE_IP, 0)).map_err(Error::Port)?;
+    let port = listener.local_addr().map_err(Error::Port)?.port();
+    drop(listener);
+    let parent = repo.parent().expect("a canonical repository path has a parent");
+    let name = repo.file_name().expect("a canonical repository path has a name").to_string_lossy().into_owned();
+    let args: Vec<String> = vec![
+        "daemon".into(),
+        "--reuseaddr".into(),
+        "--informative-errors".into(),
+        format!("--listen={}", super::network::NODE_IP),
+        format!("--port={port}"),
+        format!("--base-path={}", parent.display()),
+        "--export-all".into(),
+        repo.display().to_string(),
+    ];
+    let daemon = Process::spawn_with_env(state_dir, "git-daemon", Path::new("git"), &args, &[], lifetime)?;
+    Ok((format!("git://{}:{port}/{name}", super::network::NODE_IP), daemon))
+}
+
+/// Git hooks that ask the agent to sync right after a commit or merge, through its
+/// status ConfigMap (`gitops-agent sync`), so a commit is applied within a second
+/// instead of at the next poll.
+fn write_sync_hooks(repo: &Path, binary: &Path, kubeconfig: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let hooks = repo.join(".git/hooks");
+    std::fs::create_dir_all(&hooks).map_err(|e| Error::io(&hooks, e))?;
+    let script = format!(
+        "#!/bin/sh\n# Written by gitops-bootstrap: the agent in the cluster syncs now rather than at its next poll.\n\
+         KUBECONFIG='{}' '{}' sync --namespace {AGENT_NAMESPACE} >/dev/null 2>&1 ||\n  \
+         echo 'gitops-bootstrap hook: could not request a sync (is the cluster up?); the agent picks the commit up at its next poll' >&2\n",
+        kubeconfig.display(),
+        binary.display(),
+    );
+    for hook in ["post-commit", "post-merge"] {
+        let path = hooks.join(hook);
+        std::fs::write(&path, &script).map_err(|e| Error::io(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}

@@ -16,8 +16,9 @@ use super::build::build_once;
 /// The name the Debian base is pushed as, in the node's registry.
 pub const DEBIAN_IMAGE: &str = "debian:bookworm";
 /// How the base is made: Debian's smallest variant that still has apt, `/bin/sh` and
-/// `getent`.
-const MMDEBSTRAP: [&str; 3] = ["--variant=minbase", "--quiet", "bookworm"];
+/// `getent`, plus what distroless/cc adds (OpenSSL, CA certificates), which the agent's
+/// image is built on elsewhere.
+const MMDEBSTRAP: [&str; 4] = ["--variant=minbase", "--include=libssl3,ca-certificates", "--quiet", "bookworm"];
 /// Where apt's sources are, which decide what mmdebstrap fetches.
 const APT_SOURCES: [&str; 2] = ["/etc/apt/sources.list", "/etc/apt/sources.list.d"];
 
@@ -154,7 +155,7 @@ fn append(archive: &mut tar::Builder<Vec<u8>>, name: impl AsRef<Path>, mode: u32
     archive.append_data(&mut header, name, data)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

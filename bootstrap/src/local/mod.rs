@@ -21,6 +21,7 @@
 pub mod addons;
 pub mod agent;
 pub mod build;
+pub mod dockerfile;
 pub mod image;
 pub mod network;
 pub mod node;
@@ -76,6 +77,8 @@ pub enum Error {
     Command { command: String, output: String },
     #[error("applying {what}: {message}")]
     Apply { what: String, message: String },
+    #[error("installing the agent: {0}")]
+    Install(#[from] crate::install::InstallError),
 }
 
 impl Error {
@@ -95,12 +98,20 @@ pub struct Options {
     pub cache_dir: PathBuf,
     /// Whether to run the node too, so pods run; without it, only the control plane.
     pub node: bool,
+    /// What to do when another cluster holds the machine's one node.
+    pub when_node_in_use: node::WhenInUse,
 }
 
 impl Options {
     /// A control plane without a node.
     pub fn new(state_dir: impl Into<PathBuf>, lifetime: Lifetime) -> Options {
-        Options { state_dir: state_dir.into(), lifetime, cache_dir: build::cache_dir(), node: false }
+        Options {
+            state_dir: state_dir.into(),
+            lifetime,
+            cache_dir: build::cache_dir(),
+            node: false,
+            when_node_in_use: node::WhenInUse::Fail,
+        }
     }
 
     /// A cluster with the node.
@@ -138,7 +149,16 @@ impl LocalControlPlane {
     /// manager, and returns once the API server is ready and the controller manager has
     /// created the `default` service account; with a node, also once the node is Ready.
     pub async fn start(options: &Options) -> Result<LocalControlPlane, Error> {
+        let dir = &options.state_dir;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         if options.node {
+            // Claimed first: a node of ours that runs is in use, not a missing prerequisite.
+            let when_in_use = options.when_node_in_use;
+            let claimed = dir.clone();
+            tokio::task::spawn_blocking(move || node::claim(&claimed, when_in_use))
+                .await
+                .expect("claim task does not panic")?;
             node::check_prerequisites()?;
         }
         let (binaries, debian_base) = tokio::task::spawn_blocking({
@@ -153,18 +173,15 @@ impl LocalControlPlane {
         .await
         .expect("build task does not panic")?;
 
-        let dir = &options.state_dir;
-        process::stop_all(dir);
+        process::stop_all(&dir);
         if options.node {
             // One node per machine: whatever an earlier one left is in the way.
-            node::clean_host(dir)?;
+            node::clean_host(&dir)?;
         }
         for stale in ["pki", "etcd", "logs", "pids", "kubeconfig"] {
             let path = dir.join(stale);
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         let pki = Pki::generate(&dir.join("pki"))?;
 
         let [etcd_client, etcd_peer, apiserver_port, registry_port] = free_ports()?;
@@ -259,7 +276,7 @@ impl LocalControlPlane {
         tokio::task::spawn_blocking(move || {
             node::import_node_images(&image_files)?;
             let archived_as = format!("gitops.local/{}", image::DEBIAN_IMAGE);
-            node::push_image(&image_files, &base, &archived_as, image::DEBIAN_IMAGE)
+            node::push_image(&image_files, &base, &archived_as, &[image::DEBIAN_IMAGE])
         })
         .await
         .expect("image task does not panic")?;
@@ -287,6 +304,13 @@ impl LocalControlPlane {
     pub fn import_image(&self, archive: &Path) -> Result<(), Error> {
         let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
         node::import_image(files, archive)
+    }
+
+    /// Pushes a docker-archive's image (held as `archived_as`) to the node's registry
+    /// under each of `names`, from where the kubelet pulls it.
+    pub fn push_image(&self, archive: &Path, archived_as: &str, names: &[&str]) -> Result<(), Error> {
+        let files = self.node.as_ref().ok_or_else(|| Error::Conflict("this cluster has no node".into()))?;
+        node::push_image(files, archive, archived_as, names)
     }
 
     /// The node's registry, `127.0.0.1:PORT` (also in `STATE_DIR/registry`).

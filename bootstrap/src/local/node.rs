@@ -72,6 +72,53 @@ impl NodeFiles {
     }
 }
 
+/// Serialises claims on the machine's one node between processes.
+const CLAIM_LOCK: &str = "/run/gitops-local-node.lock";
+/// Who holds the node: the claiming process's pid and its state directory. Outside
+/// the node's host directories, which [`clean_host`] removes.
+const CLAIM: &str = "/run/gitops-local-node.claim";
+
+/// Whether a cluster that finds the machine's node in use waits for it or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenInUse {
+    /// `up`: say who holds it and how to stop that.
+    Fail,
+    /// Tests in several processes (or worktrees) take turns.
+    Wait,
+}
+
+/// Claims the machine's one node for the cluster in `state_dir`. The node is in use
+/// while its claimant process lives (it is still starting it, or a test holds it) or
+/// any component of the claimant's state directory runs (a detached `up`). A claim
+/// whose holder is gone is taken over; [`clean_host`] then removes what it left.
+pub fn claim(state_dir: &Path, when_in_use: WhenInUse) -> Result<(), Error> {
+    loop {
+        let lock = fs::File::create(CLAIM_LOCK).map_err(|e| Error::io(Path::new(CLAIM_LOCK), e))?;
+        lock.lock().map_err(|e| Error::io(Path::new(CLAIM_LOCK), e))?;
+        let holder = fs::read_to_string(CLAIM).unwrap_or_default();
+        let (pid, dir) = holder.split_once(' ').unwrap_or(("", ""));
+        let dir = Path::new(dir.trim());
+        let me = std::process::id().to_string();
+        let claimant_alive = !pid.is_empty() && pid != me && Path::new("/proc").join(pid).exists();
+        let in_use =
+            dir != state_dir && (claimant_alive || super::process::status(dir).iter().any(|(_, _, alive)| *alive));
+        if !in_use {
+            return fs::write(CLAIM, format!("{me} {}\n", state_dir.display()))
+                .map_err(|e| Error::io(Path::new(CLAIM), e));
+        }
+        drop(lock);
+        if when_in_use == WhenInUse::Fail {
+            return Err(Error::Conflict(format!(
+                "this machine's one node is in use by the cluster in {} (claimed by pid {pid}): stop it first with \
+                 `gitops-bootstrap down --provider local --state-dir {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Fails, naming the missing thing and what provides it, unless this machine can run
 /// the node: run before anything starts, so a failed check leaves nothing to undo.
 pub fn check_prerequisites() -> Result<(), Error> {
@@ -374,20 +421,24 @@ pub fn import_image(files: &NodeFiles, archive: &Path) -> Result<(), Error> {
     network::run("ctr", &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive])
 }
 
-/// Pushes the image of a docker-archive tar to the node's registry as `name` (e.g.
+/// Pushes the image of a docker-archive tar to the node's registry under each of `names` (e.g.
 /// `debian:bookworm`), through containerd, which keeps no copy: pods pull it from
 /// the registry as from any other.
-pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, name: &str) -> Result<(), Error> {
+pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, names: &[&str]) -> Result<(), Error> {
     let socket = files.containerd_socket.display().to_string();
     let ctr = |args: &[&str]| {
         let all = [&["--address", &socket, "--namespace", "k8s.io"][..], args].concat();
         network::run("ctr", &all)
     };
-    let target = format!("{}/{name}", files.registry);
     ctr(&["images", "import", "--no-unpack", &archive.display().to_string()])?;
-    ctr(&["images", "tag", "--force", archived_as, &target])?;
-    ctr(&["images", "push", "--plain-http", &target])?;
-    ctr(&["images", "rm", "--sync", archived_as, &target])
+    let targets: Vec<String> = names.iter().map(|name| format!("{}/{name}", files.registry)).collect();
+    for target in &targets {
+        ctr(&["images", "tag", "--force", archived_as, target])?;
+        ctr(&["images", "push", "--plain-http", target])?;
+    }
+    let mut remove = vec!["images", "rm", "--sync", archived_as];
+    remove.extend(targets.iter().map(String::as_str));
+    ctr(&remove)
 }
 
 /// Imports the images packed at [`prepare`] (pause and the add-ons'); containerd must

@@ -1,0 +1,164 @@
+//! The project's own images, built from its Dockerfiles by Debian's buildah: no daemon,
+//! chroot isolation, and a scratch storage directory removed after each build. The
+//! Dockerfiles name public bases by default; here every base is the Debian base of
+//! [`super::image::debian_base`], passed as a build argument, so nothing is pulled.
+//!
+//! A built image is a docker-archive under `cache/images/NAME-HASH/`, keyed by its
+//! Dockerfile, build arguments, base, and every file of its context: an unchanged image
+//! is not built again, and a changed binary or source file builds a new one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use super::Error;
+use super::build::build_once;
+use super::image::hex;
+
+/// The name of the Debian base inside the build (what the docker-archive calls it).
+const BASE_REFERENCE: &str = "gitops.local/debian:bookworm";
+
+/// An image to build from one of the project's Dockerfiles.
+#[derive(Debug, Clone)]
+pub struct Dockerfile {
+    /// The image's name in the node's registry, e.g. `gitops-agent`.
+    pub name: &'static str,
+    /// The Dockerfile's text.
+    pub text: &'static str,
+    /// The build context: each file's path inside it, and where it is on this machine.
+    pub context: Vec<(PathBuf, PathBuf)>,
+    /// Build arguments besides the bases (every `*_IMAGE` argument is set to the base).
+    pub args: Vec<(&'static str, String)>,
+    /// The Dockerfile's base-image arguments, all set to the Debian base.
+    pub bases: &'static [&'static str],
+}
+
+/// A built image, ready for [`super::node::push_image`].
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub name: &'static str,
+    pub archive: PathBuf,
+    /// The reference the archive holds the image under.
+    pub archived_as: String,
+    /// A tag naming this build's content, so a new build rolls out under a new name.
+    pub tag: String,
+}
+
+/// The agent's image from `agent/Dockerfile`, around `binary` (a `gitops-agent` cargo built).
+pub fn agent(binary: &Path) -> Dockerfile {
+    Dockerfile {
+        name: "gitops-agent",
+        text: include_str!("../../../agent/Dockerfile"),
+        context: vec![(PathBuf::from("gitops-agent"), binary.to_owned())],
+        args: vec![("BINARY_FROM", "prebuilt".to_owned())],
+        bases: &["RUNTIME_IMAGE"],
+    }
+}
+
+/// Builds `image` on the Debian base at `base` (a docker-archive), unless the cache has it.
+pub fn build(cache: &Path, base: &Path, image: &Dockerfile) -> Result<Built, Error> {
+    let mut hash = Sha256::new();
+    hash.update(image.text.as_bytes());
+    hash.update(base.display().to_string().as_bytes());
+    for (name, value) in &image.args {
+        hash.update(format!("{name}={value}\n").as_bytes());
+    }
+    for base_arg in image.bases {
+        hash.update(format!("{base_arg}\n").as_bytes());
+    }
+    let mut context = image.context.clone();
+    context.sort();
+    for (inside, source) in &context {
+        hash.update(inside.display().to_string().as_bytes());
+        hash.update(fs::read(source).map_err(|e| Error::io(source, e))?);
+    }
+    let tag = hex(&hash.finalize()[..6]);
+    let key = format!("{}-{tag}", image.name);
+    let dir = cache.join("images").join(&key);
+    let archive = dir.join("image.tar");
+    let archived_as = format!("gitops.local/{}:{tag}", image.name);
+    build_once(cache, &key, &archive, || {
+        let started = Instant::now();
+        eprintln!("building image {} ({key}) with buildah", image.name);
+        let staging = dir.with_extension("partial");
+        let _ = fs::remove_dir_all(&staging);
+        let result = build_in(&staging, base, image, &context, &archived_as);
+        if result.is_ok() {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let built = staging.join("image.tar");
+            fs::rename(&built, &archive).map_err(|e| Error::io(&archive, e))?;
+            eprintln!("built image {} in {:.1}s", image.name, started.elapsed().as_secs_f64());
+        }
+        let _ = fs::remove_dir_all(&staging);
+        result
+    })?;
+    Ok(Built { name: image.name, archive, archived_as, tag })
+}
+
+/// One buildah build in `staging`: the context, a storage of its own, the build, and
+/// the image written as a docker-archive to `staging/image.tar`.
+fn build_in(
+    staging: &Path,
+    base: &Path,
+    image: &Dockerfile,
+    context: &[(PathBuf, PathBuf)],
+    archived_as: &str,
+) -> Result<(), Error> {
+    let context_dir = staging.join("context");
+    for (inside, source) in context {
+        let target = context_dir.join(inside);
+        let parent = target.parent().expect("a file inside the context");
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        fs::copy(source, &target).map_err(|e| Error::io(source, e))?;
+    }
+    let dockerfile = staging.join("Dockerfile");
+    fs::write(&dockerfile, image.text).map_err(|e| Error::io(&dockerfile, e))?;
+    let storage = [
+        format!("--root={}", staging.join("storage").display()),
+        format!("--runroot={}", staging.join("run").display()),
+        "--storage-driver=vfs".to_owned(),
+    ];
+    let buildah = |args: Vec<String>| {
+        let out = Command::new("buildah")
+            .args(&storage)
+            .args(&args)
+            .output()
+            .map_err(|source| Error::Spawn { program: "buildah".into(), source })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let output = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = output.trim().lines().collect();
+        Err(Error::Command {
+            command: format!("buildah {}", args.join(" ")),
+            output: tail[tail.len().saturating_sub(20)..].join("\n"),
+        })
+    };
+    buildah(vec!["pull".into(), "--quiet".into(), format!("docker-archive:{}", base.display())])?;
+    let mut bud = vec![
+        "bud".to_owned(),
+        "--isolation=chroot".into(),
+        // RUN steps that fetch (apt, pip) go through the host's network, like a docker build.
+        "--network=host".into(),
+        format!("--file={}", dockerfile.display()),
+        format!("--tag={archived_as}"),
+    ];
+    for base_arg in image.bases {
+        bud.push(format!("--build-arg={base_arg}={BASE_REFERENCE}"));
+    }
+    for (name, value) in &image.args {
+        bud.push(format!("--build-arg={name}={value}"));
+    }
+    bud.push(context_dir.display().to_string());
+    buildah(bud)?;
+    let out = staging.join("image.tar");
+    buildah(vec![
+        "push".into(),
+        "--quiet".into(),
+        archived_as.into(),
+        format!("docker-archive:{}:{archived_as}", out.display()),
+    ])
+}
