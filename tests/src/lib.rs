@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod cluster;
 pub mod git;
+pub mod images;
 pub mod prometheus;
 pub mod requests;
