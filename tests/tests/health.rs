@@ -65,6 +65,11 @@ impl Fixture {
     }
 }
 
+/// The unhealthy object of `kind` that `/status` names, if any.
+fn unhealthy_of<'a>(status: &'a Value, kind: &str) -> Option<&'a Value> {
+    status["unhealthy"].as_array().unwrap().iter().find(|o| o["kind"] == kind)
+}
+
 /// The one unhealthy object `/status` names.
 fn unhealthy(status: &Value) -> &Value {
     let unhealthy = status["unhealthy"].as_array().unwrap();
@@ -153,17 +158,17 @@ async fn a_container_that_exits_at_once_is_a_crash_loop() {
 async fn a_failing_readiness_probe_progresses_then_degrades_at_the_progress_deadline() {
     let fixture = Fixture::start("health-probe").await;
     let mut container = busybox(fixture.busybox, "web", "sleep 3600");
-    container["readinessProbe"] = json!({ "exec": { "command": ["false"] }, "periodSeconds": 1 });
+    container["readinessProbe"] = json!({ "exec": { "command": ["/bin/busybox", "false"] }, "periodSeconds": 1 });
     let web = deployment("web", container, json!({ "progressDeadlineSeconds": 10 }));
     fixture.repo.write("manifests/web.yaml", &web.to_string());
     let commit = fixture.repo.commit("web");
     let status = eventually("the pod to run, not ready", || async {
         let status = fixture.health(&commit, "Progressing").await;
-        let message = unhealthy(&status)["message"].as_str().unwrap_or("").to_owned();
+        let message = unhealthy_of(&status, "Deployment")?["message"].as_str()?.to_owned();
         message.contains("container web running but not ready").then_some(status)
     })
     .await;
-    assert_eq!(unhealthy(&status)["health"], "Progressing", "{status:#}");
+    assert_eq!(unhealthy_of(&status, "Deployment").unwrap()["health"], "Progressing", "{status:#}");
     let status = fixture.health(&commit, "Degraded").await;
     let web = unhealthy(&status);
     assert_eq!(web["reason"], "ProgressDeadlineExceeded", "{web:#}");
@@ -176,7 +181,8 @@ async fn a_stateful_set_with_a_claim_progresses_until_its_pod_is_ready() {
     let fixture = Fixture::start("health-claim").await;
     let mut container = busybox(fixture.busybox, "db", "echo ok > /data/ok && sleep 3600");
     container["volumeMounts"] = json!([{ "name": "data", "mountPath": "/data" }]);
-    container["readinessProbe"] = json!({ "exec": { "command": ["cat", "/data/ok"] }, "periodSeconds": 1 });
+    container["readinessProbe"] =
+        json!({ "exec": { "command": ["/bin/busybox", "cat", "/data/ok"] }, "periodSeconds": 1 });
     let set = json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": { "name": "db" },
         "spec": {
@@ -190,8 +196,13 @@ async fn a_stateful_set_with_a_claim_progresses_until_its_pod_is_ready() {
     });
     fixture.repo.write("manifests/db.yaml", &set.to_string());
     let commit = fixture.repo.commit("db");
-    let status = fixture.health(&commit, "Progressing").await;
-    assert_eq!(unhealthy(&status)["kind"], "StatefulSet", "{status:#}");
+    let status = eventually("the StatefulSet to wait for its pod", || async {
+        let status = fixture.health(&commit, "Progressing").await;
+        let message = unhealthy_of(&status, "StatefulSet")?["message"].as_str()?.to_owned();
+        message.contains("0 of 1 replicas ready").then_some(status)
+    })
+    .await;
+    assert_eq!(unhealthy_of(&status, "StatefulSet").unwrap()["health"], "Progressing", "{status:#}");
     fixture.health(&commit, "Healthy").await;
     fixture.agent.stop().await;
 }
