@@ -119,7 +119,7 @@ impl Agent {
         let rollout = RolloutWatch::new(writer.client().clone(), state.clone(), options.health_timeout);
         let drift =
             DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone(), rollout.clone());
-        let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace);
+        let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace, rollout.subscribe());
         let config = Config {
             source: options.source,
             path: options.path,

@@ -6,8 +6,10 @@ use gitops_tests::agent::{Agent, AgentConfig};
 use gitops_tests::cluster::{self, eventually};
 use gitops_tests::git::GitRepo;
 use gitops_tests::images;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
+use kube::api::ListParams;
 use serde_json::{Value, json};
 
 struct Fixture {
@@ -226,5 +228,45 @@ async fn a_job_that_fails_degrades_the_revision() {
     let migrate = unhealthy(&status);
     assert_eq!((&migrate["kind"], &migrate["reason"]), (&json!("Job"), &json!("BackoffLimitExceeded")), "{migrate:#}");
     assert!(migrate["message"].as_str().unwrap().contains("container migrate exited with code 3"), "{migrate:#}");
+    fixture.agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_spec_waits_for_the_revisions_deployment_to_be_ready() {
+    let fixture = Fixture::start("health-wait").await;
+    let mut container = busybox(fixture.busybox, "db", "sleep 5 && touch /tmp/ready && sleep 3600");
+    container["readinessProbe"] = json!({ "exec": { "command": ["/bin/busybox", "cat", "/tmp/ready"] },
+        "periodSeconds": 1 });
+    fixture.repo.write("manifests/db.yaml", &deployment("db", container, json!({})).to_string());
+    let report = json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": { "name": "report" },
+        "spec": { "backoffLimit": 0, "template": { "spec": { "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0, "containers": [busybox(fixture.busybox, "report", "true")] } } },
+    });
+    fixture.repo.write("jobs/report.yaml", &report.to_string());
+    let commit = fixture.repo.commit("db and its report");
+    let jobs: Api<Job> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+
+    // Held back while the Deployment is not Ready, saying why.
+    let waiting = eventually("the job spec to wait", || async {
+        let status = fixture.agent.status().await;
+        let waiting = status["batch_waiting"].as_array()?.first()?.clone();
+        (waiting["job"] == "report" && waiting["revision"] == json!(commit)).then_some(waiting)
+    })
+    .await;
+    assert!(waiting["waits_for"].as_array().unwrap().contains(&json!("Deployment db")), "{waiting:#}");
+    assert!(jobs.get_opt("report-1").await.unwrap().is_none(), "no run before the revision is healthy");
+
+    fixture.health(&commit, "Healthy").await;
+    let run = eventually("run report-1", || async { jobs.get_opt("report-1").await.unwrap() }).await;
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+    let db = pods.list(&ListParams::default().labels("app=db")).await.unwrap().items;
+    let ready =
+        db[0].status.as_ref().unwrap().conditions.as_ref().unwrap().iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+    let (ready_at, created_at) =
+        (ready.last_transition_time.clone().unwrap().0, run.metadata.creation_timestamp.unwrap().0);
+    assert!(ready_at <= created_at, "the run was created at {created_at}, before its database was Ready at {ready_at}");
+    assert_eq!(fixture.agent.status().await["batch_waiting"], json!([]));
     fixture.agent.stop().await;
 }
