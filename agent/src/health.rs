@@ -80,6 +80,9 @@ pub struct PodSummary {
     pub terminating: bool,
     /// `None`: running and ready, or finished successfully.
     pub problem: Option<Health>,
+    /// Its problem does not go away by waiting (a container that cannot start, or
+    /// keeps crashing), unlike a pod that ended (a Job's, which may retry).
+    pub failing: bool,
 }
 
 impl PodSummary {
@@ -91,7 +94,9 @@ impl PodSummary {
             .map(|labels| labels.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
             .unwrap_or_default();
         let problem = Some(pod_health(pod)).filter(|h| h.status != HealthStatus::Healthy);
+        let ended = pod.pointer("/status/phase").and_then(Value::as_str) == Some("Failed");
         Some(PodSummary {
+            failing: !ended && problem.as_ref().is_some_and(|p| p.status == HealthStatus::Degraded),
             name: metadata.get("name")?.as_str()?.to_owned(),
             labels,
             terminating: metadata.get("deletionTimestamp").is_some_and(|t| !t.is_null()),
@@ -130,21 +135,20 @@ pub fn with_pods(own: Health, selector: Option<&Value>, pods: &[&PodSummary]) ->
         return own;
     }
     let mine = pods.iter().filter(|pod| !pod.terminating && selector.is_some_and(|s| matches(s, &pod.labels)));
-    let mut problems: Vec<&Health> = mine.filter_map(|pod| pod.problem.as_ref()).collect();
+    let mut problems: Vec<(&Health, bool)> =
+        mine.filter_map(|pod| Some((pod.problem.as_ref()?, pod.failing))).collect();
     // The worst pod speaks for the workload: a failing container before a slow one.
-    problems.sort_by_key(|p| std::cmp::Reverse(p.status));
-    match problems.first() {
-        // A container that cannot start is the reason to act on, whatever the
-        // workload's own status says yet.
-        Some(pod) if pod.status == HealthStatus::Degraded && FAILING_WAITING_REASONS.contains(&pod.reason.as_str()) => {
-            Health::degraded(&pod.reason, format!("{}; {}", pod.message, own.message))
-        }
+    problems.sort_by_key(|(p, failing)| std::cmp::Reverse((*failing, p.status)));
+    match problems.first().map(|(pod, failing)| (*pod, *failing)) {
+        // A container that cannot start, or keeps crashing, is the reason to act on,
+        // whatever the workload's own status says yet.
+        Some((pod, true)) => Health::degraded(&pod.reason, format!("{}; {}", pod.message, own.message)),
         // A pod that ended badly explains a failed workload; while it retries (a Job
         // below its backoff limit) it is only context.
-        Some(pod) if own.status == HealthStatus::Degraded => {
+        Some((pod, _)) if own.status == HealthStatus::Degraded => {
             Health { message: format!("{}; {}", pod.message, own.message), ..own }
         }
-        Some(pod) => Health { message: format!("{}; {}", own.message, pod.message), ..own },
+        Some((pod, _)) => Health { message: format!("{}; {}", own.message, pod.message), ..own },
         None => own,
     }
 }
@@ -381,6 +385,21 @@ fn pod_health(object: &Value) -> Health {
     {
         return Health::progressing(scheduled.reason, format!("pod {name}: {}", scheduled.message));
     }
+    for status in statuses.clone() {
+        // Between a crash-looping container's back-offs it is terminated, not waiting:
+        // that is the same failure, not progress.
+        if let Some(code) = int(status, "/state/terminated/exitCode").filter(|code| *code != 0)
+            && text(object, "/spec/restartPolicy").is_none_or(|policy| policy == "Always")
+        {
+            let container = status.get("name").and_then(Value::as_str).unwrap_or("");
+            let reason = text(status, "/state/terminated/reason").unwrap_or("Error");
+            let restarts = int(status, "/restartCount").unwrap_or(0);
+            return Health::degraded(
+                reason,
+                format!("pod {name}: container {container} exited with code {code} ({restarts} restarts)"),
+            );
+        }
+    }
     for status in statuses {
         let container = status.get("name").and_then(Value::as_str).unwrap_or("");
         if status.get("ready").and_then(Value::as_bool) != Some(true) {
@@ -549,6 +568,18 @@ mod tests {
         );
         let problem = crashing.problem.clone().unwrap();
         assert_eq!((problem.status, problem.reason.as_str()), (HealthStatus::Degraded, "CrashLoopBackOff"));
+        let between_back_offs = pod(
+            "web-1",
+            json!({ "app": "web" }),
+            json!({ "phase": "Running", "containerStatuses": [
+            { "name": "app", "ready": false, "restartCount": 3,
+              "state": { "terminated": { "exitCode": 1, "reason": "Error" } } }] }),
+        );
+        let problem = between_back_offs.problem.unwrap();
+        assert_eq!(
+            (problem.status, problem.message.as_str()),
+            (HealthStatus::Degraded, "pod web-1: container app exited with code 1 (3 restarts)")
+        );
 
         let unready = pod(
             "web-2",

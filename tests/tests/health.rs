@@ -234,10 +234,14 @@ async fn a_job_that_fails_degrades_the_revision() {
 #[tokio::test]
 async fn a_job_spec_waits_for_the_revisions_deployment_to_be_ready() {
     let fixture = Fixture::start("health-wait").await;
-    let mut container = busybox(fixture.busybox, "db", "sleep 5 && touch /tmp/ready && sleep 3600");
-    container["readinessProbe"] = json!({ "exec": { "command": ["/bin/busybox", "cat", "/tmp/ready"] },
+    // The image has no /tmp: the file goes to a volume.
+    let mut container = busybox(fixture.busybox, "db", "sleep 5 && echo > /state/ready && sleep 3600");
+    container["readinessProbe"] = json!({ "exec": { "command": ["/bin/busybox", "cat", "/state/ready"] },
         "periodSeconds": 1 });
-    fixture.repo.write("manifests/db.yaml", &deployment("db", container, json!({})).to_string());
+    container["volumeMounts"] = json!([{ "name": "state", "mountPath": "/state" }]);
+    let mut db = deployment("db", container, json!({}));
+    db["spec"]["template"]["spec"]["volumes"] = json!([{ "name": "state", "emptyDir": {} }]);
+    fixture.repo.write("manifests/db.yaml", &db.to_string());
     let report = json!({
         "apiVersion": "batch/v1", "kind": "Job", "metadata": { "name": "report" },
         "spec": { "backoffLimit": 0, "template": { "spec": { "restartPolicy": "Never",
