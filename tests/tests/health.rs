@@ -274,3 +274,71 @@ async fn a_job_spec_waits_for_the_revisions_deployment_to_be_ready() {
     assert_eq!(fixture.agent.status().await["batch_waiting"], json!([]));
     fixture.agent.stop().await;
 }
+
+/// Measurement, not part of the suite (`cargo test -p gitops-tests --test health --
+/// --ignored --nocapture`): how soon after a rollout's new pod is Ready the agent's
+/// revision health says Healthy, over 20 rollouts. The pod's Ready condition carries a
+/// lastTransitionTime of whole seconds, so the start is when a watch of this test sees
+/// the condition turn True (the agent's own pod watch is no faster); the end is the
+/// first `/metrics` (polled every 5 ms) showing the revision Healthy. What lies between
+/// is the deployment controller's status update and the agent's work.
+#[tokio::test]
+#[ignore]
+async fn measure_pod_ready_to_revision_healthy() {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    let fixture = Fixture::start("health-latency").await;
+    let ready_seen: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+    let watch = tokio::spawn({
+        let ready_seen = ready_seen.clone();
+        async move {
+            let mut events = watcher::watcher(pods, watcher::Config::default()).boxed();
+            while let Some(event) = events.next().await {
+                let Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) = event else { continue };
+                let ready = pod.status.and_then(|s| s.conditions).unwrap_or_default();
+                if ready.iter().any(|c| c.type_ == "Ready" && c.status == "True") {
+                    ready_seen.lock().unwrap().entry(pod.metadata.name.unwrap()).or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    let mut latencies = Vec::new();
+    for rollout in 0..21 {
+        let mut container = busybox(fixture.busybox, "web", "sleep 3600");
+        container["env"] = json!([{ "name": "ROLLOUT", "value": rollout.to_string() }]);
+        fixture.repo.write("manifests/web.yaml", &deployment("web", container, json!({})).to_string());
+        let before: Vec<String> = ready_seen.lock().unwrap().keys().cloned().collect();
+        let commit = fixture.repo.commit(&format!("rollout {rollout}"));
+        let series = format!("gitops_revision_health{{health=\"Healthy\",revision=\"{commit}\"}} 1");
+        let healthy_at = loop {
+            if fixture.agent.get("/metrics").await.1.contains(&series) {
+                break Instant::now();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        let seen = ready_seen.lock().unwrap().clone();
+        let (pod, ready_at) = seen.iter().find(|(name, _)| !before.contains(name)).expect("a new pod was Ready");
+        assert!(*ready_at <= healthy_at, "revision {commit} Healthy before its pod {pod} was Ready");
+        // The first rollout creates the Deployment: its time includes the first pod watch's list.
+        if rollout > 0 {
+            latencies.push(healthy_at.duration_since(*ready_at).as_secs_f64() * 1000.0);
+        }
+    }
+    watch.abort();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1];
+    println!(
+        "pod Ready -> revision Healthy over {} rollouts: p50 {:.0} ms, p99 {:.0} ms, min {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        latencies[0],
+        latencies[latencies.len() - 1]
+    );
+    fixture.agent.stop().await;
+}
