@@ -317,8 +317,18 @@ async fn main() -> Result<()> {
         Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
-            let (binaries, base) = tokio::task::spawn_blocking(move || {
-                Ok::<_, local::Error>((local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?))
+            let agent_binary = agent::find_agent_binary();
+            let (binaries, base, agent_image) = tokio::task::spawn_blocking(move || {
+                let (binaries, base) = (local::build::ensure_built(&cache)?, local::image::debian_base(&cache)?);
+                let agent_image = agent_binary
+                    .is_file()
+                    .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary)?))
+                    .transpose()?;
+                for image in local::dockerfile::scale() {
+                    let built = local::dockerfile::build(&cache, &base, &image)?;
+                    println!("{} image: {}", built.name, built.archive.display());
+                }
+                Ok::<_, local::Error>((binaries, base, agent_image))
             })
             .await??;
             println!(
@@ -329,6 +339,12 @@ async fn main() -> Result<()> {
             println!("pause: {}", binaries.pause.display());
             println!("registry: {}", binaries.registry.display());
             println!("debian:bookworm base image: {}", base.display());
+            match agent_image {
+                Some(image) => println!("gitops-agent image: {}", image.archive.display()),
+                None => {
+                    println!("gitops-agent image: not built, no gitops-agent beside this binary (cargo build --bins)")
+                }
+            }
             Ok(())
         }
         Cmd::Status { provider: Provider::Eks, .. } | Cmd::Prepare { provider: Provider::Eks } => {

@@ -180,3 +180,12 @@ pub fn github_push(secret: &str) -> (String, Vec<(&'static str, String)>) {
     let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
     (body, vec![("X-Hub-Signature-256", signature), ("X-GitHub-Event", "push".to_owned())])
 }
+
+/// `gitops-agent`, built by cargo into the target directory the calling test runs from.
+pub fn binary() -> std::path::PathBuf {
+    let status =
+        std::process::Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-agent"]).status().unwrap();
+    assert!(status.success(), "building gitops-agent");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("gitops-agent")
+}

@@ -16,14 +16,6 @@ use kube::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// `gitops-agent`, built by cargo into the target directory this test runs from.
-fn agent_binary() -> PathBuf {
-    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-agent"]).status().unwrap();
-    assert!(status.success(), "building gitops-agent");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("gitops-agent")
-}
-
 struct Replica {
     child: Child,
     log: PathBuf,
@@ -90,7 +82,7 @@ async fn holder(client: &kube::Client, ns: &str) -> Option<String> {
 
 #[tokio::test]
 async fn one_replica_applies_and_sigterm_hands_over_at_once() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "replicas").await;
     let repo = GitRepo::new();
@@ -138,7 +130,7 @@ async fn one_replica_applies_and_sigterm_hands_over_at_once() {
 /// A race, so run twice, the roles swapping.
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_wakes_up_writing_nothing() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "frozen").await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -185,7 +177,7 @@ async fn a_leader_frozen_past_its_lease_wakes_up_writing_nothing() {
 /// thousands. When it is back, commits apply and drift is corrected again.
 #[tokio::test]
 async fn with_the_api_server_down_the_watches_back_off_and_recover() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let mut plane = cluster::private().await;
     let client = plane.client().await.unwrap();
     let ns = cluster::namespace(&client, "backoff").await;
@@ -237,7 +229,7 @@ async fn with_the_api_server_down_the_watches_back_off_and_recover() {
 /// and syncs; restricted to some namespaces, it may not, and says so once, at start-up.
 #[tokio::test]
 async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let client = cluster::client().await;
     let apps = cluster::namespace(&client, "own-ns").await;
     let own = format!("{apps}-agent");
@@ -272,7 +264,7 @@ async fn out_of_a_pod_the_agent_makes_its_namespace_or_refuses_at_start_up() {
 /// change, 1 when something would, 2 on an error (here: a revision `run` would refuse).
 #[tokio::test]
 async fn diff_exits_0_for_no_change_1_for_changes_2_for_an_error() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "diff-exit").await;
     let repo = GitRepo::new();
@@ -318,7 +310,7 @@ async fn diff_exits_0_for_no_change_1_for_changes_2_for_an_error() {
 /// sync, it fetches at once rather than at its next poll, an hour away.
 #[tokio::test]
 async fn suspend_writes_nothing_resume_catches_up_and_sync_fetches_now() {
-    let binary = agent_binary();
+    let binary = gitops_tests::agent::binary();
     let mut plane = cluster::private().await;
     // Its controllers write (a root CA ConfigMap per namespace, Job status): only the
     // agent may write what is counted.

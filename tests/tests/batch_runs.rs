@@ -3,43 +3,63 @@
 //! racing agents start none twice; history limits and concurrency policies hold; and
 //! run outcomes, through the real Job controller, reach `/metrics` and `/status`.
 //!
-//! There is no kubelet: where a run must end, the test sets its pod's phase as a
-//! kubelet would, and the Job controller does the rest.
+//! Runs that must end run on the node: their container prints its message and waits
+//! until the test tells it (through `kubectl exec`) which exit code to end with; the
+//! kubelet and the Job controller do the rest. Tests that only count runs use the
+//! API-server-only control plane: it starts in seconds and they run in parallel there.
 
+use gitops_bootstrap::local::LocalControlPlane;
 use gitops_tests::agent::{Agent, AgentConfig};
 use gitops_tests::cluster::{self, eventually};
 use gitops_tests::git::GitRepo;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use serde_json::json;
-
-/// A batch/v1 Job spec named `name` whose container prints `message`, with extra
-/// `annotations` (YAML lines, indented by four).
-fn job_spec(name: &str, message: &str, annotations: &[&str]) -> String {
-    let annotations = match annotations {
-        [] => String::new(),
-        lines => format!("  annotations:\n{}", lines.iter().map(|l| format!("    {l}\n")).collect::<String>()),
-    };
-    format!(
-        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n{annotations}spec:\n  backoffLimit: 0\n  \
-         template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: batch\n        \
-         image: busybox\n        command: [echo, \"{message}\"]\n"
-    )
-}
 
 struct Fixture {
     client: kube::Client,
     ns: String,
     repo: GitRepo,
+    /// The cluster with the node, for fixtures whose runs end.
+    node: Option<&'static LocalControlPlane>,
+    /// The runs' image: the Debian base from the node's registry, or (where runs never
+    /// start) just a name.
+    image: String,
 }
 
 impl Fixture {
+    /// On the API-server-only control plane: runs are created, never run.
     async fn new(prefix: &str) -> Fixture {
         let client = cluster::client().await;
         let ns = cluster::namespace(&client, prefix).await;
-        Fixture { client, ns, repo: GitRepo::new() }
+        Fixture { client, ns, repo: GitRepo::new(), node: None, image: "busybox".into() }
+    }
+
+    /// On the cluster with the node: runs run, and end when [`Self::finish`] says.
+    async fn on_node(prefix: &str) -> Fixture {
+        let node = cluster::node();
+        let client = node.client().await.unwrap();
+        let ns = cluster::namespace(&client, prefix).await;
+        let image = format!("{}/debian:bookworm", node.registry().expect("the node's registry"));
+        Fixture { client, ns, repo: GitRepo::new(), node: Some(node), image }
+    }
+
+    /// A batch/v1 Job spec named `name` whose container prints `message` and then waits for
+    /// its exit code in /tmp/exit ([`Fixture::finish`]), with extra `annotations` (YAML
+    /// lines, indented by four).
+    fn job_spec(&self, name: &str, message: &str, annotations: &[&str]) -> String {
+        let annotations = match annotations {
+            [] => String::new(),
+            lines => format!("  annotations:\n{}", lines.iter().map(|l| format!("    {l}\n")).collect::<String>()),
+        };
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n{annotations}spec:\n  backoffLimit: 0\n  \
+             template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: batch\n        \
+             image: {}\n        command: [sh, -c, 'echo {message}; until [ -e /tmp/exit ]; do sleep 0.2; done; exit $(cat /tmp/exit)']\n",
+            self.image
+        )
     }
 
     async fn agent(&self) -> Agent {
@@ -88,23 +108,24 @@ impl Fixture {
         .await;
     }
 
-    /// Ends run `run` as its pod would: `Succeeded` or `Failed`.
+    /// Ends run `run`: its container, once running, exits with 0 (`Succeeded`) or 1
+    /// (`Failed`).
     async fn finish(&self, run: &str, phase: &str) {
+        let node = self.node.expect("runs end only on the node");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        let pod = eventually(&format!("the Job controller to make the pod of {run}"), || async {
+        let pod = eventually(&format!("the pod of {run} to run"), || async {
             let listed = pods.list(&ListParams::default().labels(&format!("job-name={run}"))).await.ok()?;
-            listed.items.into_iter().next()?.metadata.name
+            let pod = listed.items.into_iter().next()?;
+            let running = pod.status.as_ref()?.phase.as_deref() == Some("Running");
+            running.then_some(pod.metadata.name?)
         })
         .await;
         let exit_code = if phase == "Succeeded" { 0 } else { 1 };
-        let status = json!({ "status": {
-            "phase": phase,
-            "containerStatuses": [{
-                "name": "batch", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
-                "state": { "terminated": { "exitCode": exit_code, "reason": "Completed" } },
-            }],
-        }});
-        pods.patch_status(&pod, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        let kubeconfig = node.kubeconfig().display().to_string();
+        let script = format!("echo {exit_code} > /tmp/exit");
+        let exec = ["--kubeconfig", &kubeconfig, "-n", &self.ns, "exec", &pod, "--", "sh", "-c", &script];
+        let out = std::process::Command::new("kubectl").args(exec).output().unwrap();
+        assert!(out.status.success(), "kubectl exec into {pod}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -116,7 +137,7 @@ async fn synced(agent: &Agent, commit: &str) {
 #[tokio::test]
 async fn each_spec_change_and_revert_starts_one_run_and_restarts_start_none() {
     let f = Fixture::new("runs").await;
-    let first = f.commit_spec("midi.yaml", &job_spec("midi", "one", &[]));
+    let first = f.commit_spec("midi.yaml", &f.job_spec("midi", "one", &[]));
     let agent = f.agent().await;
     synced(&agent, &first).await;
     f.wait_for_runs("midi", &["midi-1"]).await;
@@ -135,7 +156,7 @@ async fn each_spec_change_and_revert_starts_one_run_and_restarts_start_none() {
     assert_eq!(f.run_names("midi").await, ["midi-1"]);
     assert_eq!(agent.metric("gitops_batch_runs_total{job=\"midi\",result=\"triggered\"}").await, 0.0);
 
-    let second = f.commit_spec("midi.yaml", &job_spec("midi", "two", &[]));
+    let second = f.commit_spec("midi.yaml", &f.job_spec("midi", "two", &[]));
     synced(&agent, &second).await;
     f.wait_for_runs("midi", &["midi-1", "midi-2"]).await;
 
@@ -154,9 +175,9 @@ async fn each_spec_change_and_revert_starts_one_run_and_restarts_start_none() {
 
 #[tokio::test]
 async fn outcomes_reach_metrics_and_status_through_the_job_controller() {
-    let f = Fixture::new("outcome").await;
-    f.commit_spec("ok.yaml", &job_spec("ok", "fine", &[]));
-    let commit = f.commit_spec("bad.yaml", &job_spec("bad", "broken", &[]));
+    let f = Fixture::on_node("outcome").await;
+    f.commit_spec("ok.yaml", &f.job_spec("ok", "fine", &[]));
+    let commit = f.commit_spec("bad.yaml", &f.job_spec("bad", "broken", &[]));
     let agent = f.agent().await;
     synced(&agent, &commit).await;
     f.wait_for_runs("ok", &["ok-1"]).await;
@@ -186,15 +207,15 @@ async fn outcomes_reach_metrics_and_status_through_the_job_controller() {
 
 #[tokio::test]
 async fn the_history_limit_deletes_the_oldest_finished_runs() {
-    let f = Fixture::new("history").await;
+    let f = Fixture::on_node("history").await;
     let limit = ["gitops.scale.dev/history-limit: \"1\""];
-    let commit = f.commit_spec("h.yaml", &job_spec("h", "one", &limit));
+    let commit = f.commit_spec("h.yaml", &f.job_spec("h", "one", &limit));
     let agent = f.agent().await;
     synced(&agent, &commit).await;
     f.wait_for_runs("h", &["h-1"]).await;
     f.finish("h-1", "Succeeded").await;
 
-    let commit = f.commit_spec("h.yaml", &job_spec("h", "two", &limit));
+    let commit = f.commit_spec("h.yaml", &f.job_spec("h", "two", &limit));
     synced(&agent, &commit).await;
     f.wait_for_runs("h", &["h-1", "h-2"]).await;
     // h-1 is the one finished run kept while h-2 goes; when h-2 ends, h-1 must go.
@@ -205,15 +226,15 @@ async fn the_history_limit_deletes_the_oldest_finished_runs() {
 
 #[tokio::test]
 async fn forbid_holds_the_new_spec_until_the_running_run_ends() {
-    let f = Fixture::new("forbid").await;
+    let f = Fixture::on_node("forbid").await;
     let policy = ["gitops.scale.dev/concurrency-policy: Forbid"];
-    let commit = f.commit_spec("f.yaml", &job_spec("f", "one", &policy));
+    let commit = f.commit_spec("f.yaml", &f.job_spec("f", "one", &policy));
     let agent = f.agent().await;
     synced(&agent, &commit).await;
     f.wait_for_runs("f", &["f-1"]).await;
 
-    f.commit_spec("f.yaml", &job_spec("f", "two", &policy));
-    let newest = f.commit_spec("f.yaml", &job_spec("f", "three", &policy));
+    f.commit_spec("f.yaml", &f.job_spec("f", "two", &policy));
+    let newest = f.commit_spec("f.yaml", &f.job_spec("f", "three", &policy));
     synced(&agent, &newest).await;
     assert_eq!(f.run_names("f").await, ["f-1"], "no second run while f-1 runs");
     let waiting = agent.status().await["batch_waiting"].clone();
@@ -236,15 +257,15 @@ async fn forbid_holds_the_new_spec_until_the_running_run_ends() {
 async fn replace_deletes_the_running_run_and_allow_runs_beside_it() {
     let f = Fixture::new("replace").await;
     let replace = ["gitops.scale.dev/concurrency-policy: Replace"];
-    f.commit_spec("r.yaml", &job_spec("r", "one", &replace));
-    let commit = f.commit_spec("a.yaml", &job_spec("a", "one", &[]));
+    f.commit_spec("r.yaml", &f.job_spec("r", "one", &replace));
+    let commit = f.commit_spec("a.yaml", &f.job_spec("a", "one", &[]));
     let agent = f.agent().await;
     synced(&agent, &commit).await;
     f.wait_for_runs("r", &["r-1"]).await;
     f.wait_for_runs("a", &["a-1"]).await;
 
-    f.commit_spec("r.yaml", &job_spec("r", "two", &replace));
-    let commit = f.commit_spec("a.yaml", &job_spec("a", "two", &[]));
+    f.commit_spec("r.yaml", &f.job_spec("r", "two", &replace));
+    let commit = f.commit_spec("a.yaml", &f.job_spec("a", "two", &[]));
     synced(&agent, &commit).await;
     f.wait_for_runs("r", &["r-2"]).await;
     f.wait_for_runs("a", &["a-1", "a-2"]).await;
@@ -254,14 +275,14 @@ async fn replace_deletes_the_running_run_and_allow_runs_beside_it() {
 #[tokio::test]
 async fn two_agents_racing_on_a_spec_change_start_one_run() {
     let f = Fixture::new("race").await;
-    let first = f.commit_spec("race.yaml", &job_spec("race", "one", &[]));
+    let first = f.commit_spec("race.yaml", &f.job_spec("race", "one", &[]));
     // Leader election off: both apply every commit.
     let (a, b) = (f.agent().await, f.agent().await);
     synced(&a, &first).await;
     synced(&b, &first).await;
     f.wait_for_runs("race", &["race-1"]).await;
 
-    let second = f.commit_spec("race.yaml", &job_spec("race", "two", &[]));
+    let second = f.commit_spec("race.yaml", &f.job_spec("race", "two", &[]));
     synced(&a, &second).await;
     synced(&b, &second).await;
     f.wait_for_runs("race", &["race-1", "race-2"]).await;
@@ -277,7 +298,7 @@ async fn a_spec_of_a_kind_the_cluster_lacks_is_an_error_of_that_job_only() {
     let f = Fixture::new("nocrd").await;
     let spark = "apiVersion: sparkoperator.k8s.io/v1beta2\nkind: SparkApplication\nmetadata:\n  name: spark\nspec:\n  type: Python\n  mode: cluster\n";
     f.commit_spec("spark.yaml", spark);
-    let commit = f.commit_spec("plain.yaml", &job_spec("plain", "one", &[]));
+    let commit = f.commit_spec("plain.yaml", &f.job_spec("plain", "one", &[]));
     let agent = f.agent().await;
     synced(&agent, &commit).await;
     f.wait_for_runs("plain", &["plain-1"]).await;

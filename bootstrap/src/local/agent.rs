@@ -13,7 +13,7 @@ use super::process::{self, Lifetime, Process};
 use super::{Error, LOG_TAIL_LINES};
 
 /// The repository a user starts from, compiled in so the binary needs no checkout.
-static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
+pub(crate) static REPO_TEMPLATE: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../repo-template");
 
 /// The agent keeps its inventory here; the install creates it.
 pub use crate::install::AGENT_NAMESPACE;
@@ -153,7 +153,7 @@ pub async fn install_in_cluster(
     let cache = super::build::cache_dir();
     let built = tokio::task::spawn_blocking(move || {
         let base = super::image::debian_base(&cache)?;
-        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary))
+        super::dockerfile::build(&cache, &base, &super::dockerfile::agent(&binary)?)
     })
     .await
     .expect("image build does not panic")?;
@@ -198,12 +198,14 @@ fn serve_repo(state_dir: &Path, repo: &Path, lifetime: Lifetime) -> Result<(Stri
     Ok((format!("git://{}:{port}/{name}", super::network::NODE_IP), daemon))
 }
 
-/// Git hooks that ask the agent to sync right after a commit or merge, through its
-/// status ConfigMap (`gitops-agent sync`), so a commit is applied within a second
-/// instead of at the next poll.
+/// Git hooks that ask the agent to sync right after a commit or merge (a work tree)
+/// or a push (a bare repository), through its status ConfigMap (`gitops-agent sync`),
+/// so a commit is applied within a second instead of at the next poll.
 fn write_sync_hooks(repo: &Path, binary: &Path, kubeconfig: &Path) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
-    let hooks = repo.join(".git/hooks");
+    let git = git2::Repository::open(repo)
+        .map_err(|e| Error::Git { path: repo.to_owned(), message: e.message().to_owned() })?;
+    let hooks = git.path().join("hooks");
     std::fs::create_dir_all(&hooks).map_err(|e| Error::io(&hooks, e))?;
     let script = format!(
         "#!/bin/sh\n# Written by gitops-bootstrap: the agent in the cluster syncs now rather than at its next poll.\n\
@@ -212,7 +214,7 @@ fn write_sync_hooks(repo: &Path, binary: &Path, kubeconfig: &Path) -> Result<(),
         kubeconfig.display(),
         binary.display(),
     );
-    for hook in ["post-commit", "post-merge"] {
+    for hook in ["post-commit", "post-merge", "post-receive"] {
         let path = hooks.join(hook);
         std::fs::write(&path, &script).map_err(|e| Error::io(&path, e))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(&path, e))?;

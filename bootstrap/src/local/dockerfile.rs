@@ -28,8 +28,8 @@ pub struct Dockerfile {
     pub name: &'static str,
     /// The Dockerfile's text.
     pub text: &'static str,
-    /// The build context: each file's path inside it, and where it is on this machine.
-    pub context: Vec<(PathBuf, PathBuf)>,
+    /// The build context: each file's path inside it, and its contents.
+    pub context: Vec<(PathBuf, Vec<u8>)>,
     /// Build arguments besides the bases (every `*_IMAGE` argument is set to the base).
     pub args: Vec<(&'static str, String)>,
     /// The Dockerfile's base-image arguments, all set to the Debian base.
@@ -48,14 +48,60 @@ pub struct Built {
 }
 
 /// The agent's image from `agent/Dockerfile`, around `binary` (a `gitops-agent` cargo built).
-pub fn agent(binary: &Path) -> Dockerfile {
-    Dockerfile {
+pub fn agent(binary: &Path) -> Result<Dockerfile, Error> {
+    let contents = fs::read(binary).map_err(|e| Error::io(binary, e))?;
+    Ok(Dockerfile {
         name: "gitops-agent",
         text: include_str!("../../../agent/Dockerfile"),
-        context: vec![(PathBuf::from("gitops-agent"), binary.to_owned())],
+        context: vec![(PathBuf::from("gitops-agent"), contents)],
         args: vec![("BINARY_FROM", "prebuilt".to_owned())],
         bases: &["RUNTIME_IMAGE"],
+    })
+}
+
+/// The Scale pipeline's images, which `up` pushes to the node's registry.
+pub fn scale() -> [Dockerfile; 2] {
+    [scale_viewer(), scale_midi_batch()]
+}
+
+/// The Scale viewer's image, from repo-template's `apps/scale/viewer/Dockerfile`.
+fn scale_viewer() -> Dockerfile {
+    Dockerfile {
+        name: "scale-viewer",
+        text: include_str!("../../../repo-template/apps/scale/viewer/Dockerfile"),
+        context: scale_context(),
+        args: Vec::new(),
+        bases: &["PYTHON_IMAGE"],
     }
+}
+
+/// The midi batch job's image, from repo-template's `apps/scale/batch/Dockerfile`, with
+/// PySpark from PyPI (its `pip` flavour).
+fn scale_midi_batch() -> Dockerfile {
+    Dockerfile {
+        name: "scale-midi-batch",
+        text: include_str!("../../../repo-template/apps/scale/batch/Dockerfile"),
+        context: scale_context(),
+        args: vec![("SPARK_FROM", "pip".to_owned())],
+        bases: &["BASE_IMAGE"],
+    }
+}
+
+/// `apps/scale/` of repo-template, the Scale images' build context, without its tests
+/// (which no image holds, so changing them builds nothing).
+fn scale_context() -> Vec<(PathBuf, Vec<u8>)> {
+    fn files(dir: &include_dir::Dir<'_>, base: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for file in dir.files() {
+            out.push((file.path().strip_prefix(base).expect("under apps/scale").to_owned(), file.contents().to_vec()));
+        }
+        for sub in dir.dirs().filter(|d| d.path().file_name().is_some_and(|n| n != "tests")) {
+            files(sub, base, out);
+        }
+    }
+    let scale = super::agent::REPO_TEMPLATE.get_dir("apps/scale").expect("repo-template has apps/scale");
+    let mut out = Vec::new();
+    files(scale, scale.path(), &mut out);
+    out
 }
 
 /// Builds `image` on the Debian base at `base` (a docker-archive), unless the cache has it.
@@ -71,9 +117,9 @@ pub fn build(cache: &Path, base: &Path, image: &Dockerfile) -> Result<Built, Err
     }
     let mut context = image.context.clone();
     context.sort();
-    for (inside, source) in &context {
+    for (inside, contents) in &context {
         hash.update(inside.display().to_string().as_bytes());
-        hash.update(fs::read(source).map_err(|e| Error::io(source, e))?);
+        hash.update(contents);
     }
     let tag = hex(&hash.finalize()[..6]);
     let key = format!("{}-{tag}", image.name);
@@ -91,6 +137,7 @@ pub fn build(cache: &Path, base: &Path, image: &Dockerfile) -> Result<Built, Err
             let built = staging.join("image.tar");
             fs::rename(&built, &archive).map_err(|e| Error::io(&archive, e))?;
             eprintln!("built image {} in {:.1}s", image.name, started.elapsed().as_secs_f64());
+            remove_older_builds(cache, image.name, &key);
         }
         let _ = fs::remove_dir_all(&staging);
         result
@@ -104,15 +151,15 @@ fn build_in(
     staging: &Path,
     base: &Path,
     image: &Dockerfile,
-    context: &[(PathBuf, PathBuf)],
+    context: &[(PathBuf, Vec<u8>)],
     archived_as: &str,
 ) -> Result<(), Error> {
     let context_dir = staging.join("context");
-    for (inside, source) in context {
+    for (inside, contents) in context {
         let target = context_dir.join(inside);
         let parent = target.parent().expect("a file inside the context");
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        fs::copy(source, &target).map_err(|e| Error::io(source, e))?;
+        fs::write(&target, contents).map_err(|e| Error::io(&target, e))?;
     }
     let dockerfile = staging.join("Dockerfile");
     fs::write(&dockerfile, image.text).map_err(|e| Error::io(&dockerfile, e))?;
@@ -122,11 +169,14 @@ fn build_in(
         "--storage-driver=vfs".to_owned(),
     ];
     let buildah = |args: Vec<String>| {
-        let out = Command::new("buildah")
-            .args(&storage)
-            .args(&args)
-            .output()
-            .map_err(|source| Error::Spawn { program: "buildah".into(), source })?;
+        let out =
+            Command::new("buildah").args(&storage).args(&args).output().map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => Error::Missing {
+                    what: "buildah".into(),
+                    fix: "apt-get install buildah (it builds the images)".into(),
+                },
+                _ => Error::Spawn { program: "buildah".into(), source },
+            })?;
         if out.status.success() {
             return Ok(());
         }
@@ -161,4 +211,21 @@ fn build_in(
         archived_as.into(),
         format!("docker-archive:{}:{archived_as}", out.display()),
     ])
+}
+
+/// Removes the earlier builds of image `name`: each binary cargo builds makes a new
+/// agent image (~230 MB), and only the newest is used.
+fn remove_older_builds(cache: &Path, name: &str, keep: &str) {
+    let Ok(entries) = fs::read_dir(cache.join("images")) else { return };
+    for entry in entries.flatten() {
+        let dir_name = entry.file_name().to_string_lossy().into_owned();
+        let is_build = dir_name
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|hash| hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        if is_build && dir_name != keep {
+            let _ = fs::remove_dir_all(entry.path());
+            let _ = fs::remove_file(cache.join(format!("{dir_name}.lock")));
+        }
+    }
 }

@@ -19,8 +19,14 @@ pub const DEBIAN_IMAGE: &str = "debian:bookworm";
 /// `getent`, plus what distroless/cc adds (OpenSSL, CA certificates), which the agent's
 /// image is built on elsewhere.
 const MMDEBSTRAP: [&str; 4] = ["--variant=minbase", "--include=libssl3,ca-certificates", "--quiet", "bookworm"];
+/// Bumped when [`write_docker_archive`] writes something else, so cached bases are rebuilt.
+const ARCHIVE_FORMAT: &str = "docker-archive with history";
 /// Where apt's sources are, which decide what mmdebstrap fetches.
 const APT_SOURCES: [&str; 2] = ["/etc/apt/sources.list", "/etc/apt/sources.list.d"];
+/// The certificate authorities this machine adds to Debian's. The base trusts them too,
+/// so builds on it (apt, pip, Maven) work wherever this machine's own downloads do,
+/// for example behind a proxy that re-signs TLS; no pod reaches past the machine.
+const LOCAL_CAS: &str = "/usr/local/share/ca-certificates";
 
 /// A file of the host, placed in the image's single layer.
 #[derive(Debug, Clone)]
@@ -78,6 +84,9 @@ fn write_docker_archive(out: &Path, reference: &str, layer: &[u8], entrypoint: &
         "os": "linux",
         "config": { "Entrypoint": entrypoint, "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        // One entry per layer: buildah checks that images built on this one have as
+        // many history entries as layers.
+        "history": [{ "created_by": format!("gitops-bootstrap: {reference}") }],
     })
     .to_string();
     let config_name = format!("{}.json", hex(&Sha256::digest(config.as_bytes())));
@@ -104,6 +113,22 @@ fn write_docker_archive(out: &Path, reference: &str, layer: &[u8], entrypoint: &
 pub fn debian_base(cache: &Path) -> Result<PathBuf, Error> {
     let mut hash = Sha256::new();
     hash.update(MMDEBSTRAP.join(" ").as_bytes());
+    hash.update(ARCHIVE_FORMAT.as_bytes());
+    let mut local_cas: Vec<PathBuf> = fs::read_dir(LOCAL_CAS)
+        .map(|entries| {
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "crt")).collect()
+        })
+        .unwrap_or_default();
+    local_cas.sort();
+    let mut hooks = Vec::new();
+    if !local_cas.is_empty() {
+        let files: Vec<String> = local_cas.iter().map(|p| p.display().to_string()).collect();
+        hooks.push(format!("--customize-hook=copy-in {} {LOCAL_CAS}", files.join(" ")));
+        hooks.push("--customize-hook=chroot \"$1\" update-ca-certificates".to_owned());
+    }
+    for ca in &local_cas {
+        hash.update(fs::read(ca).map_err(|e| Error::io(ca, e))?);
+    }
     for source in APT_SOURCES {
         let files = match fs::read_dir(source) {
             Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
@@ -128,12 +153,13 @@ pub fn debian_base(cache: &Path) -> Result<PathBuf, Error> {
         let started = Instant::now();
         let out = Command::new("mmdebstrap")
             .args(MMDEBSTRAP)
+            .args(&hooks)
             .arg(&rootfs)
             .output()
             .map_err(|source| Error::Spawn { program: "mmdebstrap".into(), source })?;
         if !out.status.success() {
             return Err(Error::Command {
-                command: format!("mmdebstrap {} {}", MMDEBSTRAP.join(" "), rootfs.display()),
+                command: format!("mmdebstrap {} {} {}", MMDEBSTRAP.join(" "), hooks.join(" "), rootfs.display()),
                 output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
