@@ -22,6 +22,7 @@ use crate::leader::{LeaderError, Leadership};
 use crate::reconcile::{self, Config};
 use crate::render;
 use crate::report::StatusReport;
+use crate::rollout::RolloutWatch;
 use crate::server::{self, WebhookSecret};
 use crate::source::GitSource;
 use crate::status::AppState;
@@ -47,6 +48,8 @@ pub struct Options {
     /// which also holds the Lease and the status ConfigMap.
     pub sync: sync::Options,
     pub drift: drift::Policy,
+    /// How long the revision's objects get to become healthy (`--health-timeout`).
+    pub health_timeout: Duration,
     pub webhook_secret: Option<WebhookSecret>,
     /// Compete for the Lease; `None`: this is the only replica.
     pub leader_election: Option<LeaderElection>,
@@ -119,8 +122,10 @@ impl Agent {
         let tools = render::Tools { path_in_repo: options.path.clone(), ..options.render };
         let syncer = Syncer::new(writer.clone(), options.sync).with_tools(tools);
         let render_stats = syncer.render_stats();
-        let drift = DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone());
-        let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace);
+        let rollout = RolloutWatch::new(writer.client().clone(), state.clone(), options.health_timeout);
+        let drift =
+            DriftWatch::new(syncer.applier().clone(), access.clone(), options.drift, state.clone(), rollout.clone());
+        let runs = BatchRuns::new(writer.clone(), access, state.clone(), &default_namespace, rollout.subscribe());
         let config = Config {
             source: options.source,
             path: options.path,
@@ -151,6 +156,7 @@ impl Agent {
             config,
             syncer,
             drift,
+            rollout,
             runs,
             loop_state,
             leadership.changes(),

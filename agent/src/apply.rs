@@ -61,6 +61,10 @@ pub struct Change {
     /// drift watch takes an event showing this state as in line without a request.
     #[serde(skip)]
     pub fingerprint: Option<u64>,
+    /// `metadata.generation` of that state: the health watch takes a status as this
+    /// revision's only once it is about this generation or a later one.
+    #[serde(skip)]
+    pub generation: Option<i64>,
 }
 
 fn display<S: serde::Serializer>(id: &ObjectId, s: S) -> Result<S::Ok, S::Error> {
@@ -344,17 +348,19 @@ impl Applier {
     pub async fn correct(&self, object: &Planned, live: Option<&DynamicObject>) -> Result<Change, ApplyError> {
         let stored = self.write(object).await?;
         let action = if live.is_some() { Action::Configured } else { Action::Created };
-        Ok(Change { id: object.id.clone(), action, fingerprint: Some(fingerprint(&stored)) })
+        let generation = stored.metadata.generation;
+        Ok(Change { id: object.id.clone(), action, fingerprint: Some(fingerprint(&stored)), generation })
     }
 
     async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
         let action = preview.map_or(Action::Unchanged, Preview::action);
-        let fingerprint = match preview {
-            Some(_) if action != Action::Unchanged => Some(fingerprint(&self.write(object).await?)),
-            Some(preview) => preview.live.as_ref().map(fingerprint),
-            None => None,
+        let seen = |state: &DynamicObject| (Some(fingerprint(state)), state.metadata.generation);
+        let (fingerprint, generation) = match preview {
+            Some(_) if action != Action::Unchanged => seen(&self.write(object).await?),
+            Some(preview) => preview.live.as_ref().map_or((None, None), seen),
+            None => (None, None),
         };
-        Ok(Change { id: object.id.clone(), action, fingerprint })
+        Ok(Change { id: object.id.clone(), action, fingerprint, generation })
     }
 
     /// Applies `object`; returns it as the API server stored it.
@@ -370,7 +376,12 @@ impl Applier {
         let api = self.api(object);
         let live = api.get_opt(&object.id.name).await.map_err(|e| ApplyError::new(object, "read", e))?;
         let Some(live) = live else {
-            return Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None }));
+            return Ok(Some(Change {
+                id: object.id.clone(),
+                action: Action::Deleted,
+                fingerprint: None,
+                generation: None,
+            }));
         };
         if keeps(&live) {
             tracing::info!(object = %object.id, "not pruned: annotated {}: disabled", crate::PRUNE_ANNOTATION);
@@ -378,7 +389,7 @@ impl Applier {
         }
         let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
         self.writer.delete(&api, &object.id.name, &params).await.map_err(|e| ApplyError::new(object, "delete", e))?;
-        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None }))
+        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None, generation: None }))
     }
 
     /// Waits until every named CRD is Established, so objects of its kinds can be

@@ -14,6 +14,10 @@
 //! and a run that ends re-evaluates the specs, which starts a run that `Forbid` held
 //! back. A job whose spec cannot run (its kind is not served: no spark operator) is an
 //! error of that job alone, retried until it can.
+//!
+//! A new run waits until the revision's objects are healthy (its database is Ready, its
+//! migration Job done: [`crate::rollout`]), unless its spec is annotated
+//! [`WAIT_FOR_ANNOTATION`]`: none`; a change of the revision's health re-evaluates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,12 +29,14 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostP
 use kube::core::GroupVersionKind;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::access::{self, Access};
+use crate::health::HealthStatus;
 use crate::metrics::BatchOutcome;
 use crate::render::{ConcurrencyPolicy, JobSpec};
+use crate::rollout::RevisionHealth;
 use crate::status::{AppState, BatchRun, BatchWaiting};
 use crate::write::{WriteError, Writer};
 
@@ -44,6 +50,8 @@ pub const SPEC_HASH_LABEL: &str = "gitops.scale.dev/spec-hash";
 pub const REVISION_ANNOTATION: &str = "gitops.scale.dev/revision";
 /// Label values hold at most 63 characters; 160 bits of SHA-256 still never collide.
 const HASH_CHARS: usize = 40;
+/// Annotation of a job spec: `none` lets its runs start before the revision is healthy.
+pub const WAIT_FOR_ANNOTATION: &str = "gitops.scale.dev/wait-for";
 /// How soon a job that failed to reconcile is tried again.
 const RETRY: Duration = Duration::from_secs(30);
 
@@ -57,6 +65,8 @@ pub enum JobError {
     KindNotServed { origin: String, job: String, kind: String, api_version: String },
     #[error("{origin}: job {job}: {action} {target}: {source}")]
     Api { origin: String, job: String, action: &'static str, target: String, source: WriteError },
+    #[error("{origin}: job {job}: annotation {WAIT_FOR_ANNOTATION} must be none (or left out), found {value:?}")]
+    WaitFor { origin: String, job: String, value: String },
 }
 
 /// Makes and follows the runs of the applied revision's job specs.
@@ -86,6 +96,8 @@ struct Shared {
     seen: Mutex<BTreeMap<(String, String, String), Seen>>,
     /// A run ended, or went away: specs may be due now.
     wake: Notify,
+    /// The applied revision's health, which new runs wait for.
+    health: watch::Receiver<Option<RevisionHealth>>,
 }
 
 /// A run as the watches last showed it.
@@ -95,8 +107,15 @@ struct Seen {
 }
 
 impl BatchRuns {
-    /// `default_namespace`: where the runs of specs that name no namespace go.
-    pub fn new(writer: Writer, access: Access, state: Arc<AppState>, default_namespace: &str) -> BatchRuns {
+    /// `default_namespace`: where the runs of specs that name no namespace go; `health`:
+    /// the applied revision's ([`crate::rollout::RolloutWatch::subscribe`]).
+    pub fn new(
+        writer: Writer,
+        access: Access,
+        state: Arc<AppState>,
+        default_namespace: &str,
+        health: watch::Receiver<Option<RevisionHealth>>,
+    ) -> BatchRuns {
         let shared = Arc::new(Shared {
             client: writer.client().clone(),
             writer,
@@ -110,6 +129,7 @@ impl BatchRuns {
             watchers: Mutex::default(),
             seen: Mutex::default(),
             wake: Notify::new(),
+            health,
         });
         let retry_task = tokio::spawn(shared.clone().reconcile_when_woken());
         BatchRuns { shared, retry_task }
@@ -136,9 +156,11 @@ impl Shared {
     /// Reconciles again when a run ends, and while some job failed, every [`RETRY`].
     async fn reconcile_when_woken(self: Arc<Self>) {
         let mut failing = false;
+        let mut health = self.health.clone();
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
+                changed = health.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RETRY), if failing => {}
             }
             if self.writer.may_write() {
@@ -192,7 +214,17 @@ impl Shared {
 
         let newest = runs.last();
         let mut waits = None;
-        if newest.is_none_or(|run| run.hash != hash) {
+        let waits_for_health = match spec.template.object["metadata"]["annotations"][WAIT_FOR_ANNOTATION].as_str() {
+            None => true,
+            Some("none") => false,
+            Some(other) => return Err(JobError::WaitFor { origin, job: job.to_owned(), value: other.to_owned() }),
+        };
+        if newest.is_none_or(|run| run.hash != hash)
+            && waits_for_health
+            && let Some(unhealthy) = self.held_for_health(spec, revision)
+        {
+            waits = Some(unhealthy);
+        } else if newest.is_none_or(|run| run.hash != hash) {
             let running: Vec<&Run> = runs.iter().filter(|run| !run.finished && !run.deleting).collect();
             match spec.concurrency {
                 ConcurrencyPolicy::Forbid if !running.is_empty() => {
@@ -238,6 +270,24 @@ impl Shared {
             tracing::info!(job, run = run.name, "deleted a run beyond the history limit");
         }
         Ok(waits)
+    }
+
+    /// Why a new run of `spec` must wait for revision `revision` to be healthy; `None`
+    /// once it is.
+    fn held_for_health(&self, spec: &JobSpec, revision: &str) -> Option<BatchWaiting> {
+        let health = self.health.borrow().clone().filter(|h| h.revision == revision);
+        if health.as_ref().is_some_and(|h| h.health == HealthStatus::Healthy) {
+            return None;
+        }
+        let now = health.map_or("not assessed yet", |h| h.health.as_str());
+        let waits_for = self.state.status().unhealthy.iter().map(|o| format!("{} {}", o.kind, o.name)).collect();
+        tracing::info!(job = spec.name(), revision, health = now, "the new run waits for the revision to be healthy");
+        Some(BatchWaiting {
+            job: spec.name().to_owned(),
+            revision: revision.to_owned(),
+            reason: format!("waits for the revision's objects to be healthy (now {now})"),
+            waits_for,
+        })
     }
 
     /// Deletes a run and, in the background, what it made (a Job's pods). One that is

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use crate::access::{self, Access};
 use crate::apply::{Applier, ChangeSet, Planned, comparable, fingerprint};
 use crate::object::ObjectId;
+use crate::rollout::RolloutWatch;
 use crate::status::{AppState, DriftedObject};
 
 /// Annotation that exempts an object from drift detection (`ignore`).
@@ -117,6 +118,8 @@ struct Shared {
     access: Access,
     policy: Policy,
     state: Arc<AppState>,
+    /// Takes every object the watches see, for the revision's health.
+    rollout: RolloutWatch,
     /// The applied revision's objects, by identity.
     desired: Mutex<BTreeMap<ObjectId, Tracked>>,
     drifted: Mutex<BTreeMap<ObjectId, DriftedObject>>,
@@ -150,13 +153,20 @@ struct Contest {
 impl DriftWatch {
     /// `applier`: the sync's, which corrects as it applies (same field manager and
     /// `--force-conflicts`, same leadership).
-    pub fn new(applier: Applier, access: Access, policy: Policy, state: Arc<AppState>) -> DriftWatch {
+    pub fn new(
+        applier: Applier,
+        access: Access,
+        policy: Policy,
+        state: Arc<AppState>,
+        rollout: RolloutWatch,
+    ) -> DriftWatch {
         let shared = Shared {
             client: applier.writer().client().clone(),
             applier,
             access,
             policy,
             state,
+            rollout,
             desired: Mutex::default(),
             drifted: Mutex::default(),
             gate: tokio::sync::RwLock::default(),
@@ -281,17 +291,20 @@ impl Shared {
             match event {
                 Ok(Event::InitApply(object)) => {
                     if let Some(id) = ObjectId::of(&resource, &object) {
+                        self.rollout.observe(&resource, &id, Some(&object));
                         in_list.insert(id.clone());
                         self.see(id, Some(object)).await;
                     }
                 }
                 Ok(Event::Apply(object)) => {
                     if let Some(id) = ObjectId::of(&resource, &object) {
+                        self.rollout.observe(&resource, &id, Some(&object));
                         self.see(id, Some(object)).await;
                     }
                 }
                 Ok(Event::Delete(object)) => {
                     if let Some(id) = ObjectId::of(&resource, &object) {
+                        self.rollout.observe(&resource, &id, None);
                         self.see(id, None).await;
                     }
                 }
@@ -314,6 +327,7 @@ impl Shared {
                         .collect();
                     in_list = BTreeSet::new();
                     for id in missing {
+                        self.rollout.observe(&resource, &id, None);
                         self.see(id, None).await;
                     }
                     self.listed.lock().unwrap().insert(watch_key(&resource, namespace.clone()));

@@ -8,6 +8,7 @@
 //! - [`inventory`] keeps, in the cluster, what the agent owns;
 //! - [`sync`] runs those stages for one revision; [`run`] is the loop around it;
 //! - [`drift`] watches the applied objects between commits;
+//! - [`health`] says how one live object is doing; [`rollout`] follows the applied revision's health;
 //! - [`jobs`] makes a batch run of each job spec that changed, and follows it;
 //! - [`report`] writes each sync's outcome into a ConfigMap, for `kubectl get` and gitops-bootstrap;
 //! - [`status`] holds what the agent shows, recorded once per outcome; [`metrics`] and
@@ -23,6 +24,7 @@ pub mod apply;
 pub mod batch;
 pub mod control;
 pub mod drift;
+pub mod health;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
@@ -31,6 +33,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod render;
 pub mod report;
+pub mod rollout;
 pub mod server;
 pub mod source;
 pub mod status;

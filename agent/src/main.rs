@@ -121,6 +121,10 @@ struct RunArgs {
     /// What to do when the cluster drifts from git: re-apply, or report only.
     #[arg(long, env = "GITOPS_DRIFT", value_enum, default_value = "correct")]
     drift: drift::Policy,
+    /// How long a revision's objects get to become healthy before it is Degraded
+    /// (per object: annotation gitops.scale.dev/health-timeout).
+    #[arg(long, env = "GITOPS_HEALTH_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
 }
 
 /// Which agent to ask: the one whose status ConfigMap is in this namespace.
@@ -353,6 +357,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         local_repo: local_repo.exists().then(|| local_repo.to_owned()),
         sync: args.apply.options(),
         drift: args.drift,
+        health_timeout: args.health_timeout,
         webhook_secret,
         leader_election,
         status_report: true,

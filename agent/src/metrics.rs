@@ -20,6 +20,8 @@ use prometheus::{
 };
 use serde::Serialize;
 
+use crate::health::HealthStatus;
+
 /// Content type of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
@@ -87,6 +89,8 @@ pub struct Metrics {
     pruned_resources: IntCounterVec,
     batch_runs: IntCounterVec,
     batch_run_duration: HistogramVec,
+    revision_health: IntGaugeVec,
+    resources_health: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -197,6 +201,17 @@ impl Metrics {
                     &["job"],
                 ),
             ),
+            revision_health: gauges(
+                "gitops_revision_health",
+                "1 for the applied revision's health (Healthy, Progressing or Degraded), 0 for the others.",
+                &["revision", "health"],
+            ),
+            resources_health: gauges(
+                "gitops_resources_health",
+                "Objects of the applied revision by kind and health (objects annotated \
+                 gitops.scale.dev/health: ignore left out).",
+                &["kind", "health"],
+            ),
             registry,
         };
         // Both results exist from the start so that rate() and alerts on failures work
@@ -289,6 +304,18 @@ impl Metrics {
     pub fn batch_run_finished(&self, job: &str, outcome: BatchOutcome, duration: Duration) {
         self.batch_runs.with_label_values(&[job, outcome.label()]).inc();
         self.batch_run_duration.with_label_values(&[job]).observe(duration.as_secs_f64());
+    }
+
+    /// The applied revision is `health` now: its series replace the previous revision's.
+    pub fn set_revision_health(&self, revision: &str, health: HealthStatus) {
+        let series = HealthStatus::ALL.map(|h| (vec![revision, h.as_str()], i64::from(h == health)));
+        replace_series(&self.revision_health, series.into_iter().collect());
+    }
+
+    /// The revision's objects now, one `(kind, health)` per object; replaces the previous count.
+    pub fn set_resources_health<'a>(&self, objects: impl IntoIterator<Item = (&'a str, HealthStatus)>) {
+        let series = objects.into_iter().map(|(kind, health)| vec![kind, health.as_str()]);
+        replace_series(&self.resources_health, count(series));
     }
 
     /// All metrics in the Prometheus text exposition format ([`CONTENT_TYPE`]).
@@ -399,5 +426,26 @@ mod tests {
         );
         metrics.set_drifted([]);
         assert!(series(&metrics, "gitops_drifted_resources").is_empty());
+    }
+
+    #[test]
+    fn revision_health_has_the_current_revisions_three_series() {
+        let metrics = Metrics::new();
+        metrics.set_revision_health("aaa", HealthStatus::Progressing);
+        metrics.set_revision_health("bbb", HealthStatus::Degraded);
+        assert_eq!(
+            series(&metrics, "gitops_revision_health"),
+            [
+                "gitops_revision_health{health=\"Degraded\",revision=\"bbb\"} 1",
+                "gitops_revision_health{health=\"Healthy\",revision=\"bbb\"} 0",
+                "gitops_revision_health{health=\"Progressing\",revision=\"bbb\"} 0",
+            ]
+        );
+        metrics.set_resources_health([("Deployment", HealthStatus::Degraded), ("Service", HealthStatus::Healthy)]);
+        metrics.set_resources_health([("Deployment", HealthStatus::Healthy)]);
+        assert_eq!(
+            series(&metrics, "gitops_resources_health"),
+            ["gitops_resources_health{health=\"Healthy\",kind=\"Deployment\"} 1"]
+        );
     }
 }

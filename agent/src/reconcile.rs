@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
+use crate::rollout::RolloutWatch;
 use crate::source::{self, GitSource};
 use crate::status::{AppState, Outcome};
 use crate::sync::{Synced, Syncer};
@@ -48,6 +49,7 @@ pub async fn run(
     config: Config,
     syncer: Syncer,
     drift: DriftWatch,
+    rollout: RolloutWatch,
     runs: BatchRuns,
     state: Arc<AppState>,
     mut leader: watch::Receiver<bool>,
@@ -71,7 +73,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
-            outcome = reconcile(&config, &syncer, &drift, &runs, &state, applied) => match outcome {
+            outcome = reconcile(&config, &syncer, &drift, &rollout, &runs, &state, applied) => match outcome {
                 Ok(head) => {
                     applied = Some(head);
                     failures = 0;
@@ -112,6 +114,7 @@ async fn reconcile(
     config: &Arc<Config>,
     syncer: &Syncer,
     drift: &DriftWatch,
+    rollout: &RolloutWatch,
     runs: &BatchRuns,
     state: &AppState,
     applied: Option<Oid>,
@@ -149,6 +152,7 @@ async fn reconcile(
     match result {
         Ok(Synced { changes, objects, jobs }) => {
             tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
+            rollout.track(&revision, &objects, &changes);
             drift.track(objects, &changes);
             let outcome = Outcome::Synced { revision: revision.clone(), changes: Some(changes) };
             state.record(outcome, started.elapsed()).await;

@@ -11,6 +11,7 @@ use serde::{Serialize, Serializer};
 use tokio::sync::Notify;
 
 use crate::apply::{Action, ApplyError, ChangeSet};
+use crate::health::HealthStatus;
 use crate::metrics::{BatchOutcome, Metrics, SyncResult};
 use crate::render::RenderError;
 use crate::report::StatusReport;
@@ -55,6 +56,33 @@ pub struct Status {
     pub batch_errors: Vec<String>,
     /// Jobs whose new spec waits for its run, and why.
     pub batch_waiting: Vec<BatchWaiting>,
+    /// The applied revision's health; `null` until the first sync.
+    pub health: Option<HealthStatus>,
+    /// The applied revision's objects that are not healthy, with why.
+    pub unhealthy: Vec<UnhealthyObject>,
+}
+
+/// An object of the applied revision that is not healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnhealthyObject {
+    pub kind: String,
+    /// `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    pub name: String,
+    pub health: HealthStatus,
+    pub reason: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for UnhealthyObject {
+    /// `Kind namespace/name: Health: reason: message`, one line of `healthMessage`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match &self.namespace {
+            Some(namespace) => format!("{namespace}/{}", self.name),
+            None => self.name.clone(),
+        };
+        write!(f, "{} {name}: {}: {}: {}", self.kind, self.health.as_str(), self.reason, self.message)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -187,6 +215,33 @@ impl AppState {
         self.status().batch_errors = errors;
     }
 
+    /// The applied revision's health now, in `/status` and the metrics. `kinds`: one
+    /// `(kind, health)` per object of the revision that counts.
+    pub fn set_health<'a>(
+        &self,
+        revision: &str,
+        health: HealthStatus,
+        unhealthy: Vec<UnhealthyObject>,
+        kinds: impl IntoIterator<Item = (&'a str, HealthStatus)>,
+    ) {
+        self.metrics.set_revision_health(revision, health);
+        self.metrics.set_resources_health(kinds);
+        let mut status = self.status();
+        status.health = Some(health);
+        status.unhealthy = unhealthy;
+    }
+
+    /// Writes the health now in `/status` into the status ConfigMap, if there is one.
+    pub async fn report_health(&self) {
+        let Some(report) = &self.report else { return };
+        let (health, message) = {
+            let status = self.status();
+            let Some(health) = status.health else { return };
+            (health, health_message(&status.unhealthy))
+        };
+        report.report_health(health.as_str(), &message).await;
+    }
+
     /// Completes when a webhook asked for a fetch. A request that arrives while nobody
     /// waits is kept (at most one), so a push during a sync still triggers the next one.
     pub async fn fetch_requested(&self) {
@@ -204,6 +259,18 @@ impl AppState {
         self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+/// `healthMessage` of the status ConfigMap: the unhealthy objects, one a line, the first
+/// [`HEALTH_MESSAGE_LINES`] of them (a ConfigMap is for a glance; `/status` has all).
+fn health_message(unhealthy: &[UnhealthyObject]) -> String {
+    let mut lines: Vec<String> = unhealthy.iter().take(HEALTH_MESSAGE_LINES).map(ToString::to_string).collect();
+    if unhealthy.len() > HEALTH_MESSAGE_LINES {
+        lines.push(format!("and {} more (see /status)", unhealthy.len() - HEALTH_MESSAGE_LINES));
+    }
+    lines.join("\n")
+}
+
+const HEALTH_MESSAGE_LINES: usize = 10;
 
 impl LastSync {
     fn now(result: SyncResult, duration: Duration) -> Self {

@@ -29,6 +29,8 @@ pub struct AgentConfig {
     /// Watch this local repository for commits.
     pub local_repo: Option<PathBuf>,
     pub drift: Policy,
+    /// `--health-timeout`.
+    pub health_timeout: Duration,
     /// `--allow-namespaces`.
     pub allow_namespaces: Option<Vec<String>>,
     /// `--verify-signatures`: an allowed signers file.
@@ -54,6 +56,7 @@ impl AgentConfig {
             webhook_secret: None,
             local_repo: None,
             drift: Policy::Correct,
+            health_timeout: Duration::from_secs(300),
             allow_namespaces: None,
             allowed_signers: None,
             leader_election: None,
@@ -100,6 +103,7 @@ impl Agent {
                 access: Access::new(config.allow_namespaces),
             },
             drift: config.drift,
+            health_timeout: config.health_timeout,
             webhook_secret,
             leader_election: config.leader_election,
             status_report: config.status_report,

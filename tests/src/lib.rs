@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod git;
+pub mod images;
 pub mod prometheus;
 pub mod render;
 pub mod requests;

@@ -10,9 +10,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gitops_agent::health::HealthStatus;
 use gitops_agent::metrics::BatchOutcome;
 use gitops_agent::server;
-use gitops_agent::status::{AppState, DriftedObject};
+use gitops_agent::status::{AppState, DriftedObject, UnhealthyObject};
 use gitops_tests::cluster::eventually;
 use gitops_tests::prometheus::{Alert, PROMTOOL, Prometheus};
 use http_body_util::{BodyExt, Full};
@@ -41,8 +42,14 @@ const CONTRACT_METRICS: &[&str] = &[
     "gitops_batch_run_duration_seconds",
 ];
 
-const ALERTS: &[&str] =
-    &["GitOpsDriftDetected", "GitOpsSyncFailing", "GitOpsSourceStale", "GitOpsBatchRunFailed", "GitOpsAgentDown"];
+const ALERTS: &[&str] = &[
+    "GitOpsDriftDetected",
+    "GitOpsSyncFailing",
+    "GitOpsSourceStale",
+    "GitOpsBatchRunFailed",
+    "GitOpsAgentDown",
+    "GitOpsRevisionDegraded",
+];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_owned()
@@ -260,6 +267,17 @@ fn drifted(kind: &str, namespace: Option<&str>, name: &str) -> DriftedObject {
     }
 }
 
+fn unhealthy(kind: &str, name: &str, health: HealthStatus) -> UnhealthyObject {
+    UnhealthyObject {
+        kind: kind.to_owned(),
+        namespace: Some("web".to_owned()),
+        name: name.to_owned(),
+        health,
+        reason: "ImagePullBackOff".to_owned(),
+        message: "pod web-1: container app: ImagePullBackOff".to_owned(),
+    }
+}
+
 /// Alerts named `name` in state `state`.
 fn alerts_named<'a>(alerts: &'a [Alert], name: &str, state: &str) -> Vec<&'a BTreeMap<String, String>> {
     alerts.iter().filter(|(n, s, _)| n == name && s == state).map(|(_, _, labels)| labels).collect()
@@ -312,7 +330,7 @@ fn the_alerts_pass_their_promtool_unit_tests() {
 }
 
 #[test]
-fn the_rules_are_the_five_alerts_with_severity_summary_and_description() {
+fn the_rules_are_the_six_alerts_with_severity_summary_and_description() {
     let rules = rules();
     let groups = rules["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 1);
@@ -404,6 +422,12 @@ async fn every_query_of_the_dashboard_and_the_rules_runs_on_the_agents_metrics()
     state.metrics.batch_run_finished("scale-batch", BatchOutcome::Failed, Duration::from_secs(42));
     state.metrics.batch_run_triggered("nightly");
     state.metrics.batch_run_finished("nightly", BatchOutcome::Succeeded, Duration::from_secs(640));
+    state.set_health(
+        "0123456789abcdef0123456789abcdef01234567",
+        HealthStatus::Progressing,
+        vec![unhealthy("Deployment", "web", HealthStatus::Progressing)],
+        [("Deployment", HealthStatus::Progressing), ("Service", HealthStatus::Healthy)],
+    );
 
     // Every metric the dashboard and the rules name is one the agent exports.
     let exported = exported_families(&agent.metrics().await);
@@ -520,6 +544,45 @@ async fn drift_fires_the_drift_alert_and_its_end_resolves_it() {
     agent.state.set_drifted(vec![]);
     eventually("GitOpsDriftDetected to resolve", || async {
         drift_alerts(prometheus.alerts().await).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_revision_fires_its_alert_and_the_healthy_revert_resolves_it() {
+    let agent = AgentServer::start().await;
+    let (bad, revert) = ("0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef");
+    agent.state.record(synced(bad), Duration::from_secs(1)).await;
+    agent.state.set_health(bad, HealthStatus::Progressing, vec![], [("Deployment", HealthStatus::Progressing)]);
+
+    // The rules with `for: 1s` instead of 2 minutes.
+    let rules = read(&rules_file());
+    assert!(rules.contains("for: 2m"), "the rules file has no `for: 2m` any more");
+    let dir = tempfile::tempdir().unwrap();
+    let quick_rules = dir.path().join("quick.rules.yaml");
+    std::fs::write(&quick_rules, rules.replace("for: 2m", "for: 1s")).unwrap();
+    let prometheus = Prometheus::start(std::slice::from_ref(&agent.address), &[quick_rules]).await;
+    prometheus.wait_for_targets_up().await;
+    rules_evaluated_without_error(&prometheus).await;
+    let degraded_alerts = |alerts: Vec<Alert>| -> Vec<Alert> {
+        alerts.into_iter().filter(|(name, _, _)| name == "GitOpsRevisionDegraded").collect()
+    };
+    assert_eq!(degraded_alerts(prometheus.alerts().await), [], "progressing, no alert");
+
+    let web = unhealthy("Deployment", "web", HealthStatus::Degraded);
+    agent.state.set_health(bad, HealthStatus::Degraded, vec![web], [("Deployment", HealthStatus::Degraded)]);
+    eventually("GitOpsRevisionDegraded to fire for the revision", || async {
+        let alerts = degraded_alerts(prometheus.alerts().await);
+        let expected = labels(&[("alertname", "GitOpsRevisionDegraded"), ("revision", bad), ("severity", "warning")]);
+        (alerts.len() == 1 && alerts[0].1 == "firing" && alerts[0].2 == expected).then_some(())
+    })
+    .await;
+
+    // `git revert`: the next revision is applied and Healthy.
+    agent.state.record(synced(revert), Duration::from_secs(1)).await;
+    agent.state.set_health(revert, HealthStatus::Healthy, vec![], [("Deployment", HealthStatus::Healthy)]);
+    eventually("GitOpsRevisionDegraded to resolve", || async {
+        degraded_alerts(prometheus.alerts().await).is_empty().then_some(())
     })
     .await;
 }

@@ -87,6 +87,7 @@ async fn the_mix_costs_no_dry_run_after_its_sync_nor_for_a_commit_that_changes_n
     }
     repo.write("manifests/mix.yaml", &objects);
     let first = repo.commit("the mix");
+    let pod_watches = requests::open_watches(&client, "pods").await.unwrap();
     let agent = Agent::start(client.clone(), AgentConfig::new(repo.file_url(), &ns)).await;
     let kinds = ["deployments", "services", "serviceaccounts"];
     let before = Requests::scrape(&client).await.unwrap();
@@ -100,9 +101,14 @@ async fn the_mix_costs_no_dry_run_after_its_sync_nor_for_a_commit_that_changes_n
     tokio::time::sleep(Duration::from_secs(3)).await;
     let synced = Requests::scrape(&client).await.unwrap().since(&before).only(&kinds).by_verb();
     assert_eq!(synced.get("APPLY (dry run)"), Some(&(3 * EACH as u64)), "one dry run each, by the sync: {synced:?}");
+    // Health reads the Deployments' pods through one watch of their namespace.
+    let pods = Requests::scrape(&client).await.unwrap().since(&before).only(&["pods"]).by_verb();
+    assert_eq!(pods.get("LIST"), Some(&1), "one pod list for {EACH} Deployments in one namespace: {pods:?}");
+    assert_eq!(requests::open_watches(&client, "pods").await.unwrap(), pod_watches + 1, "one pod watch");
 
     repo.write("README.md", "no manifest changed\n");
-    let requests = during(&client, &kinds, agent.trigger_and_wait(repo.commit("README only"))).await;
+    let watched = ["deployments", "services", "serviceaccounts", "pods"];
+    let requests = during(&client, &watched, agent.trigger_and_wait(repo.commit("README only"))).await;
     assert_eq!(requests.count("APPLY"), 0, "no dry run, no apply: {:?}", requests.by_verb());
     assert_eq!(requests.count("LIST") + requests.count("GET"), 0, "{:?}", requests.by_verb());
     agent.stop().await;

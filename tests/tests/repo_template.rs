@@ -1,5 +1,6 @@
 //! The repo a user starts from, `repo-template/`, synced by the agent into a real
-//! control plane: every object lands; a commit that edits `jobs/midi-batch.yaml` makes
+//! control plane: every object lands; the midi batch waits for PostgreSQL to be Ready
+//! (it never is here: no node) unless its spec opts out; a commit that edits `jobs/midi-batch.yaml` makes
 //! exactly one new run with the commit in its annotations; a commit that adds a
 //! dashboard makes its ConfigMap.
 //!
@@ -94,14 +95,29 @@ async fn the_repo_template_syncs_and_a_job_spec_edit_makes_one_run() {
         runs.sort();
         runs
     };
+    let waiting = eventually("midi-batch to wait for the revision's health", || async {
+        let status = agent.status().await;
+        let waiting = status["batch_waiting"].as_array()?.first()?.clone();
+        (waiting["job"] == "midi-batch").then_some(waiting)
+    })
+    .await;
+    assert!(waiting["waits_for"].as_array().unwrap().contains(&json!("StatefulSet postgres")), "{waiting:#}");
+    assert_eq!(runs().await, [], "no run before PostgreSQL is Ready");
+    // Opted out, the job runs at once.
+    let spec_path = template_dir().join("jobs/midi-batch.yaml");
+    let limit = "    gitops.scale.dev/history-limit: \"5\"\n";
+    let text = std::fs::read_to_string(&spec_path)
+        .unwrap()
+        .replace(limit, &format!("{limit}    gitops.scale.dev/wait-for: none\n"));
+    repo.write("jobs/midi-batch.yaml", &text);
+    let first = repo.commit("midi-batch: start without waiting for PostgreSQL");
+    synced(&agent, &first).await;
     eventually("run midi-batch-1", || async { (runs().await.len() == 1).then_some(()) }).await;
     assert_eq!(runs().await, [("midi-batch-1".to_owned(), first.clone())]);
     // As the spark operator would when the job ends (the policy may hold a new run back).
     let completed = json!({ "status": { "applicationState": { "state": "COMPLETED" } } });
     apps.patch_status("midi-batch-1", &PatchParams::default(), &Patch::Merge(&completed)).await.unwrap();
 
-    let spec_path = template_dir().join("jobs/midi-batch.yaml");
-    let text = std::fs::read_to_string(&spec_path).unwrap();
     let edited = text.replace("\"0.5\"", "\"0.6\"");
     assert_ne!(edited, text, "the spec passes --threshold \"0.5\"");
     repo.write("jobs/midi-batch.yaml", &edited);

@@ -1,0 +1,464 @@
+//! The applied revision's health: `Progressing` until every one of its objects is
+//! healthy, then `Healthy`; `Degraded` once one fails, or is not healthy within its
+//! timeout (`--health-timeout`, or the object's annotation [`TIMEOUT_ANNOTATION`]).
+//! Objects annotated [`HEALTH_ANNOTATION`]`: ignore` do not count.
+//!
+//! Computed from watches, never by polling: the drift watch's watchers, which already
+//! see every change of every applied object, hand each one to [`RolloutWatch::observe`];
+//! a workload's pods (which carry no managed-by label) come from one pod watcher per
+//! namespace that holds a workload of the revision. Only a summary of each object is
+//! kept (its own [`Health`], its selector), not the object.
+//!
+//! One publisher task turns changes into the revision's health, in `/status`, the
+//! metrics and the status ConfigMap, and sleeps until the next object's deadline when
+//! one is pending: a burst of events (the first list of thousands of objects) makes
+//! one publication, not one per event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::access;
+use crate::apply::{ChangeSet, Planned};
+use crate::health::{self, Health, HealthStatus, PodSummary};
+use crate::object::ObjectId;
+use crate::status::{AppState, UnhealthyObject};
+
+/// Annotation that leaves an object out of the revision's health (`ignore`).
+pub const HEALTH_ANNOTATION: &str = "gitops.scale.dev/health";
+/// Annotation: how long the object may take to become healthy (`90s`, `10m`).
+pub const TIMEOUT_ANNOTATION: &str = "gitops.scale.dev/health-timeout";
+
+/// The applied revision and its health, as last published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevisionHealth {
+    pub revision: String,
+    pub health: HealthStatus,
+}
+
+/// Follows the applied revision's health. Clones share one state.
+#[derive(Clone)]
+pub struct RolloutWatch {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: kube::Client,
+    state: Arc<AppState>,
+    default_timeout: Duration,
+    inner: Mutex<Inner>,
+    /// Wakes the publisher; outside [`Inner`] so that waiting holds no lock.
+    dirty: Arc<Notify>,
+    published: watch::Sender<Option<RevisionHealth>>,
+    publisher: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Inner {
+    revision: Option<String>,
+    /// The revision's objects.
+    objects: BTreeMap<ObjectId, Entry>,
+    /// The workloads of the revision, by namespace: a pod event looks at these only.
+    workloads: BTreeMap<String, BTreeSet<ObjectId>>,
+    /// What the watches last said of each managed object, of the revision or not yet
+    /// (a sync's own writes are seen before the revision is tracked).
+    seen: BTreeMap<ObjectId, Observed>,
+    /// Pods by namespace and name, in the namespaces of `workloads`.
+    pods: BTreeMap<String, BTreeMap<String, PodSummary>>,
+    pod_watchers: BTreeMap<String, JoinHandle<()>>,
+    /// The revision's objects that are not healthy, and since when.
+    unhealthy: BTreeMap<ObjectId, (Health, Instant)>,
+}
+
+/// One object of the revision.
+struct Entry {
+    ignored: bool,
+    timeout: Duration,
+    /// The generation the sync applied: a status about an older one is stale.
+    generation: Option<i64>,
+}
+
+/// What a watch said of one object.
+struct Observed {
+    own: Health,
+    /// `spec.selector` of a workload.
+    selector: Option<Value>,
+    generation: Option<i64>,
+}
+
+impl RolloutWatch {
+    /// `default_timeout`: `--health-timeout`.
+    /// The pod watchers go only where the revision has workloads, which `--allow-namespaces`
+    /// already allowed.
+    pub fn new(client: kube::Client, state: Arc<AppState>, default_timeout: Duration) -> RolloutWatch {
+        let dirty = Arc::new(Notify::new());
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
+            client,
+            state,
+            default_timeout,
+            inner: Mutex::default(),
+            dirty: dirty.clone(),
+            published: watch::Sender::new(None),
+            publisher: tokio::spawn(publish(weak.clone(), dirty.clone())),
+        });
+        RolloutWatch { shared }
+    }
+
+    /// The revision's health as published, for those who wait on it (batch runs, tests).
+    pub fn subscribe(&self) -> watch::Receiver<Option<RevisionHealth>> {
+        self.shared.published.subscribe()
+    }
+
+    /// Follows newly applied `revision`: its objects, with `changes` (what the sync
+    /// did to each). Its objects' timeouts count from now.
+    pub fn track(&self, revision: &str, objects: &[Planned], changes: &ChangeSet) {
+        let generations: BTreeMap<&ObjectId, i64> =
+            changes.changes.iter().filter_map(|c| Some((&c.id, c.generation?))).collect();
+        let mut inner = self.shared.inner.lock().unwrap();
+        inner.revision = Some(revision.to_owned());
+        inner.objects.clear();
+        inner.workloads.clear();
+        for planned in objects {
+            let annotations = planned.object.metadata.annotations.as_ref();
+            let annotation = |name: &str| annotations.and_then(|a| a.get(name));
+            let timeout = annotation(TIMEOUT_ANNOTATION)
+                .and_then(|t| {
+                    humantime::parse_duration(t)
+                        .inspect_err(|e| {
+                            tracing::warn!(object = %planned.id, value = t, error = %e,
+                            "ignoring the {TIMEOUT_ANNOTATION} annotation: not a duration")
+                        })
+                        .ok()
+                })
+                .unwrap_or(self.shared.default_timeout);
+            let entry = Entry {
+                ignored: annotation(HEALTH_ANNOTATION).is_some_and(|v| v == "ignore"),
+                timeout,
+                generation: generations.get(&planned.id).copied(),
+            };
+            if health::selects_pods(&planned.id.group, &planned.id.kind) {
+                inner.workloads.entry(planned.id.namespace.clone()).or_default().insert(planned.id.clone());
+            }
+            inner.objects.insert(planned.id.clone(), entry);
+        }
+        // What is not the revision's is no longer news.
+        let Inner { seen, objects, .. } = &mut *inner;
+        seen.retain(|id, _| objects.contains_key(id));
+        inner.unhealthy.clear();
+        let ids: Vec<ObjectId> = inner.objects.keys().cloned().collect();
+        for id in &ids {
+            inner.assess(id);
+        }
+        self.follow_pods(&mut inner);
+        drop(inner);
+        self.shared.dirty.notify_one();
+    }
+
+    /// What a watch saw of a managed object of kind `resource` (`None`: deleted).
+    pub fn observe(&self, resource: &ApiResource, id: &ObjectId, live: Option<&DynamicObject>) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        match live {
+            Some(live) => {
+                let value = serde_json::to_value(live).unwrap_or_default();
+                let observed = Observed {
+                    own: health::own(&resource.group, &resource.kind, &value),
+                    selector: value
+                        .pointer("/spec/selector")
+                        .filter(|_| health::selects_pods(&resource.group, &resource.kind))
+                        .cloned(),
+                    generation: live.metadata.generation,
+                };
+                inner.seen.insert(id.clone(), observed);
+            }
+            None if inner.objects.contains_key(id) => {
+                let gone = Health::progressing("NotFound", "not in the cluster (the agent puts it back)");
+                inner.seen.insert(id.clone(), Observed { own: gone, selector: None, generation: None });
+            }
+            None => {
+                inner.seen.remove(id);
+            }
+        }
+        if inner.assess(id) {
+            drop(inner);
+            self.shared.dirty.notify_one();
+        }
+    }
+
+    /// Starts a pod watcher in each namespace of the revision's workloads, and stops
+    /// those of namespaces it no longer has.
+    fn follow_pods(&self, inner: &mut Inner) {
+        let wanted: BTreeSet<String> = inner.workloads.keys().cloned().collect();
+        inner.pod_watchers.retain(|namespace, watcher| {
+            let keep = wanted.contains(namespace);
+            if !keep {
+                watcher.abort();
+            }
+            keep
+        });
+        let Inner { pods, pod_watchers, .. } = inner;
+        pods.retain(|namespace, _| wanted.contains(namespace));
+        for namespace in wanted {
+            pod_watchers.entry(namespace.clone()).or_insert_with(|| {
+                tokio::spawn(watch_pods(Arc::downgrade(&self.shared), self.shared.client.clone(), namespace))
+            });
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.publisher.abort();
+        for watcher in self.inner.get_mut().unwrap().pod_watchers.values() {
+            watcher.abort();
+        }
+    }
+}
+
+impl Inner {
+    /// Works out one object's health again; whether it changed.
+    fn assess(&mut self, id: &ObjectId) -> bool {
+        let Some(entry) = self.objects.get(id) else { return false };
+        if entry.ignored {
+            return false;
+        }
+        let health = match self.seen.get(id) {
+            None => Health::progressing("NotObserved", "waiting for the watch to report it"),
+            Some(seen) if seen.generation < entry.generation => {
+                Health::progressing("ApplyNotObserved", "waiting for the watch to report the applied change")
+            }
+            Some(seen) if health::selects_pods(&id.group, &id.kind) => {
+                let pods: Vec<&PodSummary> =
+                    self.pods.get(&id.namespace).into_iter().flat_map(|p| p.values()).collect();
+                health::with_pods(seen.own.clone(), seen.selector.as_ref(), &pods)
+            }
+            Some(seen) => seen.own.clone(),
+        };
+        if health.status == HealthStatus::Healthy {
+            return self.unhealthy.remove(id).is_some();
+        }
+        match self.unhealthy.get_mut(id) {
+            Some((known, _)) if *known == health => false,
+            Some((known, _)) => {
+                *known = health;
+                true
+            }
+            None => {
+                self.unhealthy.insert(id.clone(), (health, Instant::now()));
+                true
+            }
+        }
+    }
+
+    /// A pod of `namespace` changed: its workloads' health may have.
+    fn assess_workloads(&mut self, namespace: &str) -> bool {
+        let ids: Vec<ObjectId> = self.workloads.get(namespace).into_iter().flatten().cloned().collect();
+        let mut changed = false;
+        for id in &ids {
+            changed |= self.assess(id);
+        }
+        changed
+    }
+
+    /// The revision's health at `now`, its unhealthy objects, and the next deadline of
+    /// an object not yet past it.
+    fn health(&self, now: Instant) -> (HealthStatus, Vec<UnhealthyObject>, Option<Instant>) {
+        let mut overall = HealthStatus::Healthy;
+        let mut next: Option<Instant> = None;
+        let mut unhealthy = Vec::with_capacity(self.unhealthy.len());
+        for (id, (health, since)) in &self.unhealthy {
+            let timeout = self.objects.get(id).map_or(Duration::ZERO, |e| e.timeout);
+            let deadline = *since + timeout;
+            let (status, message) = if now >= deadline && health.status != HealthStatus::Degraded {
+                let timeout = humantime::format_duration(timeout);
+                (HealthStatus::Degraded, format!("not healthy within {timeout}: {}", health.message))
+            } else {
+                if now < deadline {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+                (health.status, health.message.clone())
+            };
+            overall = overall.max(status);
+            unhealthy.push(UnhealthyObject {
+                kind: id.kind.clone(),
+                namespace: (!id.namespace.is_empty()).then(|| id.namespace.clone()),
+                name: id.name.clone(),
+                health: status,
+                reason: health.reason.clone(),
+                message,
+            });
+        }
+        (overall, unhealthy, next)
+    }
+}
+
+/// Publishes the revision's health whenever it may have changed or a deadline passes.
+async fn publish(shared: Weak<Shared>, dirty: Arc<Notify>) {
+    let mut shown: Option<(String, HealthStatus, Vec<UnhealthyObject>)> = None;
+    loop {
+        let next = {
+            let Some(shared) = shared.upgrade() else { return };
+            let now = Instant::now();
+            let published = {
+                let inner = shared.inner.lock().unwrap();
+                inner.revision.clone().map(|revision| {
+                    let (health, unhealthy, next) = inner.health(now);
+                    let by_status: BTreeMap<&ObjectId, HealthStatus> =
+                        unhealthy.iter().zip(inner.unhealthy.keys()).map(|(shown, id)| (id, shown.health)).collect();
+                    let kinds: Vec<(&str, HealthStatus)> = inner
+                        .objects
+                        .iter()
+                        .filter(|(_, entry)| !entry.ignored)
+                        .map(|(id, _)| (id.kind.as_str(), by_status.get(id).copied().unwrap_or(HealthStatus::Healthy)))
+                        .collect();
+                    let now = (revision, health, unhealthy);
+                    if shown.as_ref() != Some(&now) {
+                        shared.state.set_health(&now.0, now.1, now.2.clone(), kinds);
+                    }
+                    (now, next)
+                })
+            };
+            if let Some((now, next)) = published {
+                if shown.as_ref() != Some(&now) {
+                    let (revision, health) = (now.0.clone(), now.1);
+                    if shown.as_ref().is_none_or(|(r, h, _)| *r != revision || *h != health) {
+                        tracing::info!(revision, health = health.as_str(), unhealthy = now.2.len(), "revision health");
+                    }
+                    shown = Some(now);
+                    shared.published.send_replace(Some(RevisionHealth { revision, health }));
+                    shared.state.report_health().await;
+                }
+                next
+            } else {
+                None
+            }
+        };
+        match next {
+            Some(deadline) => tokio::select! {
+                _ = dirty.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            },
+            None => dirty.notified().await,
+        }
+    }
+}
+
+/// Follows the pods of one namespace into [`Inner::pods`], re-assessing its workloads.
+async fn watch_pods(shared: Weak<Shared>, client: kube::Client, namespace: String) {
+    let resource = ApiResource::erase::<Pod>(&());
+    let api = access::api(&client, &resource, Some(&namespace));
+    let mut events = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
+    // A re-list's pods, until it is done: then they replace what was known.
+    let mut listing: BTreeMap<String, PodSummary> = BTreeMap::new();
+    while let Some(event) = events.next().await {
+        let Some(shared) = shared.upgrade() else { return };
+        let summary = |pod: &DynamicObject| PodSummary::of(&serde_json::to_value(pod).unwrap_or_default());
+        let mut inner = shared.inner.lock().unwrap();
+        let changed = match event {
+            Ok(Event::Init) => {
+                listing.clear();
+                false
+            }
+            Ok(Event::InitApply(pod)) => {
+                if let Some(pod) = summary(&pod) {
+                    listing.insert(pod.name.clone(), pod);
+                }
+                false
+            }
+            Ok(Event::InitDone) => {
+                inner.pods.insert(namespace.clone(), std::mem::take(&mut listing));
+                inner.assess_workloads(&namespace)
+            }
+            Ok(Event::Apply(pod)) => {
+                let Some(pod) = summary(&pod) else { continue };
+                let pods = inner.pods.entry(namespace.clone()).or_default();
+                if pods.get(&pod.name) == Some(&pod) {
+                    continue;
+                }
+                pods.insert(pod.name.clone(), pod);
+                inner.assess_workloads(&namespace)
+            }
+            Ok(Event::Delete(pod)) => {
+                let Some(name) = pod.metadata.name else { continue };
+                inner.pods.entry(namespace.clone()).or_default().remove(&name);
+                inner.assess_workloads(&namespace)
+            }
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "pod watch for health interrupted");
+                false
+            }
+        };
+        drop(inner);
+        if changed {
+            shared.dirty.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(kind: &str, name: &str) -> ObjectId {
+        ObjectId { group: "apps".into(), kind: kind.into(), namespace: "shop".into(), name: name.into() }
+    }
+
+    fn inner_with(objects: &[(ObjectId, Duration)]) -> Inner {
+        let mut inner = Inner::default();
+        for (id, timeout) in objects {
+            inner.objects.insert(id.clone(), Entry { ignored: false, timeout: *timeout, generation: Some(2) });
+        }
+        inner
+    }
+
+    fn see(inner: &mut Inner, id: &ObjectId, own: Health, generation: i64) -> bool {
+        inner.seen.insert(id.clone(), Observed { own, selector: None, generation: Some(generation) });
+        inner.assess(id)
+    }
+
+    #[test]
+    fn a_status_of_the_generation_before_the_apply_is_not_taken() {
+        let web = id("StatefulSet", "web");
+        let mut inner = inner_with(&[(web.clone(), Duration::from_secs(60))]);
+        assert!(inner.assess(&web));
+        assert_eq!(inner.unhealthy[&web].0.reason, "NotObserved");
+        assert!(see(&mut inner, &web, Health::healthy(), 1));
+        assert_eq!(inner.unhealthy[&web].0.reason, "ApplyNotObserved");
+        assert!(see(&mut inner, &web, Health::healthy(), 2));
+        assert_eq!(inner.health(Instant::now()).0, HealthStatus::Healthy);
+    }
+
+    #[test]
+    fn an_object_past_its_timeout_degrades_the_revision() {
+        let (web, db) = (id("Deployment", "web"), id("StatefulSet", "db"));
+        let mut inner = inner_with(&[(web.clone(), Duration::from_secs(60)), (db.clone(), Duration::from_secs(600))]);
+        see(&mut inner, &web, Health::progressing("RolloutInProgress", "0 of 1 updated replicas available"), 2);
+        see(&mut inner, &db, Health::healthy(), 2);
+        let start = inner.unhealthy[&web].1;
+        let (health, unhealthy, next) = inner.health(start);
+        assert_eq!((health, next), (HealthStatus::Progressing, Some(start + Duration::from_secs(60))));
+        assert_eq!(unhealthy[0].name, "web");
+        let (health, unhealthy, next) = inner.health(start + Duration::from_secs(61));
+        assert_eq!((health, next), (HealthStatus::Degraded, None));
+        assert_eq!(unhealthy[0].message, "not healthy within 1m: 0 of 1 updated replicas available");
+        assert_eq!(unhealthy[0].reason, "RolloutInProgress");
+    }
+
+    #[test]
+    fn ignored_objects_do_not_count() {
+        let web = id("Deployment", "web");
+        let mut inner = inner_with(&[(web.clone(), Duration::from_secs(60))]);
+        inner.objects.get_mut(&web).unwrap().ignored = true;
+        assert!(!see(&mut inner, &web, Health::degraded("CrashLoopBackOff", "pod web-1: container app"), 2));
+        assert_eq!(inner.health(Instant::now()).0, HealthStatus::Healthy);
+    }
+}
