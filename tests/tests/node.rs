@@ -12,21 +12,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use gitops_bootstrap::local::image::{Image, ImageFile};
 use gitops_bootstrap::local::network::{NODE_IP, NODE_NAME};
 use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options};
 use gitops_tests::cluster::{self, eventually};
+use gitops_tests::images::{BUSYBOX, BUSYBOX_IMAGE};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, PostParams};
 use serde_json::json;
-
-/// Debian's busybox-static: one static binary with a shell, packed into a test image.
-const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_IMAGE: &str = "gitops.local/busybox:1";
 
 /// The sysctls the node changes, which stopping it must put back.
 const SYSCTLS: [&str; 4] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops", "net/ipv4/ip_forward"];
@@ -156,15 +151,7 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // A pod from an image packed here, never pulled.
-    let archive = plane.state_dir().join("busybox.tar");
-    Image {
-        reference: BUSYBOX_IMAGE.into(),
-        files: vec![ImageFile { path: "/bin/busybox", source: PathBuf::from(BUSYBOX) }],
-        entrypoint: vec!["/bin/busybox".into()],
-    }
-    .write_archive(&archive)
-    .unwrap();
-    plane.import_image(&archive).unwrap();
+    gitops_tests::images::busybox(&plane);
     let (phase, logs) = run_pod(&pods, &kubeconfig, "hello", busybox("echo hello from $(hostname) as $(id -u)")).await;
     assert_eq!(phase, "Succeeded", "pod hello: {logs}");
     assert_eq!(logs.trim(), "hello from hello as 0");
