@@ -416,6 +416,7 @@ async fn up_local(
         let client = plane.client().await?;
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
         let binary = agent::find_agent_binary();
+        let in_cluster = matches!(agent, LocalAgent::InCluster);
         let follows = match agent {
             LocalAgent::InCluster => {
                 let options = agent::InClusterOptions {
@@ -451,9 +452,16 @@ async fn up_local(
             }
             LocalAgent::None => unreachable!("handled above"),
         };
-        let revision = install::wait_synced(&client, Duration::from_secs(180), &resume)
-            .await
-            .context("waiting for the agent's first sync")?;
+        let revision = match install::wait_synced(&client, Duration::from_secs(180), &resume).await {
+            Ok(revision) => revision,
+            Err(e) if in_cluster => {
+                let pods = agent::pod_problems(&client).await.join("\n  ");
+                return Err(
+                    anyhow::anyhow!(e).context(format!("waiting for the agent's first sync; its pods:\n  {pods}"))
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!(e).context("waiting for the agent's first sync")),
+        };
         println!("{follows}\nIt has applied {revision}: commit to the repository and watch the cluster follow.");
     }
     println!(

@@ -227,3 +227,24 @@ fn write_sync_hooks(repo: &Path, binary: &Path, kubeconfig: &Path) -> Result<(),
     }
     Ok(())
 }
+
+/// One line per pod of the agent's Deployment with what is wrong with it, if anything
+/// (a container that cannot start or keeps crashing, with the kubelet's reason), for
+/// an `up` whose agent never reported a sync.
+pub async fn pod_problems(client: &kube::Client) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let params = kube::api::ListParams::default().labels("app.kubernetes.io/name=gitops-agent");
+    let Ok(list) = pods.list(&params).await else { return vec!["the agent's pods could not be listed".into()] };
+    if list.items.is_empty() {
+        return vec![format!("no pod of the gitops-agent Deployment in {AGENT_NAMESPACE}")];
+    }
+    list.items
+        .iter()
+        .filter_map(|pod| gitops_agent::health::PodSummary::of(&serde_json::to_value(pod).ok()?))
+        .map(|pod| match pod.problem {
+            Some(problem) => format!("pod {}: {}: {}", pod.name, problem.reason, problem.message),
+            None => format!("pod {}: running", pod.name),
+        })
+        .collect()
+}
