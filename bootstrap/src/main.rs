@@ -314,7 +314,7 @@ async fn main() -> Result<()> {
             println!("cluster {} is gone", options.cluster_name);
             Ok(())
         }
-        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
+        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir).await,
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
             let agent_binary = agent::find_agent_binary();
@@ -385,7 +385,7 @@ async fn up_local(
     let components = local::status(state_dir);
     if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
         println!("already running from {}", state_dir.display());
-        return print_status(state_dir);
+        return print_status(state_dir).await;
     }
     let options = Options { node, ..Options::new(state_dir, local::Lifetime::Detached) };
     let plane = LocalControlPlane::start(&options)
@@ -471,7 +471,7 @@ async fn up_local(
     Ok(())
 }
 
-fn print_status(state_dir: &std::path::Path) -> Result<()> {
+async fn print_status(state_dir: &std::path::Path) -> Result<()> {
     let components = local::status(state_dir);
     if components.is_empty() {
         println!("nothing runs from {}", state_dir.display());
@@ -480,9 +480,34 @@ fn print_status(state_dir: &std::path::Path) -> Result<()> {
     for (name, pid, alive) in &components {
         println!("{name:<24} pid {pid:<8} {}", if *alive { "running" } else { "stopped" });
     }
+    println!("logs: {}", state_dir.join("logs").join("NAME.log").display());
+    if let Ok(registry) = std::fs::read_to_string(state_dir.join("registry")) {
+        println!("registry: {}", registry.trim());
+    }
     let kubeconfig = state_dir.join("kubeconfig");
-    if kubeconfig.exists() {
-        println!("kubeconfig: {}", kubeconfig.display());
+    if !kubeconfig.exists() {
+        return Ok(());
+    }
+    println!("kubeconfig: {}", kubeconfig.display());
+    // What the agent last reported, wherever it runs (pods or a process).
+    let report = async {
+        let client = local::client_from_kubeconfig(&kubeconfig).await.ok()?;
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client, agent::AGENT_NAMESPACE);
+        api.get_opt(gitops_agent::report::STATUS_NAME).await.ok()?.and_then(|cm| cm.data)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), report).await.ok().flatten() {
+        Some(data) => {
+            let get = |key: &str| data.get(key).map(String::as_str).unwrap_or("-");
+            println!(
+                "agent: {} at {}, health {}{}",
+                get("phase"),
+                get("revision"),
+                get("health"),
+                data.get("healthMessage").filter(|m| !m.is_empty()).map(|m| format!(" ({m})")).unwrap_or_default()
+            );
+        }
+        None => println!("agent: no status reported (no agent, or the API server does not answer)"),
     }
     Ok(())
 }
