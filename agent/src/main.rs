@@ -141,6 +141,7 @@ struct SourceArgs {
     /// https, ssh, git or file URL, or a local path.
     #[arg(long, env = "GITOPS_REPO")]
     repo: String,
+    /// The branch to follow (pushes to others are ignored).
     #[arg(long, env = "GITOPS_BRANCH", default_value = "main")]
     branch: String,
     /// Subdirectory holding manifests/, dashboards/ and jobs/.

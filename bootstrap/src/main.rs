@@ -63,8 +63,10 @@ enum Cmd {
     Down {
         #[arg(long, value_enum)]
         provider: Provider,
+        /// Local: the state directory `up` was given; it is removed.
         #[arg(long, required_if_eq("provider", "local"))]
         state_dir: Option<PathBuf>,
+        /// EKS: the cluster `up` made, found again by its tags.
         #[arg(long, required_if_eq("provider", "eks"))]
         cluster_name: Option<String>,
         #[command(flatten)]
@@ -86,6 +88,7 @@ enum Cmd {
     Status {
         #[arg(long, value_enum)]
         provider: Provider,
+        /// The state directory `up` was given.
         #[arg(long)]
         state_dir: PathBuf,
     },
@@ -124,6 +127,7 @@ struct EksUpArgs {
     /// EKS: the cluster's name; every AWS resource is tagged with it.
     #[arg(long, required_if_eq("provider", "eks"))]
     cluster_name: Option<String>,
+    /// EKS: the cluster's Kubernetes version.
     #[arg(long, default_value = "1.33")]
     kubernetes_version: String,
     /// Availability zones to spread the subnets over (2 or 3).
@@ -135,12 +139,16 @@ struct EksUpArgs {
     /// CIDRs allowed to reach the cluster's public API endpoint (repeat the flag).
     #[arg(long = "public-access-cidr", default_value = "0.0.0.0/0")]
     public_access_cidrs: Vec<String>,
+    /// EKS: the node group's EC2 instance type.
     #[arg(long, default_value = "t3.large")]
     instance_type: String,
+    /// EKS: the node group's smallest size.
     #[arg(long, default_value_t = 2)]
     nodes_min: i32,
+    /// EKS: the node group's size at creation.
     #[arg(long, default_value_t = 2)]
     nodes_desired: i32,
+    /// EKS: the node group's largest size.
     #[arg(long, default_value_t = 4)]
     nodes_max: i32,
     /// Print what would be created, and change nothing.
