@@ -45,6 +45,7 @@ enum Cmd {
     Validate {
         /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
         dir: PathBuf,
+        /// Where dashboards' ConfigMaps would go (their names are checked against it).
         #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
         dashboards_namespace: String,
         #[command(flatten)]
