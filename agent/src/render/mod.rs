@@ -814,7 +814,7 @@ mod tests {
     }
 
     /// A repository with `files` (path from the root, content).
-    fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
+    pub(super) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
             let path = dir.path().join(path);
