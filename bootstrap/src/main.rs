@@ -419,7 +419,7 @@ async fn up_local(
     if !matches!(agent, LocalAgent::None) {
         let repo = match repo {
             Some(repo) => repo,
-            None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
+            None => agent::repo_from_template(&state_dir.join("repo"), plane.registry())?.display().to_string(),
         };
         let client = plane.client().await?;
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
