@@ -415,13 +415,9 @@ async fn up_local(
         println!("node {} is Ready", local::network::NODE_NAME);
         // The Scale pipeline's images, for the repository's workloads to pull.
         let cache = local::build::cache_dir();
-        let images = tokio::task::spawn_blocking(move || {
-            let base = local::image::debian_base(&cache)?;
-            let images = local::dockerfile::scale();
-            images.iter().map(|image| local::dockerfile::build(&cache, &base, image)).collect::<Result<Vec<_>, _>>()
-        })
-        .await?
-        .context("building the Scale pipeline's images")?;
+        let images = tokio::task::spawn_blocking(move || local::dockerfile::build_scale(&cache))
+            .await?
+            .context("building the Scale pipeline's images")?;
         for built in &images {
             println!("image {} in the node's registry", plane.push_built(built)?);
         }

@@ -135,12 +135,7 @@ async fn the_scale_images_built_from_their_dockerfiles_run_on_the_node() {
     let client = plane.client().await.unwrap();
     let ns = cluster::namespace(&client, "scale-images").await;
     let cache = gitops_bootstrap::local::build::cache_dir();
-    let built = tokio::task::spawn_blocking(move || {
-        let base = gitops_bootstrap::local::image::debian_base(&cache).unwrap();
-        dockerfile::scale().iter().map(|image| dockerfile::build(&cache, &base, image).unwrap()).collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_scale(&cache)).await.unwrap().unwrap();
     let image = |name: &str| plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
     let (viewer, batch) = (image("scale-viewer"), image("scale-midi-batch"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);

@@ -83,6 +83,12 @@ pub fn scale() -> [Dockerfile; 4] {
     [scale_viewer(), scale_midi_batch(), scale_postgres(), local_s3()]
 }
 
+/// Builds (or finds in the cache) every image of [`scale()`] on the Debian base.
+pub fn build_scale(cache: &Path) -> Result<Vec<Built>, Error> {
+    let base = super::image::debian_base(cache)?;
+    scale().iter().map(|image| build(cache, &base, image)).collect()
+}
+
 /// The pipeline's PostgreSQL from repo-template's `apps/scale/postgres/Dockerfile`:
 /// Debian's postgresql-15, laid out as the public `postgres:15-bookworm` the manifest names.
 fn scale_postgres() -> Dockerfile {
