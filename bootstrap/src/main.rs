@@ -435,6 +435,7 @@ async fn up_local(
                         dir
                     }
                 };
+                local::corpus::check_readable(&midi_dir)?;
                 let settings =
                     agent::LocalSettings { registry: plane.registry().map(str::to_owned), midi_dir: Some(midi_dir) };
                 let repo = agent::repo_from_template(&state_dir.join("repo"), &settings)?;

@@ -29,6 +29,28 @@ pub fn write(dir: &Path, count: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks that the local S3 endpoint, which runs as an unprivileged user and reads `dir`
+/// through a hostPath volume, can reach it: every directory on the way must let others
+/// in. Said up front, rather than as a crash-looping pod.
+pub fn check_readable(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    for ancestor in dir.ancestors() {
+        let mode = std::fs::metadata(ancestor).map_err(|e| Error::io(ancestor, e))?.permissions().mode();
+        let needed = if ancestor == dir { 0o005 } else { 0o001 };
+        if mode & needed != needed {
+            return Err(Error::io(
+                ancestor,
+                std::io::Error::other(format!(
+                    "mode {:o} keeps the local S3 endpoint (an unprivileged user) from reading the MIDI files in {}",
+                    mode & 0o777,
+                    dir.display()
+                )),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Song `n`'s programs, and whether it has drums: a fixed spread over [`POOL`] (a
 /// multiplicative hash of `n`'s bits), three to six instruments each.
 fn instruments(n: usize) -> (Vec<u8>, bool) {
@@ -86,6 +108,19 @@ mod tests {
         assert!(sets.iter().any(|(_, drums)| *drums) && sets.iter().any(|(_, drums)| !drums), "{sets:?}");
         let distinct: std::collections::HashSet<_> = sets.iter().collect();
         assert!(distinct.len() > 20, "varied: {} distinct sets of 40", distinct.len());
+    }
+
+    #[test]
+    fn a_directory_others_cannot_enter_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let midi = dir.path().join("midi");
+        write(&midi, 1).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let error = check_readable(&midi).unwrap_err().to_string();
+        assert!(error.contains("mode 700") && error.contains(&dir.path().display().to_string()), "{error}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        check_readable(&midi).unwrap();
     }
 
     #[test]
