@@ -97,22 +97,38 @@ fn is_ready(pod: &Pod) -> bool {
     conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Waits for run `name` to end, and returns whether it succeeded and the executor pods
-/// seen while it ran (each owned by the run's driver pod).
-async fn wait_for_run(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) -> (bool, BTreeSet<String>) {
-    let mut executors = BTreeSet::new();
+/// How run `name` went: whether it succeeded, the executor pods seen while it ran (each
+/// owned by the run's driver pod), and how those that failed ended.
+struct Run {
+    succeeded: bool,
+    executors: BTreeSet<String>,
+    executor_exits: BTreeMap<String, String>,
+}
+
+/// Waits for run `name` to end.
+async fn wait_for_run(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) -> Run {
+    let mut run = Run { succeeded: false, executors: BTreeSet::new(), executor_exits: BTreeMap::new() };
     let deadline = tokio::time::Instant::now() + RUN_BOUND;
     loop {
         let listed = pods.list(&ListParams::default().labels("spark-role=executor")).await.unwrap();
         for pod in listed.items {
-            let owners = pod.metadata.owner_references.unwrap_or_default();
+            let owners = pod.metadata.owner_references.clone().unwrap_or_default();
             if owners.iter().any(|o| o.kind == "Pod" && o.name.starts_with(&format!("{name}-"))) {
-                executors.insert(pod.metadata.name.unwrap());
+                let pod_name = pod.metadata.name.clone().unwrap();
+                let statuses = pod.status.and_then(|s| s.container_statuses).unwrap_or_default();
+                // Not those the driver stops at the end (SIGTERM, 143) or that finish.
+                let ended = statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref());
+                if let Some(ended) = ended.filter(|ended| ![0, 143].contains(&ended.exit_code)) {
+                    let reason = ended.reason.clone().unwrap_or_default();
+                    run.executor_exits.insert(pod_name.clone(), format!("{reason} (exit code {})", ended.exit_code));
+                }
+                run.executors.insert(pod_name);
             }
         }
         if let Some(status) = jobs.get_opt(name).await.unwrap().and_then(|job| job.status) {
             if status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
-                return (status.succeeded.unwrap_or(0) > 0, executors);
+                run.succeeded = status.succeeded.unwrap_or(0) > 0;
+                return run;
             }
         }
         assert!(tokio::time::Instant::now() < deadline, "run {name} did not end");
@@ -208,9 +224,10 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     // the S3 endpoint holding the corpus, the viewer Ready.
     let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let (succeeded, executors) = wait_for_run(&jobs, &pods, "midi-batch-1").await;
-    assert!(succeeded, "run 1 failed:\n{}", driver_log(&kubeconfig, "midi-batch-1"));
-    assert_eq!(executors.len(), 2, "spark.executor.instances=2, as pods: {executors:?}");
+    let run = wait_for_run(&jobs, &pods, "midi-batch-1").await;
+    assert!(run.succeeded, "run 1 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-1"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 2, "spark.executor.instances=2, as pods: {:?}", run.executors);
     assert!(is_ready(&pods.get("postgres-0").await.unwrap()), "PostgreSQL is Ready");
     let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE).get("data-postgres-0").await;
     assert_eq!(claim.unwrap().status.unwrap().phase.as_deref(), Some("Bound"), "on a local-path volume");
@@ -247,16 +264,18 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     assert_ne!(edited, text);
     std::fs::write(&spec, edited).unwrap();
     git(&repo, &["commit", "-qam", "midi-batch: one executor"]);
-    let (succeeded, executors) = wait_for_run(&jobs, &pods, "midi-batch-2").await;
-    assert!(succeeded, "run 2 failed:\n{}", driver_log(&kubeconfig, "midi-batch-2"));
-    assert_eq!(executors.len(), 1, "{executors:?}");
+    let run = wait_for_run(&jobs, &pods, "midi-batch-2").await;
+    assert!(run.succeeded, "run 2 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-2"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 1, "{:?}", run.executors);
     assert_tables(&kubeconfig, &truth);
 
     // Its revert: one more run, with two executors again.
     git(&repo, &["revert", "--no-edit", "HEAD"]);
-    let (succeeded, executors) = wait_for_run(&jobs, &pods, "midi-batch-3").await;
-    assert!(succeeded, "run 3 failed:\n{}", driver_log(&kubeconfig, "midi-batch-3"));
-    assert_eq!(executors.len(), 2, "{executors:?}");
+    let run = wait_for_run(&jobs, &pods, "midi-batch-3").await;
+    assert!(run.succeeded, "run 3 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-3"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 2, "{:?}", run.executors);
     assert_eq!(runs(&jobs).await, ["midi-batch-1", "midi-batch-2", "midi-batch-3"], "one run per change");
     assert_eq!(query(&kubeconfig, "SELECT count(*) FROM runs WHERE status = 'succeeded'"), [["3"]]);
     assert_tables(&kubeconfig, &truth);
