@@ -6,20 +6,32 @@
 //! Spark driver in a Job's pod, its executors as pods) fills the tables with exactly
 //! what the test computes on its own. A commit that changes the job spec makes exactly
 //! one more run, and so does its `git revert`.
+//!
+//! Then chaos, as the original deployment proved itself: under 100 requests a second
+//! to the viewer through its Service, a viewer pod is deleted every few seconds, then
+//! the PostgreSQL pod, then the agent's leader pod, then an executor pod in the middle
+//! of a run. The test prints each one's error count and recovery time, and checks that
+//! nothing is lost: the run that lost an executor still writes exactly the right
+//! tables, and the agent, under its new leader, makes no run twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use gitops_bootstrap::install::{self, InstallOptions};
 use gitops_bootstrap::local::agent::{InClusterOptions, LOCAL_CLUSTER_PATH, LocalSettings, install_in_cluster};
 use gitops_bootstrap::local::{Lifetime, dockerfile};
 use gitops_tests::cluster::{self, http_get};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use serde_json::Value;
 
 const NAMESPACE: &str = "scale";
@@ -279,4 +291,183 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     assert_eq!(runs(&jobs).await, ["midi-batch-1", "midi-batch-2", "midi-batch-3"], "one run per change");
     assert_eq!(query(&kubeconfig, "SELECT count(*) FROM runs WHERE status = 'succeeded'"), [["3"]]);
     assert_tables(&kubeconfig, &truth);
+
+    chaos(&client, &kubeconfig, &repo, &truth, &address, id).await;
+}
+
+/// A user's browser at 100 requests a second on one page, each on a new connection
+/// through the viewer's Service, every outcome kept with the time it was sent.
+struct Load {
+    running: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<(Instant, bool)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What users saw of one disruption: the requests sent from its start until all was
+/// well again, how many failed, and how long after its start the last one did.
+#[derive(Debug)]
+struct Disruption {
+    what: &'static str,
+    requests: usize,
+    errors: usize,
+    recovered_after: Duration,
+}
+
+impl Load {
+    fn start(address: String, path: String) -> Load {
+        let running = Arc::new(AtomicBool::new(true));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let (still, seen) = (running.clone(), outcomes.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut requests = tokio::task::JoinSet::new();
+            while still.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (address, path, seen) = (address.clone(), path.clone(), seen.clone());
+                requests.spawn(async move {
+                    let sent = Instant::now();
+                    let ok = http_get(&address, &path).await.is_some();
+                    seen.lock().unwrap().push((sent, ok));
+                });
+                while requests.try_join_next().is_some() {}
+            }
+            while requests.join_next().await.is_some() {}
+        });
+        Load { running, outcomes, task }
+    }
+
+    /// The requests sent since `from`.
+    fn since(&self, what: &'static str, from: Instant) -> Disruption {
+        let outcomes = self.outcomes.lock().unwrap();
+        let window: Vec<_> = outcomes.iter().filter(|(sent, _)| *sent >= from).collect();
+        let last_error = window.iter().filter(|(_, ok)| !ok).map(|(sent, _)| *sent).max();
+        Disruption {
+            what,
+            requests: window.len(),
+            errors: window.iter().filter(|(_, ok)| !ok).count(),
+            recovered_after: last_error.map_or(Duration::ZERO, |at| at - from),
+        }
+    }
+
+    async fn stop(self) {
+        self.running.store(false, Ordering::Relaxed);
+        self.task.await.unwrap();
+    }
+}
+
+/// Ready pods matching `labels`, by name.
+async fn ready_pods(pods: &Api<Pod>, labels: &str) -> Vec<String> {
+    let listed = pods.list(&ListParams::default().labels(labels)).await.unwrap();
+    listed
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none() && is_ready(pod))
+        .map(|pod| pod.metadata.name.unwrap())
+        .collect()
+}
+
+/// Waits until the load has had `quiet` of successes in a row, as a user would judge
+/// that things work again.
+async fn settled(load: &Load, quiet: Duration) {
+    cluster::eventually("the viewer to answer every request again", || async {
+        let outcomes = load.outcomes.lock().unwrap();
+        let last_error = outcomes.iter().filter(|(_, ok)| !ok).map(|(sent, _)| *sent).max();
+        last_error.is_none_or(|at| at.elapsed() > quiet).then_some(())
+    })
+    .await;
+}
+
+async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Truth, viewer: &str, song: &str) {
+    let scale: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let agents: Api<Pod> = Api::namespaced(client.clone(), install::AGENT_NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), install::AGENT_NAMESPACE);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
+    let quiet = Duration::from_secs(3);
+    // A page that reads PostgreSQL.
+    let load = Load::start(viewer.to_owned(), format!("/api/songs/{song}"));
+    settled(&load, quiet).await;
+    let mut disruptions = Vec::new();
+
+    // A viewer pod deleted every five seconds, three times.
+    let from = Instant::now();
+    for _ in 0..3 {
+        let ready = ready_pods(&scale, "app.kubernetes.io/name=viewer").await;
+        scale.delete(&ready[0], &DeleteParams::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    cluster::eventually("two viewer pods Ready", || async {
+        (ready_pods(&scale, "app.kubernetes.io/name=viewer").await.len() == 2).then_some(())
+    })
+    .await;
+    settled(&load, quiet).await;
+    disruptions.push(load.since("a viewer pod deleted every 5 s, 3 times", from));
+
+    // PostgreSQL: the viewer cannot answer until it is back on its volume.
+    let from = Instant::now();
+    let before = scale.get("postgres-0").await.unwrap().metadata.uid;
+    scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
+    cluster::eventually("PostgreSQL back and Ready", || async {
+        let pod = scale.get_opt("postgres-0").await.unwrap()?;
+        (pod.metadata.uid != before && is_ready(&pod)).then_some(())
+    })
+    .await;
+    settled(&load, quiet).await;
+    disruptions.push(load.since("the PostgreSQL pod deleted", from));
+    assert_tables(kubeconfig, truth);
+
+    // The agent's leader: the standby takes the Lease; the viewer does not notice.
+    let holder = || async { leases.get_opt("gitops-agent").await.unwrap()?.spec?.holder_identity };
+    let leader = cluster::eventually("a leader", holder).await;
+    let runs_before = runs(&jobs).await;
+    let from = Instant::now();
+    agents.delete(&leader, &DeleteParams::default()).await.unwrap();
+    cluster::eventually("another replica to take the Lease", || async {
+        holder().await.filter(|next| *next != leader)
+    })
+    .await;
+    let new_leader_after = from.elapsed();
+    settled(&load, quiet).await;
+    let mut disruption = load.since("the agent's leader pod deleted", from);
+    disruption.recovered_after = disruption.recovered_after.max(new_leader_after);
+    disruptions.push(disruption);
+    assert_eq!(runs(&jobs).await, runs_before, "the new leader starts no run for a spec that did not change");
+
+    // An executor in the middle of a run: Spark asks for another and the run still
+    // writes exactly the right tables.
+    let spec = repo.join(LOCAL_CLUSTER_PATH).join("jobs/midi-batch.yaml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("--name=midi-batch", "--name=midi-batch-chaos")).unwrap();
+    git(repo, &["commit", "-qam", "midi-batch: a run to lose an executor in"]);
+    let victim = cluster::eventually("run 4's executors at work", || async {
+        let listed = scale.list(&ListParams::default().labels("spark-role=executor")).await.unwrap();
+        listed.items.into_iter().find(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+    })
+    .await;
+    let from = Instant::now();
+    scale.delete(victim.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+    let run = wait_for_run(&jobs, &scale, "midi-batch-4").await;
+    assert!(run.succeeded, "run 4 failed: {:?}\n{}", run.executor_exits, driver_log(kubeconfig, "midi-batch-4"));
+    assert!(run.executors.len() >= 3, "a new executor took the lost one's place: {:?}", run.executors);
+    disruptions.push(Disruption {
+        what: "an executor pod deleted mid-run (to the run's end)",
+        requests: 0,
+        errors: 0,
+        recovered_after: from.elapsed(),
+    });
+    assert_tables(kubeconfig, truth);
+    let runs_now = runs(&jobs).await;
+    assert_eq!(runs_now, ["midi-batch-1", "midi-batch-2", "midi-batch-3", "midi-batch-4"], "no run twice");
+    load.stop().await;
+
+    println!("\nchaos under 100 requests/s to the viewer:");
+    for d in &disruptions {
+        println!(
+            "  {:<52} {:>6} requests {:>5} errors  recovered after {:.1} s",
+            d.what,
+            d.requests,
+            d.errors,
+            d.recovered_after.as_secs_f64()
+        );
+    }
 }
