@@ -137,11 +137,10 @@ async fn wait_for_run(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) -> Run {
                 run.executors.insert(pod_name);
             }
         }
-        if let Some(status) = jobs.get_opt(name).await.unwrap().and_then(|job| job.status) {
-            if status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
-                run.succeeded = status.succeeded.unwrap_or(0) > 0;
-                return run;
-            }
+        let status = jobs.get_opt(name).await.unwrap().and_then(|job| job.status).unwrap_or_default();
+        if status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+            run.succeeded = status.succeeded.unwrap_or(0) > 0;
+            return run;
         }
         assert!(tokio::time::Instant::now() < deadline, "run {name} did not end");
         tokio::time::sleep(Duration::from_millis(500)).await;
