@@ -151,9 +151,17 @@ impl Syncer {
         let previews = self.dry_run(&rest, in_line).await?;
         let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
-        let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
-        changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
-        changes.extend(self.applier.apply(&plan.namespaced, namespaced).await.map_err(SyncError::Apply)?);
+        let (mut cluster_scoped, mut namespaced) = previews.split_at(plan.cluster_scoped.len());
+        // Waiting for each wave's health before the next is not done yet (issue 14):
+        // waves are applied in order, one after the other.
+        for wave in plan.waves() {
+            let (previews, rest) = cluster_scoped.split_at(wave.cluster_scoped.len());
+            cluster_scoped = rest;
+            changes.extend(self.applier.apply(wave.cluster_scoped, previews).await.map_err(SyncError::Apply)?);
+            let (previews, rest) = namespaced.split_at(wave.namespaced.len());
+            namespaced = rest;
+            changes.extend(self.applier.apply(wave.namespaced, previews).await.map_err(SyncError::Apply)?);
+        }
 
         let all: Vec<Planned> = plan.objects().cloned().collect();
         let mut owned = plan::entries(&all, |_| true, &inventory);
