@@ -56,6 +56,8 @@ pub struct Change {
     #[serde(serialize_with = "display")]
     pub id: ObjectId,
     pub action: Action,
+    /// `file:line` of the object in the repository (`inventory` for a pruned one).
+    pub origin: String,
     /// The [`fingerprint`] of the object as the API server holds it now, when the
     /// change saw it (not for deleted objects, nor for ones vouched for unseen): the
     /// drift watch takes an event showing this state as in line without a request.
@@ -349,7 +351,13 @@ impl Applier {
         let stored = self.write(object).await?;
         let action = if live.is_some() { Action::Configured } else { Action::Created };
         let generation = stored.metadata.generation;
-        Ok(Change { id: object.id.clone(), action, fingerprint: Some(fingerprint(&stored)), generation })
+        Ok(Change {
+            id: object.id.clone(),
+            action,
+            origin: object.origin.clone(),
+            fingerprint: Some(fingerprint(&stored)),
+            generation,
+        })
     }
 
     async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
@@ -360,7 +368,7 @@ impl Applier {
             Some(preview) => preview.live.as_ref().map_or((None, None), seen),
             None => (None, None),
         };
-        Ok(Change { id: object.id.clone(), action, fingerprint, generation })
+        Ok(Change { id: object.id.clone(), action, origin: object.origin.clone(), fingerprint, generation })
     }
 
     /// Applies `object`; returns it as the API server stored it.
@@ -379,6 +387,7 @@ impl Applier {
             return Ok(Some(Change {
                 id: object.id.clone(),
                 action: Action::Deleted,
+                origin: object.origin.clone(),
                 fingerprint: None,
                 generation: None,
             }));
@@ -389,7 +398,13 @@ impl Applier {
         }
         let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
         self.writer.delete(&api, &object.id.name, &params).await.map_err(|e| ApplyError::new(object, "delete", e))?;
-        Ok(Some(Change { id: object.id.clone(), action: Action::Deleted, fingerprint: None, generation: None }))
+        Ok(Some(Change {
+            id: object.id.clone(),
+            action: Action::Deleted,
+            origin: object.origin.clone(),
+            fingerprint: None,
+            generation: None,
+        }))
     }
 
     /// Waits until every named CRD is Established, so objects of its kinds can be

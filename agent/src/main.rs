@@ -45,6 +45,7 @@ enum Cmd {
     Validate {
         /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
         dir: PathBuf,
+        /// Where dashboards' ConfigMaps would go (their names are checked against it).
         #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
         dashboards_namespace: String,
         #[command(flatten)]
@@ -141,6 +142,7 @@ struct SourceArgs {
     /// https, ssh, git or file URL, or a local path.
     #[arg(long, env = "GITOPS_REPO")]
     repo: String,
+    /// The branch to follow (pushes to others are ignored).
     #[arg(long, env = "GITOPS_BRANCH", default_value = "main")]
     branch: String,
     /// Subdirectory holding manifests/, dashboards/ and jobs/.

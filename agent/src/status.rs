@@ -3,6 +3,7 @@
 //! server. A reconcile's outcome is recorded once, by [`AppState::record`], which
 //! updates all three; the drift watch and the batch runs keep their own lists here.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -60,6 +61,66 @@ pub struct Status {
     pub health: Option<HealthStatus>,
     /// The applied revision's objects that are not healthy, with why.
     pub unhealthy: Vec<UnhealthyObject>,
+    /// Every object the agent applies, sorted, with where it comes from and the last
+    /// thing a sync did to it.
+    #[serde(serialize_with = "applied_list")]
+    pub applied: BTreeMap<String, AppliedObject>,
+}
+
+/// An object of the applied revision, in `/status.applied`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AppliedObject {
+    pub kind: String,
+    /// `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    pub name: String,
+    /// Relative to `--path`.
+    pub file: Option<String>,
+    pub line: Option<usize>,
+    /// `created` or `configured` by the last sync that changed it, `unchanged` when no
+    /// sync since this agent started has had to.
+    pub last_action: Action,
+    /// The revision of that sync (of the first sync this agent made, if unchanged).
+    pub revision: String,
+}
+
+fn applied_list<S: serde::Serializer>(applied: &BTreeMap<String, AppliedObject>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(applied.values())
+}
+
+impl Status {
+    /// Takes in what a successful sync of `revision` did.
+    fn record_applied(&mut self, revision: &str, changes: &ChangeSet) {
+        for change in &changes.changes {
+            let key = change.id.to_string();
+            if change.action == Action::Deleted {
+                self.applied.remove(&key);
+                continue;
+            }
+            let (file, line) = file_and_line(&change.origin);
+            let entry = self.applied.entry(key).or_insert_with(|| AppliedObject {
+                kind: change.id.kind.clone(),
+                namespace: Some(change.id.namespace.clone()).filter(|n| !n.is_empty()),
+                name: change.id.name.clone(),
+                file: None,
+                line: None,
+                last_action: change.action,
+                revision: revision.to_owned(),
+            });
+            (entry.file, entry.line) = (file, line);
+            if change.action != Action::Unchanged {
+                (entry.last_action, entry.revision) = (change.action, revision.to_owned());
+            }
+        }
+    }
+}
+
+/// `file:line` as its two parts; neither for an origin that is not one (`inventory`).
+fn file_and_line(origin: &str) -> (Option<String>, Option<usize>) {
+    match origin.rsplit_once(':') {
+        Some((file, line)) if line.parse::<usize>().is_ok() => (Some(file.to_owned()), line.parse().ok()),
+        _ => (None, None),
+    }
 }
 
 /// An object of the applied revision that is not healthy.
@@ -153,6 +214,9 @@ impl AppState {
                     }
                 }
                 let mut status = self.status();
+                if let Some(changes) = changes {
+                    status.record_applied(revision, changes);
+                }
                 status.revision = Some(revision.clone());
                 status.last_sync = Some(LastSync::now(SyncResult::Success, duration));
                 status.errors.clear();
@@ -363,10 +427,7 @@ impl ErrorEntry {
 
     fn apply(error: &ApplyError) -> ErrorEntry {
         // `file:line`, or `inventory` for an object only the inventory knows.
-        let (file, line) = match error.origin.rsplit_once(':') {
-            Some((file, line)) if line.parse::<usize>().is_ok() => (Some(file.to_owned()), line.parse().ok()),
-            _ => (None, None),
-        };
+        let (file, line) = file_and_line(&error.origin);
         ErrorEntry { file, line, object: Some(error.id.to_string()), message: error.message.clone() }
     }
 }

@@ -228,7 +228,7 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
         parse(body),
-        json!({"revision": null, "leader": false, "suspended": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": [], "batch_waiting": []})
+        json!({"revision": null, "leader": false, "suspended": false, "last_sync": null, "errors": [], "drifted": [], "batch_runs": [], "batch_errors": [], "batch_waiting": [], "health": null, "unhealthy": [], "applied": []})
     );
 
     agent.state.record(synced("0123abcd"), Duration::from_millis(1500)).await;
@@ -294,6 +294,9 @@ async fn status_reports_revision_last_sync_errors_drift_and_runs() {
             ],
             "batch_errors": ["jobs/spark.yaml:1: job spark: no CRD"],
             "batch_waiting": [],
+            "health": null,
+            "unhealthy": [],
+            "applied": [],
         })
     );
     agent.state.record(synced("4567ef01"), Duration::from_secs(1)).await;

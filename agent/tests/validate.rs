@@ -44,7 +44,7 @@ fn a_directory_without_manifests_dashboards_or_jobs_fails_naming_the_one_meant()
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-agent")).arg("validate").arg(&manifests).output().unwrap();
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success(), "nothing validated is no pass: {out}");
-    assert!(out.contains("holds none of manifests/, dashboards/, jobs/"), "{out}");
+    assert!(out.contains("holds no kustomization and none of manifests/, dashboards/, jobs/, charts/"), "{out}");
     assert!(out.contains(&format!("did you mean {}?", dir.path().display())), "{out}");
 }
 

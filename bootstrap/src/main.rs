@@ -63,8 +63,10 @@ enum Cmd {
     Down {
         #[arg(long, value_enum)]
         provider: Provider,
+        /// Local: the state directory `up` was given; it is removed.
         #[arg(long, required_if_eq("provider", "local"))]
         state_dir: Option<PathBuf>,
+        /// EKS: the cluster `up` made, found again by its tags.
         #[arg(long, required_if_eq("provider", "eks"))]
         cluster_name: Option<String>,
         #[command(flatten)]
@@ -86,6 +88,7 @@ enum Cmd {
     Status {
         #[arg(long, value_enum)]
         provider: Provider,
+        /// The state directory `up` was given.
         #[arg(long)]
         state_dir: PathBuf,
     },
@@ -124,6 +127,7 @@ struct EksUpArgs {
     /// EKS: the cluster's name; every AWS resource is tagged with it.
     #[arg(long, required_if_eq("provider", "eks"))]
     cluster_name: Option<String>,
+    /// EKS: the cluster's Kubernetes version.
     #[arg(long, default_value = "1.33")]
     kubernetes_version: String,
     /// Availability zones to spread the subnets over (2 or 3).
@@ -135,12 +139,16 @@ struct EksUpArgs {
     /// CIDRs allowed to reach the cluster's public API endpoint (repeat the flag).
     #[arg(long = "public-access-cidr", default_value = "0.0.0.0/0")]
     public_access_cidrs: Vec<String>,
+    /// EKS: the node group's EC2 instance type.
     #[arg(long, default_value = "t3.large")]
     instance_type: String,
+    /// EKS: the node group's smallest size.
     #[arg(long, default_value_t = 2)]
     nodes_min: i32,
+    /// EKS: the node group's size at creation.
     #[arg(long, default_value_t = 2)]
     nodes_desired: i32,
+    /// EKS: the node group's largest size.
     #[arg(long, default_value_t = 4)]
     nodes_max: i32,
     /// Print what would be created, and change nothing.
@@ -314,7 +322,7 @@ async fn main() -> Result<()> {
             println!("cluster {} is gone", options.cluster_name);
             Ok(())
         }
-        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir),
+        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir).await,
         Cmd::Prepare { provider: Provider::Local } => {
             let cache = local::build::cache_dir();
             let agent_binary = agent::find_agent_binary();
@@ -385,7 +393,7 @@ async fn up_local(
     let components = local::status(state_dir);
     if !components.is_empty() && components.iter().all(|(_, _, alive)| *alive) {
         println!("already running from {}", state_dir.display());
-        return print_status(state_dir);
+        return print_status(state_dir).await;
     }
     let options = Options { node, ..Options::new(state_dir, local::Lifetime::Detached) };
     let plane = LocalControlPlane::start(&options)
@@ -411,11 +419,12 @@ async fn up_local(
     if !matches!(agent, LocalAgent::None) {
         let repo = match repo {
             Some(repo) => repo,
-            None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
+            None => agent::repo_from_template(&state_dir.join("repo"), plane.registry())?.display().to_string(),
         };
         let client = plane.client().await?;
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
         let binary = agent::find_agent_binary();
+        let in_cluster = matches!(agent, LocalAgent::InCluster);
         let follows = match agent {
             LocalAgent::InCluster => {
                 let options = agent::InClusterOptions {
@@ -451,9 +460,16 @@ async fn up_local(
             }
             LocalAgent::None => unreachable!("handled above"),
         };
-        let revision = install::wait_synced(&client, Duration::from_secs(180), &resume)
-            .await
-            .context("waiting for the agent's first sync")?;
+        let revision = match install::wait_synced(&client, Duration::from_secs(180), &resume).await {
+            Ok(revision) => revision,
+            Err(e) if in_cluster => {
+                let pods = agent::pod_problems(&client).await.join("\n  ");
+                return Err(
+                    anyhow::anyhow!(e).context(format!("waiting for the agent's first sync; its pods:\n  {pods}"))
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!(e).context("waiting for the agent's first sync")),
+        };
         println!("{follows}\nIt has applied {revision}: commit to the repository and watch the cluster follow.");
     }
     println!(
@@ -463,7 +479,7 @@ async fn up_local(
     Ok(())
 }
 
-fn print_status(state_dir: &std::path::Path) -> Result<()> {
+async fn print_status(state_dir: &std::path::Path) -> Result<()> {
     let components = local::status(state_dir);
     if components.is_empty() {
         println!("nothing runs from {}", state_dir.display());
@@ -472,9 +488,34 @@ fn print_status(state_dir: &std::path::Path) -> Result<()> {
     for (name, pid, alive) in &components {
         println!("{name:<24} pid {pid:<8} {}", if *alive { "running" } else { "stopped" });
     }
+    println!("logs: {}", state_dir.join("logs").join("NAME.log").display());
+    if let Ok(registry) = std::fs::read_to_string(state_dir.join("registry")) {
+        println!("registry: {}", registry.trim());
+    }
     let kubeconfig = state_dir.join("kubeconfig");
-    if kubeconfig.exists() {
-        println!("kubeconfig: {}", kubeconfig.display());
+    if !kubeconfig.exists() {
+        return Ok(());
+    }
+    println!("kubeconfig: {}", kubeconfig.display());
+    // What the agent last reported, wherever it runs (pods or a process).
+    let report = async {
+        let client = local::client_from_kubeconfig(&kubeconfig).await.ok()?;
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client, agent::AGENT_NAMESPACE);
+        api.get_opt(gitops_agent::report::STATUS_NAME).await.ok()?.and_then(|cm| cm.data)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), report).await.ok().flatten() {
+        Some(data) => {
+            let get = |key: &str| data.get(key).map(String::as_str).unwrap_or("-");
+            println!(
+                "agent: {} at {}, health {}{}",
+                get("phase"),
+                get("revision"),
+                get("health"),
+                data.get("healthMessage").filter(|m| !m.is_empty()).map(|m| format!(" ({m})")).unwrap_or_default()
+            );
+        }
+        None => println!("agent: no status reported (no agent, or the API server does not answer)"),
     }
     Ok(())
 }

@@ -125,6 +125,19 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
 
     git(&repo, &["revert", "--no-edit", "HEAD"]);
     wait_for_value(&kubeconfig, "first");
+    // The agent records the revision just after applying it.
+    let head = stdout(&Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap());
+    let synced = format!("agent: synced at {}", head.trim());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let status = stdout(&bootstrap(&["status", "--provider", "local", "--state-dir", state.to_str().unwrap()]));
+        if status.contains(&synced) || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(status.contains(&synced), "status names what the agent applied: {status}");
+    assert!(status.contains(&format!("logs: {}", state.join("logs").display())), "{status}");
 
     let pids = running_pids(&state);
     assert_eq!(pids.len(), 4, "the control plane and the agent run: {pids:?}");

@@ -234,3 +234,19 @@ pub async fn run_to_completion(
         .expect("kubectl runs");
     (phase, String::from_utf8_lossy(&logs.stdout).into_owned() + &String::from_utf8_lossy(&logs.stderr))
 }
+
+/// The body of a `200` answer to `GET path` from `address` (`host:port`), as a user's
+/// curl from this machine would get it; `None` for no answer within 5 s or another status.
+pub async fn http_get(address: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await.ok()??;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    (head.lines().next()?.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
+}

@@ -8,7 +8,7 @@ use gitops_bootstrap::local::LocalControlPlane;
 use gitops_bootstrap::local::image::{Image, ImageFile};
 
 /// Debian's busybox-static: one static binary with a shell.
-const BUSYBOX: &str = "/bin/busybox";
+pub const BUSYBOX: &str = "/bin/busybox";
 pub const BUSYBOX_IMAGE: &str = "gitops.local/busybox:1";
 
 /// Imports [`BUSYBOX_IMAGE`] into `plane`'s node, once per process, and returns its

@@ -38,17 +38,22 @@ pub fn shared_charts() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/charts")
 }
 
-/// Runs the built helm with a throwaway home; panics with its output on failure.
-pub fn helm(args: &[&str], home: &Path) -> String {
-    let output = Command::new(&binaries().helm)
-        .args(args)
+/// `program` (helm, or a wrapper of it) with an empty environment and a throwaway
+/// helm home, so no user setting or cache on this machine changes what it does.
+pub fn isolated(program: impl AsRef<std::ffi::OsStr>, home: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
         .env_clear()
         .env("HOME", home)
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .expect("running helm");
+        .env("HELM_DATA_HOME", home.join("data"));
+    command
+}
+
+/// Runs the built helm with a throwaway home; panics with its output on failure.
+pub fn helm(args: &[&str], home: &Path) -> String {
+    let output = isolated(&binaries().helm, home).args(args).output().expect("running helm");
     assert!(output.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).expect("helm prints UTF-8")
 }

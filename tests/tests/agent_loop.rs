@@ -174,3 +174,38 @@ async fn an_unreachable_remote_keeps_the_last_good_revision_and_recovers() {
     eventually("app to be pruned", || async { value_of(&client, &ns, "app").await.is_none().then_some(()) }).await;
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn status_lists_the_applied_objects_with_their_file_line_and_last_action() {
+    let (client, ns, repo) = setup("applied").await;
+    repo.write("manifests/more.yaml", &format!("{}---\n{}", config_map("kept", "1"), config_map("changed", "1")));
+    let first = repo.commit("more");
+    let agent = Agent::start(client.clone(), config(repo.file_url(), &ns)).await;
+    agent.applied(&first).await;
+    let entry = |name: &str, file: &str, line: u64, action: &str, revision: &str| {
+        serde_json::json!({ "kind": "ConfigMap", "namespace": ns, "name": name, "file": file, "line": line,
+                            "last_action": action, "revision": revision })
+    };
+    assert_eq!(
+        agent.status().await["applied"],
+        serde_json::json!([
+            entry("app", "manifests/app.yaml", 1, "created", &first),
+            entry("changed", "manifests/more.yaml", 8, "created", &first),
+            entry("kept", "manifests/more.yaml", 1, "created", &first),
+        ])
+    );
+
+    repo.write("manifests/more.yaml", &format!("{}---\n{}", config_map("kept", "1"), config_map("changed", "2")));
+    std::fs::remove_file(repo.work_tree().join("manifests/app.yaml")).unwrap();
+    let second = repo.commit("change one, delete one");
+    agent.trigger_and_wait(second.clone()).await;
+    assert_eq!(
+        agent.status().await["applied"],
+        serde_json::json!([
+            entry("changed", "manifests/more.yaml", 8, "configured", &second),
+            entry("kept", "manifests/more.yaml", 1, "created", &first),
+        ]),
+        "the pruned object is gone, the unchanged one keeps its last action"
+    );
+    agent.stop().await;
+}

@@ -10,23 +10,15 @@
 //! One test function: the machine has one node (one kubelet, one `cni0`), so the steps
 //! share it in turn rather than in parallel tests.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::Duration;
 
-use gitops_bootstrap::local::image::{Image, ImageFile};
 use gitops_bootstrap::local::network::{NODE_IP, NODE_NAME};
 use gitops_bootstrap::local::{Lifetime, LocalControlPlane, Options};
-use gitops_tests::cluster::{self, eventually};
+use gitops_tests::cluster::{self, eventually, http_get};
+use gitops_tests::images::{BUSYBOX, BUSYBOX_IMAGE};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, PostParams};
 use serde_json::json;
-
-/// Debian's busybox-static: one static binary with a shell, packed into a test image.
-const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_IMAGE: &str = "gitops.local/busybox:1";
 
 /// The sysctls the node changes, which stopping it must put back.
 const SYSCTLS: [&str; 4] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops", "net/ipv4/ip_forward"];
@@ -102,16 +94,6 @@ impl Drop for Outside {
     }
 }
 
-/// The body of `GET /` from `address`, or the error.
-fn http_get(address: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(response))
-}
-
 /// Runs a pod of one container to completion and returns its phase and log.
 async fn run_pod(pods: &Api<Pod>, kubeconfig: &str, name: &str, container: serde_json::Value) -> (String, String) {
     run_pod_spec(pods, kubeconfig, name, json!({ "containers": [container] })).await
@@ -156,15 +138,7 @@ async fn a_pod_runs_on_the_node_and_stopping_leaves_nothing() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // A pod from an image packed here, never pulled.
-    let archive = plane.state_dir().join("busybox.tar");
-    Image {
-        reference: BUSYBOX_IMAGE.into(),
-        files: vec![ImageFile { path: "/bin/busybox", source: PathBuf::from(BUSYBOX) }],
-        entrypoint: vec!["/bin/busybox".into()],
-    }
-    .write_archive(&archive)
-    .unwrap();
-    plane.import_image(&archive).unwrap();
+    gitops_tests::images::busybox(&plane);
     let (phase, logs) = run_pod(&pods, &kubeconfig, "hello", busybox("echo hello from $(hostname) as $(id -u)")).await;
     assert_eq!(phase, "Succeeded", "pod hello: {logs}");
     assert_eq!(logs.trim(), "hello from hello as 0");
@@ -218,9 +192,8 @@ spec:
     let cluster_ip = spec.cluster_ip.unwrap();
     assert!(cluster_ip.starts_with("10.96."), "a ClusterIP of the service network: {cluster_ip}");
     let node_port = spec.ports.unwrap()[0].node_port.unwrap();
-    let from_host =
-        eventually("the NodePort to answer the host", || async { http_get(&format!("{NODE_IP}:{node_port}")).ok() })
-            .await;
+    let node_address = format!("{NODE_IP}:{node_port}");
+    let from_host = eventually("the NodePort to answer the host", || http_get(&node_address, "/")).await;
     assert_eq!(from_host.trim(), "served by web");
     let (phase, logs) = run_pod(&pods, &kubeconfig, "client", debian(registry, &bash_get(&cluster_ip, 80))).await;
     assert_eq!((phase.as_str(), logs.trim()), ("Succeeded", "served by web"), "through the Service's ClusterIP");
@@ -261,10 +234,8 @@ spec:
     assert_eq!(bound.phase.as_deref(), Some("Bound"), "claim data binds through local-path");
 
     // Containment: a server outside the node's networks answers the host, not a pod.
-    let from_host = eventually("the outside server to answer the host", || async {
-        http_get(&format!("{OUTSIDE_ADDRESS}:80")).ok()
-    })
-    .await;
+    let outside_address = format!("{OUTSIDE_ADDRESS}:80");
+    let from_host = eventually("the outside server to answer the host", || http_get(&outside_address, "/")).await;
     assert_eq!(from_host.trim(), "outside");
     let script = format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{OUTSIDE_ADDRESS}/80' && echo reached || echo blocked");
     let (_, logs) = run_pod(&pods, &kubeconfig, "escape", debian(registry, &script)).await;

@@ -127,3 +127,60 @@ async fn the_agent_stays_inside_its_namespaces_and_cannot_escalate() {
     let outside_cms: Api<ConfigMap> = Api::namespaced(agent_client, &outside);
     assert!(forbidden(outside_cms.create(&PostParams::default(), &cm).await), "no write outside");
 }
+
+/// The cluster-wide install (`manifests/install/rbac.yaml`) in a revision that adds a
+/// workload's Role granting `deletecollection` and the RoleBinding to it, as
+/// repo-template's Spark driver does: both are applied (the Role before the binding's
+/// dry run, which looks it up), and binding `cluster-admin` is still refused.
+#[tokio::test]
+async fn the_installs_rbac_applies_a_revisions_roles_and_bindings_but_cannot_bind_cluster_admin() {
+    let admin = cluster::client().await;
+    let own = cluster::namespace(&admin, "install-rbac").await;
+    let app = cluster::namespace(&admin, "app").await;
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/install/rbac.yaml"))
+        .unwrap()
+        .replace("gitops-system", &own);
+    cluster::apply_yaml(&admin, &rbac).await;
+    let agent_client = cluster::service_account_client(&admin, &own, "gitops-agent").await;
+
+    let repo = GitRepo::new();
+    repo.write(
+        "manifests/driver.yaml",
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: driver\n  namespace: {app}\n\
+             rules:\n- apiGroups: [\"\"]\n  resources: [pods, configmaps]\n  verbs: [create, get, list, watch, delete, deletecollection]\n\
+             ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: driver\n  namespace: {app}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: driver}}\n\
+             subjects: [{{kind: ServiceAccount, name: driver, namespace: {app}}}]\n"
+        ),
+    );
+    let good = repo.commit("the driver's role");
+    let agent = Agent::start(
+        agent_client.clone(),
+        AgentConfig { local_repo: Some(repo.path()), ..AgentConfig::new(repo.file_url(), &own) },
+    )
+    .await;
+    eventually("the roles revision applied", || async { (agent.status().await["revision"] == good).then_some(()) })
+        .await;
+    assert!(Api::<RoleBinding>::namespaced(admin.clone(), &app).get_opt("driver").await.unwrap().is_some());
+
+    repo.write(
+        "manifests/admin.yaml",
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {own}-take-over\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}}\n\
+             subjects: [{{kind: ServiceAccount, name: gitops-agent, namespace: {own}}}]\n"
+        ),
+    );
+    repo.commit("take over");
+    let errors = eventually("the refusal in /status", || async {
+        let errors = agent.status().await["errors"].clone();
+        (errors != json!([])).then_some(errors)
+    })
+    .await;
+    assert!(errors.to_string().contains("manifests/admin.yaml"), "{errors}");
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    assert!(bindings.get_opt(&format!("{own}-take-over")).await.unwrap().is_none(), "no escalation");
+    assert_eq!(agent.status().await["revision"], good, "the cluster stays at the last good revision");
+    agent.stop().await;
+}

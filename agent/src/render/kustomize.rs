@@ -287,15 +287,7 @@ pub fn build(kustomize: &Path, limits: &Limits, repo: &Path, dir: &Path) -> Resu
 mod tests {
     use super::*;
 
-    fn repo(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        for (path, content) in files {
-            let path = dir.path().join(path);
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(path, content).unwrap();
-        }
-        dir
-    }
+    use crate::render::tests::repo_at_root as repo;
 
     fn errors(dir: &tempfile::TempDir, kustomization: &str) -> Vec<String> {
         inputs(dir.path(), Path::new(kustomization))

@@ -310,7 +310,7 @@ impl Renderer {
         dashboards_namespace: &str,
         capabilities: &Capabilities,
     ) -> Result<Rendered, Vec<RenderError>> {
-        let mut findings = Findings::default();
+        let mut findings = Findings { repo_root: Some(self.tools.repo_root(root)), ..Findings::default() };
         let mut used = HashSet::new();
         let kustomizations = self.kustomizations(root, &mut findings, &mut used);
         if kustomize::kustomization_file(root).is_none() {
@@ -536,6 +536,10 @@ pub fn render_text(file: &Path, text: &str) -> Result<Vec<Manifest>, Vec<RenderE
 struct Findings {
     manifests: Vec<Manifest>,
     errors: Vec<RenderError>,
+    /// Where symlinks may point: the whole repository, not only `--path`, so that a
+    /// cluster's directory can link the repository's shared `dashboards/` (as kustomize
+    /// bases reach `../../manifests`). None: `--path` is the repository.
+    repo_root: Option<PathBuf>,
 }
 
 impl Findings {
@@ -552,9 +556,9 @@ impl Findings {
     }
 
     /// The files under `root/dir` with one of `extensions`, relative to `root`, in
-    /// sorted path order. Symlinks are followed as long as they stay inside `root`.
+    /// sorted path order. Symlinks are followed as long as they stay inside the repository.
     fn files(&mut self, root: &Path, dir: &str, extensions: &[&str]) -> Vec<PathBuf> {
-        let real_root = match root.canonicalize() {
+        let real_root = match self.repo_root.as_deref().unwrap_or(root).canonicalize() {
             Ok(real_root) => real_root,
             Err(e) => {
                 // Said once, for the first directory.
@@ -821,7 +825,7 @@ mod tests {
     }
 
     /// A repository with `files` (path from the root, content).
-    fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
+    pub(super) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
             let path = dir.path().join(path);
@@ -1121,5 +1125,25 @@ mod tests {
                 format!("manifests/outdir:1: symlink resolves to {}, outside the repository", real_outside.display()),
             ]
         );
+    }
+
+    #[test]
+    fn a_symlink_may_reach_outside_path_but_not_outside_the_repository() {
+        // A cluster's directory links the repository's shared dashboards/, as
+        // repo-template's clusters/local does.
+        let dir = repo_at_root(&[("dashboards/scale/a.json", dashboard("a", "A").as_str())]);
+        let cluster = dir.path().join("clusters/local");
+        fs::create_dir_all(&cluster).unwrap();
+        std::os::unix::fs::symlink("../../dashboards", cluster.join("dashboards")).unwrap();
+        let tools = Tools { path_in_repo: "clusters/local".into(), ..Tools::default() };
+        let rendered = Renderer::new(tools).render(&cluster, "monitoring", &Capabilities::default()).unwrap();
+        assert_eq!(
+            summary(&rendered.manifests),
+            [("dashboards/scale/a.json:1".into(), "ConfigMap monitoring/dashboard-a".into())]
+        );
+
+        // Without the repository around it, the same link leaves the root.
+        let errors = render(&cluster, "monitoring").unwrap_err();
+        assert!(errors[0].to_string().contains("outside the repository"), "{errors:?}");
     }
 }

@@ -42,11 +42,20 @@ pub fn find_agent_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("gitops-agent"))
 }
 
+/// Where the local overlay names the node's registry, which is known only once the node runs.
+const LOCAL_OVERLAY: &str = "clusters/local/kustomization.yaml";
+
 /// Writes `repo-template/` into a new git repository at `dir` with one commit on
-/// `main`, and returns its path.
-pub fn repo_from_template(dir: &Path) -> Result<PathBuf, Error> {
+/// `main`, and returns its path. With `registry` (the node's `host:port`), the local
+/// overlay's images point at it in that first commit, so the first sync pulls from it.
+pub fn repo_from_template(dir: &Path, registry: Option<&str>) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     REPO_TEMPLATE.extract(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(registry) = registry {
+        let overlay = dir.join(LOCAL_OVERLAY);
+        let text = std::fs::read_to_string(&overlay).map_err(|e| Error::io(&overlay, e))?;
+        std::fs::write(&overlay, text.replace("LOCAL-REGISTRY", registry)).map_err(|e| Error::io(&overlay, e))?;
+    }
     let git = |e: git2::Error| Error::Git { path: dir.to_owned(), message: e.message().to_owned() };
     let repo =
         git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main")).map_err(git)?;
@@ -226,4 +235,25 @@ fn write_sync_hooks(repo: &Path, binary: &Path, kubeconfig: &Path) -> Result<(),
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
+}
+
+/// One line per pod of the agent's Deployment with what is wrong with it, if anything
+/// (a container that cannot start or keeps crashing, with the kubelet's reason), for
+/// an `up` whose agent never reported a sync.
+pub async fn pod_problems(client: &kube::Client) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let params = kube::api::ListParams::default().labels("app.kubernetes.io/name=gitops-agent");
+    let Ok(list) = pods.list(&params).await else { return vec!["the agent's pods could not be listed".into()] };
+    if list.items.is_empty() {
+        return vec![format!("no pod of the gitops-agent Deployment in {AGENT_NAMESPACE}")];
+    }
+    list.items
+        .iter()
+        .filter_map(|pod| gitops_agent::health::PodSummary::of(&serde_json::to_value(pod).ok()?))
+        .map(|pod| match pod.problem {
+            Some(problem) => format!("pod {}: {}: {}", pod.name, problem.reason, problem.message),
+            None => format!("pod {}: running", pod.name),
+        })
+        .collect()
 }

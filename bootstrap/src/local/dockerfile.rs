@@ -78,8 +78,20 @@ pub fn agent(binary: &Path, tools: &super::build::RenderTools) -> Result<Dockerf
 }
 
 /// The Scale pipeline's images, which `up` pushes to the node's registry.
-pub fn scale() -> [Dockerfile; 2] {
-    [scale_viewer(), scale_midi_batch()]
+pub fn scale() -> [Dockerfile; 3] {
+    [scale_viewer(), scale_midi_batch(), scale_postgres()]
+}
+
+/// The pipeline's PostgreSQL from repo-template's `apps/scale/postgres/Dockerfile`:
+/// Debian's postgresql-15, laid out as the public `postgres:15-bookworm` the manifest names.
+fn scale_postgres() -> Dockerfile {
+    Dockerfile {
+        name: "scale-postgres",
+        text: include_str!("../../../repo-template/apps/scale/postgres/Dockerfile"),
+        context: scale_context(),
+        args: Vec::new(),
+        bases: &["BASE_IMAGE"],
+    }
 }
 
 /// The Scale viewer's image, from repo-template's `apps/scale/viewer/Dockerfile`.

@@ -101,16 +101,8 @@ fn main() {
 
 /// `seconds peak_rss_kib -` of one tool run.
 fn timed(args: &[&str], home: &Path) -> String {
-    let output = Command::new("/usr/bin/time")
-        .args(["-f", "%e %M"])
-        .args(args)
-        .env_clear()
-        .env("HOME", home)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .unwrap();
+    let output =
+        gitops_tests::render::isolated("/usr/bin/time", home).args(["-f", "%e %M"]).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{args:?}: {stderr}");
     format!("{} -", stderr.lines().last().unwrap())
