@@ -91,6 +91,15 @@ impl Plan {
             .collect()
     }
 
+    /// The objects applied once the first `cluster_scoped` objects of stage 3 and
+    /// `namespaced` of stage 4 are (with stages 1 and 2), and the others.
+    pub fn split_applied(&self, cluster_scoped: usize, namespaced: usize) -> (Vec<Planned>, Vec<Planned>) {
+        let (cluster_scoped, later_cluster_scoped) = self.cluster_scoped.split_at(cluster_scoped);
+        let (namespaced, later_namespaced) = self.namespaced.split_at(namespaced);
+        let applied = self.definitions.iter().chain(&self.roles).chain(cluster_scoped).chain(namespaced);
+        (applied.cloned().collect(), later_cluster_scoped.iter().chain(later_namespaced).cloned().collect())
+    }
+
     /// Puts stages 3 and 4 in wave order. Stable: within a wave, objects keep the
     /// order of the repository.
     fn sort_by_wave(&mut self) {
@@ -342,6 +351,16 @@ mod tests {
             .map(|w| (w.number, w.namespaced.iter().map(|p| p.id.name.as_str()).collect()))
             .collect();
         assert_eq!(waves, vec![(-1, vec!["early"]), (0, vec!["plain", "zero"]), (2, vec!["late", "also-late"])]);
+    }
+
+    #[test]
+    fn what_a_wave_applied_is_its_objects_and_the_earlier_waves() {
+        let plan = plan_of(vec![config_map("b1", Some("1")), config_map("a0", None), config_map("c2", Some("2"))]);
+        let names = |objects: &[Planned]| objects.iter().map(|p| p.id.name.clone()).collect::<Vec<_>>();
+        let waves = plan.waves();
+        let through_1 = waves[0].namespaced.len() + waves[1].namespaced.len();
+        let (applied, later) = plan.split_applied(0, through_1);
+        assert_eq!((names(&applied), names(&later)), (vec!["a0".into(), "b1".into()], vec!["c2".to_owned()]));
     }
 
     #[test]
