@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -82,7 +82,7 @@ struct Shared {
     shown: Mutex<Option<Shown>>,
     /// `/status` changed since the status ConfigMap was last written.
     unreported: AtomicBool,
-    publisher: JoinHandle<()>,
+    publisher: OnceLock<JoinHandle<()>>,
 }
 
 /// The revision, the wave waited for, its health and unhealthy objects, as shown.
@@ -129,7 +129,7 @@ impl RolloutWatch {
     /// already allowed.
     pub fn new(client: kube::Client, state: Arc<AppState>, default_timeout: Duration) -> RolloutWatch {
         let dirty = Arc::new(Notify::new());
-        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
+        let shared = Arc::new(Shared {
             client,
             state,
             default_timeout,
@@ -138,8 +138,13 @@ impl RolloutWatch {
             published: watch::Sender::new(None),
             shown: Mutex::default(),
             unreported: AtomicBool::new(false),
-            publisher: tokio::spawn(publish(weak.clone(), dirty.clone())),
+            publisher: OnceLock::new(),
         });
+        // Spawned once `shared` is whole: a task spawned while it is being built (from
+        // `Arc::new_cyclic`) may run on another worker first, find nothing to upgrade
+        // and end, and then no health would ever reach the status ConfigMap.
+        let publisher = tokio::spawn(publish(Arc::downgrade(&shared), dirty));
+        shared.publisher.set(publisher).expect("set once, here");
         RolloutWatch { shared }
     }
 
@@ -280,7 +285,9 @@ impl RolloutWatch {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.publisher.abort();
+        if let Some(publisher) = self.publisher.get() {
+            publisher.abort();
+        }
         for watcher in self.inner.get_mut().unwrap().pod_watchers.values() {
             watcher.abort();
         }
