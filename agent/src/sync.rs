@@ -7,9 +7,15 @@
 //! pruned. The one exception, as in Flux: CRDs and Namespaces the revision adds are
 //! applied before the rest is dry-run, since objects of a kind or in a namespace that
 //! does not exist yet cannot be.
+//!
+//! Sync waves ([`plan::WAVE_ANNOTATION`]) are applied in ascending order, each only once
+//! the waves before it are healthy ([`WaveGate`]); the dry run still covers the whole
+//! revision first. A wave that fails stops the sync there: later waves are not
+//! applied and nothing is pruned.
 
 use std::path::Path;
 
+use futures::future::BoxFuture;
 use kube::discovery::Discovery;
 
 use crate::access::Access;
@@ -18,6 +24,7 @@ use crate::inventory::{Inventory, InventoryError, Store};
 use crate::object::ObjectId;
 use crate::plan::{self, Plan};
 use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
+use crate::status::UnhealthyObject;
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -44,6 +51,34 @@ pub enum SyncError {
          (add {ALLOW_EMPTY_FILE} next to manifests/ to allow it)"
     )]
     EmptyRevision(usize),
+    #[error(
+        "wave {wave} did not become healthy; later waves were not applied and nothing was pruned:\n{}",
+        lines(.unhealthy)
+    )]
+    Wave { wave: i32, unhealthy: Vec<UnhealthyObject> },
+    #[error(
+        "the revision has {0} sync waves ({annotation}), which only the agent's sync loop \
+         applies: it waits for each wave to be healthy",
+        annotation = plan::WAVE_ANNOTATION
+    )]
+    WavesNeedHealth(usize),
+}
+
+/// Waits, between two sync waves, until the waves applied so far are healthy.
+pub trait WaveGate: Sync {
+    /// `Err`: the unhealthy objects, once one of them failed or timed out.
+    fn healthy<'a>(&'a self, wave: AppliedWave<'a>) -> BoxFuture<'a, Result<(), Vec<UnhealthyObject>>>;
+}
+
+/// A wave just applied, whose next wave waits for it.
+pub struct AppliedWave<'a> {
+    pub number: i32,
+    /// The revision's objects applied so far: this wave's and all before.
+    pub applied: &'a [Planned],
+    /// The later waves' objects, not applied yet.
+    pub later: &'a [Planned],
+    /// What the sync did so far.
+    pub changes: &'a ChangeSet,
 }
 
 fn lines<E: std::fmt::Display>(errors: &[E]) -> String {
@@ -117,22 +152,29 @@ impl Syncer {
 
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
     /// commit `revision`, and returns what changed.
+    /// Without a [`WaveGate`], a revision with several waves is refused.
     pub async fn sync(&self, root: &Path, revision: &str) -> Result<Synced, SyncError> {
-        self.sync_in_line(root, revision, &|_| false).await
+        self.sync_in_line(root, revision, &|_| false, None).await
     }
 
     /// [`Self::sync`], taking the objects `in_line` vouches for (unchanged in git and
     /// live since the last sync: [`crate::drift::DriftWatch::in_line`]) as unchanged
     /// without a request, so a commit that changes one object costs one dry run and
-    /// one apply, whatever the size of the revision.
+    /// one apply, whatever the size of the revision. `gate` holds each sync wave until
+    /// the ones before it are healthy.
     pub async fn sync_in_line(
         &self,
         root: &Path,
         revision: &str,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
+        gate: Option<&dyn WaveGate>,
     ) -> Result<Synced, SyncError> {
         let (plan, mut inventory, jobs) = self.plan(root).await?;
         refuse_empty(&plan, &inventory, root)?;
+        let waves = plan.waves();
+        if gate.is_none() && waves.len() > 1 {
+            return Err(SyncError::WavesNeedHealth(waves.len()));
+        }
 
         let mut changes = ChangeSet::default();
         let definitions = self.dry_run(&plan.definitions, in_line).await?;
@@ -151,9 +193,23 @@ impl Syncer {
         let previews = self.dry_run(&rest, in_line).await?;
         let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
-        let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
-        changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
-        changes.extend(self.applier.apply(&plan.namespaced, namespaced).await.map_err(SyncError::Apply)?);
+        let (mut cluster_scoped, mut namespaced) = previews.split_at(plan.cluster_scoped.len());
+        let (mut applied_cluster_scoped, mut applied_namespaced) = (0, 0);
+        for (i, wave) in waves.iter().enumerate() {
+            let (previews, rest) = cluster_scoped.split_at(wave.cluster_scoped.len());
+            cluster_scoped = rest;
+            changes.extend(self.applier.apply(wave.cluster_scoped, previews).await.map_err(SyncError::Apply)?);
+            let (previews, rest) = namespaced.split_at(wave.namespaced.len());
+            namespaced = rest;
+            changes.extend(self.applier.apply(wave.namespaced, previews).await.map_err(SyncError::Apply)?);
+            applied_cluster_scoped += wave.cluster_scoped.len();
+            applied_namespaced += wave.namespaced.len();
+            let Some(gate) = gate.filter(|_| i + 1 < waves.len()) else { continue };
+            let (applied, later) = plan.split_applied(applied_cluster_scoped, applied_namespaced);
+            let wave = AppliedWave { number: wave.number, applied: &applied, later: &later, changes: &changes };
+            let number = wave.number;
+            gate.healthy(wave).await.map_err(|unhealthy| SyncError::Wave { wave: number, unhealthy })?;
+        }
 
         let all: Vec<Planned> = plan.objects().cloned().collect();
         let mut owned = plan::entries(&all, |_| true, &inventory);

@@ -199,9 +199,20 @@ struct InstallArgs {
     /// A known_hosts file with the SSH server's host keys (checked strictly).
     #[arg(long)]
     ssh_known_hosts_file: Option<PathBuf>,
+    /// How long `up` waits, after the agent's first sync, for the revision to be Healthy.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Return after the agent's first sync, without waiting for the revision to be Healthy.
+    #[arg(long)]
+    no_wait_healthy: bool,
 }
 
 impl InstallArgs {
+    /// How long to wait for the applied revision to be Healthy; `None`: not at all.
+    fn health_wait(&self) -> Option<Duration> {
+        (!self.no_wait_healthy).then_some(self.health_timeout)
+    }
+
     /// The install of `repo`, whose `--path` is `default_path` unless given.
     fn options(&self, repo: String, default_path: &str) -> InstallOptions {
         InstallOptions {
@@ -286,6 +297,7 @@ async fn main() -> Result<()> {
                 install_kubeconfig: args.install_kubeconfig,
                 no_install: args.no_install,
                 no_wait: args.no_wait,
+                health_wait: install.health_wait(),
                 install: install.options(repo.expect("clap requires --repo for eks"), "."),
                 timeout: args.timeout,
                 resume: this_command(),
@@ -493,6 +505,18 @@ async fn up_local(
             Err(e) => return Err(anyhow::anyhow!(e).context("waiting for the agent's first sync")),
         };
         println!("{follows}\nIt has applied {revision}: commit to the repository and watch the cluster follow.");
+        if let Some(timeout) = install_args.health_wait() {
+            let kubeconfig = plane.kubeconfig().display();
+            let look = format!(
+                "  gitops-bootstrap status --provider local --state-dir {}\n  \
+                 kubectl --kubeconfig {kubeconfig} get pods -A\n  \
+                 kubectl --kubeconfig {kubeconfig} -n NAMESPACE describe KIND NAME\n\
+                 The cluster keeps running; stop it with: {resume}",
+                state_dir.display()
+            );
+            let healthy = install::wait_healthy(&client, timeout, &look).await?;
+            println!("{healthy} is Healthy.");
+        }
     }
     println!(
         "\n  export KUBECONFIG={}\n  kubectl get nodes\n\nStop it all with: {resume}",

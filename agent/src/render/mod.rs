@@ -179,6 +179,13 @@ pub enum Problem {
     Refused { object: String, refusal: crate::access::Refusal },
     #[error("invalid JSON: {0}")]
     Json(String),
+    #[error("annotation gitops.scale.dev/wave must be a whole number, found {0:?}")]
+    Wave(String),
+    #[error(
+        "a {kind} is applied before every wave (the dry run of the revision needs it); \
+         remove its gitops.scale.dev/wave annotation"
+    )]
+    EarlyWave { kind: String },
     #[error("{0}")]
     Dashboard(#[from] dashboards::DashboardProblem),
     #[error("{0}")]

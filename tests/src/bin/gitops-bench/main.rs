@@ -75,6 +75,8 @@ struct Args {
     /// files; `-v=6` shows the gap): 10,000 objects would take it over 20 minutes, so by
     /// default it runs up to this size only.
     kubectl_max: usize,
+    /// Measure this `gitops-agent` instead of building one (another commit's, to compare).
+    agent: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -91,6 +93,7 @@ fn parse_args() -> Result<Args> {
         triggers: vec!["webhook".into(), "notify".into(), "poll".into()],
         kubectl_max: 1_000,
         render: false,
+        agent: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -108,12 +111,13 @@ fn parse_args() -> Result<Args> {
             "--keep-state" => args.keep_state = true,
             "--render" => args.render = true,
             "--kubectl-max-objects" => args.kubectl_max = value()?.parse()?,
+            "--agent" => args.agent = Some(value()?.into()),
             "--triggers" => args.triggers = value()?.split(',').map(str::to_owned).collect(),
             "-h" | "--help" => {
                 println!(
                     "gitops-bench [--out PREFIX] [--readme README.md] [--sizes 1000,5000,10000] \
                      [--noop-size 5000] [--push-objects 1000] [--commits 50] [--edits 50] [--phases cold,push] \
-                     [--triggers webhook,notify,poll] [--kubectl-max-objects 1000] [--keep-state] [--render]"
+                     [--triggers webhook,notify,poll] [--kubectl-max-objects 1000] [--agent PATH] [--keep-state] [--render]"
                 );
                 std::process::exit(0);
             }
@@ -140,8 +144,13 @@ async fn main() -> Result<()> {
         println!("{}", results.markdown());
         return Ok(());
     }
-    eprintln!("building gitops-agent (release)");
-    let agent = probe::agent_binary()?;
+    let agent = match args.agent.clone() {
+        Some(agent) => agent,
+        None => {
+            eprintln!("building gitops-agent (release)");
+            probe::agent_binary()?
+        }
+    };
     let state = std::env::temp_dir().join("gitops-bench").join(std::process::id().to_string());
     let bench = Bench { args, agent, state };
     let started = Instant::now();
