@@ -314,6 +314,22 @@ fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArg
     let renderer = render::Renderer::new(render.tools(path_in_repo)?);
     match renderer.render(dir, dashboards_namespace, &render::Capabilities::default()) {
         Ok(rendered) => {
+            let report = gitops_agent::validate::check(dir, &rendered);
+            for e in &report.errors {
+                println!("{e}");
+            }
+            if !report.unchecked.is_empty() {
+                let kinds: Vec<String> = report.unchecked.iter().map(|(kind, n)| format!("{kind} ({n})")).collect();
+                eprintln!(
+                    "note: not built into Kubernetes {} nor defined by a CRD in the repository, so checked only by \
+                     the API server: {}",
+                    gitops_agent::validate::schema::Builtin::get().kubernetes,
+                    kinds.join(", ")
+                );
+            }
+            if !report.errors.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
             let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
             println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
             Ok(ExitCode::SUCCESS)
