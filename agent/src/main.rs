@@ -13,7 +13,7 @@ use gitops_agent::leader::{self, Leadership};
 use gitops_agent::server::WebhookSecret;
 use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
 use gitops_agent::write::Writer;
-use gitops_agent::{control, drift, render, sync};
+use gitops_agent::{control, drift, render, sync, validate};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -42,15 +42,20 @@ enum Cmd {
     /// Ask the running agent to fetch now, as a push webhook would (`flux reconcile`).
     Sync(AgentNamespace),
     /// Check a checked-out repository offline: every error as `file:line: message`.
-    Validate {
-        /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
-        dir: PathBuf,
-        /// Where dashboards' ConfigMaps would go (their names are checked against it).
-        #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
-        dashboards_namespace: String,
-        #[command(flatten)]
-        render: RenderArgs,
-    },
+    Validate(ValidateArgs),
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
+    dir: PathBuf,
+    /// Also dry-run the whole revision on the cluster of KUBECONFIG, as `run` would apply it.
+    #[arg(long)]
+    cluster: bool,
+    #[command(flatten)]
+    apply: ApplyArgs,
+    #[command(flatten)]
+    render: RenderArgs,
 }
 
 /// The renderers of kustomizations and chart releases.
@@ -253,7 +258,7 @@ fn main() -> ExitCode {
     let git_timeout = match &cli.command {
         Cmd::Run(args) => Some(args.source.git_timeout),
         Cmd::Diff { source, .. } => Some(source.git_timeout),
-        Cmd::Validate { .. } | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
+        Cmd::Validate(_) | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
     };
     if let Some(timeout) = git_timeout {
         // SAFETY: no thread exists yet; the runtime starts below.
@@ -263,7 +268,7 @@ fn main() -> ExitCode {
         }
     }
     let outcome = match cli.command {
-        Cmd::Validate { dir, dashboards_namespace, render } => validate(&dir, &dashboards_namespace, render),
+        Cmd::Validate(args) => validate(args),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Cmd::Suspend(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Suspend))),
         Cmd::Resume(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Resume))),
@@ -292,7 +297,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArgs) -> Result<ExitCode> {
+fn validate(args: ValidateArgs) -> Result<ExitCode> {
+    let dir = args.dir.as_path();
     // `validate repo/manifests` would find nothing to check and pass.
     let kustomization = render::kustomize::kustomization_file(dir).is_some();
     if !kustomization && !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
@@ -311,35 +317,71 @@ fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArg
     // Bases and values files may come from anywhere in the repository that holds `dir`.
     let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(dir);
     let path_in_repo = dir.strip_prefix(repo).unwrap_or(std::path::Path::new("."));
-    let renderer = render::Renderer::new(render.tools(path_in_repo)?);
-    match renderer.render(dir, dashboards_namespace, &render::Capabilities::default()) {
-        Ok(rendered) => {
-            let report = gitops_agent::validate::check(dir, &rendered);
-            for e in &report.errors {
-                println!("{e}");
-            }
-            if !report.unchecked.is_empty() {
-                let kinds: Vec<String> = report.unchecked.iter().map(|(kind, n)| format!("{kind} ({n})")).collect();
-                eprintln!(
-                    "note: not built into Kubernetes {} nor defined by a CRD in the repository, so checked only by \
-                     the API server: {}",
-                    gitops_agent::validate::schema::Builtin::get().kubernetes,
-                    kinds.join(", ")
-                );
-            }
-            if !report.errors.is_empty() {
-                return Ok(ExitCode::FAILURE);
-            }
-            let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
-            println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
+    let tools = args.render.tools(path_in_repo)?;
+    let renderer = render::Renderer::new(tools.clone());
+    let rendered = match renderer.render(dir, &args.apply.dashboards_namespace, &render::Capabilities::default()) {
+        Ok(rendered) => rendered,
         Err(errors) => {
             for e in &errors {
                 println!("{e}");
             }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let report = validate::check(dir, &rendered);
+    for e in &report.errors {
+        println!("{e}");
+    }
+    if !report.unchecked.is_empty() && !args.cluster {
+        let kinds: Vec<String> = report.unchecked.iter().map(|(kind, n)| format!("{kind} ({n})")).collect();
+        eprintln!(
+            "note: not built into Kubernetes {} nor defined by a CRD in the repository, so only --cluster checks: {}",
+            validate::schema::Builtin::get().kubernetes,
+            kinds.join(", ")
+        );
+    }
+    if !report.errors.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
+    let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
+    println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
+    if !args.cluster {
+        return Ok(ExitCode::SUCCESS);
+    }
+    runtime()?.block_on(dry_run_on_cluster(dir, &rendered, args.apply, tools))
+}
+
+/// `validate --cluster`: the revision through `run`'s checks and dry run, writing nothing.
+async fn dry_run_on_cluster(
+    dir: &std::path::Path,
+    rendered: &render::Rendered,
+    apply: ApplyArgs,
+    tools: render::Tools,
+) -> Result<ExitCode> {
+    // A writer that never leads: nothing is written, whatever happens.
+    let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
+    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(tools);
+    match syncer.diff(dir).await {
+        Ok(differences) => {
+            println!(
+                "{}: the cluster's dry run accepts every object; {} would change",
+                dir.display(),
+                differences.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(sync::SyncError::Rejected(errors)) => {
+            println!("the API server rejects the revision in a dry run:");
+            for e in validate::place_rejections(dir, rendered, &errors) {
+                println!("{e}");
+            }
             Ok(ExitCode::FAILURE)
         }
+        Err(e @ (sync::SyncError::Render(_) | sync::SyncError::EmptyRevision(_))) => {
+            println!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

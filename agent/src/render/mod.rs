@@ -121,7 +121,7 @@ impl Manifest {
     }
 
     /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let gvk = self.gvk();
         let group = if gvk.group.is_empty() { String::new() } else { format!(".{}", gvk.group) };
         let namespace = self.namespace().map(|ns| format!("{ns}/")).unwrap_or_default();

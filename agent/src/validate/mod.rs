@@ -14,6 +14,7 @@
 
 #[cfg(test)]
 mod generate;
+mod rejection;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -23,6 +24,7 @@ use std::path::Path;
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use crate::apply::ApplyError;
 use crate::render::{Location, Manifest, Rendered, Segment};
 use schema::{Builtin, Type};
 
@@ -259,6 +261,33 @@ fn check_with(builtin: &Builtin, root: &Path, rendered: &Rendered) -> Report {
     }
     report.errors.sort_by(|a, b| a.at.cmp(&b.at));
     report
+}
+
+/// The API server's rejections of `rendered`'s objects (a dry run's), each placed at
+/// the line of the field its message names, where it names one.
+pub fn place_rejections(root: &Path, rendered: &Rendered, errors: &[ApplyError]) -> Vec<ApplyError> {
+    let mut texts = Texts::default();
+    let manifests: Vec<&Manifest> =
+        rendered.manifests.iter().chain(rendered.jobs.iter().map(|job| &job.template)).collect();
+    errors
+        .iter()
+        .map(|error| {
+            let sent = manifests.iter().find(|m| {
+                m.location.to_string() == error.origin && m.name() == error.id.name && m.kind() == error.id.kind
+            });
+            let line = sent.and_then(|manifest| {
+                let path = rejection::field_in(&error.message, &manifest.object)?;
+                texts.line(root, &manifest.location, &path)
+            });
+            match (sent, line) {
+                (Some(manifest), Some(line)) => {
+                    let at = Location { file: manifest.location.file.clone(), line };
+                    ApplyError { origin: at.to_string(), ..error.clone() }
+                }
+                _ => error.clone(),
+            }
+        })
+        .collect()
 }
 
 /// The files objects came from, read again for the lines of fields.
