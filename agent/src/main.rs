@@ -314,7 +314,10 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
-    // Bases and values files may come from anywhere in the repository that holds `dir`.
+    // Bases and values files may come from anywhere in the repository that holds `dir`;
+    // the search goes up from an absolute path, as a relative one ends at the working
+    // directory (and `""` joined with `.git` is the working directory's).
+    let dir = &std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(dir);
     let path_in_repo = dir.strip_prefix(repo).unwrap_or(std::path::Path::new("."));
     let tools = args.render.tools(path_in_repo)?;
@@ -344,7 +347,7 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
-    println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
+    println!("{}: {objects} objects, {jobs} batch jobs, no errors", args.dir.display());
     if !args.cluster {
         return Ok(ExitCode::SUCCESS);
     }
@@ -363,11 +366,7 @@ async fn dry_run_on_cluster(
     let syncer = sync::Syncer::new(writer, apply.options()).with_tools(tools);
     match syncer.diff(dir).await {
         Ok(differences) => {
-            println!(
-                "{}: the cluster's dry run accepts every object; {} would change",
-                dir.display(),
-                differences.len()
-            );
+            println!("the cluster's dry run accepts every object; {} would change", differences.len());
             Ok(ExitCode::SUCCESS)
         }
         Err(sync::SyncError::Rejected(errors)) => {

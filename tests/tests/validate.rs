@@ -115,6 +115,22 @@ fn validate_prints_each_mistake_at_its_line_and_fails() {
     assert_eq!(stdout, format!("{big}\n{expected}"));
 }
 
+#[test]
+fn a_relative_directory_in_a_repository_is_validated_as_an_absolute_one() {
+    // The working directory holds .git: the search for the repository root, which a
+    // kustomization's bases need, used to stop there and find the files nowhere.
+    let workspace = corpus().join("../../..");
+    let output = Command::new(gitops_tests::agent::binary())
+        .current_dir(&workspace)
+        .args(["validate", "repo-template/clusters/local", "--kustomize-bin"])
+        .arg(&gitops_tests::render::binaries().kustomize)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.starts_with("repo-template/clusters/local: ") && stdout.ends_with(" no errors\n"), "{stdout}");
+}
+
 #[tokio::test]
 async fn validate_cluster_adds_the_api_servers_dry_run_at_the_line_of_the_field() {
     let client = cluster::client().await;
