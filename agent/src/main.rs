@@ -28,8 +28,11 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Show what `run` would change in the current cluster; exit 0 no changes, 1 changes, 2 error.
     Diff {
+        /// Diff this checked-out directory (uncommitted changes included) instead of --repo's branch.
+        #[arg(long, conflicts_with = "repo")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
-        source: SourceArgs,
+        source: Option<SourceArgs>,
         #[command(flatten)]
         apply: ApplyArgs,
         #[command(flatten)]
@@ -257,7 +260,7 @@ fn main() -> ExitCode {
 
     let git_timeout = match &cli.command {
         Cmd::Run(args) => Some(args.source.git_timeout),
-        Cmd::Diff { source, .. } => Some(source.git_timeout),
+        Cmd::Diff { source, .. } => source.as_ref().map(|source| source.git_timeout),
         Cmd::Validate(_) | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
     };
     if let Some(timeout) = git_timeout {
@@ -274,8 +277,8 @@ fn main() -> ExitCode {
         Cmd::Resume(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Resume))),
         Cmd::Sync(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Sync))),
         // Like diff(1) and `kubectl diff`: 1 means "changes", so an error is 2.
-        Cmd::Diff { source, apply, render } => {
-            match runtime().and_then(|rt| rt.block_on(diff(source, apply, render))) {
+        Cmd::Diff { dir, source, apply, render } => {
+            match runtime().and_then(|rt| rt.block_on(diff(dir, source, apply, render))) {
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     return ExitCode::from(2);
@@ -314,12 +317,7 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
-    // Bases and values files may come from anywhere in the repository that holds `dir`;
-    // the search goes up from an absolute path, as a relative one ends at the working
-    // directory (and `""` joined with `.git` is the working directory's).
-    let dir = &std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
-    let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(dir);
-    let path_in_repo = dir.strip_prefix(repo).unwrap_or(std::path::Path::new("."));
+    let (dir, path_in_repo) = &in_repository(dir)?;
     let tools = args.render.tools(path_in_repo)?;
     let renderer = render::Renderer::new(tools.clone());
     let rendered = match renderer.render(dir, &args.apply.dashboards_namespace, &render::Capabilities::default()) {
@@ -352,6 +350,17 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     runtime()?.block_on(dry_run_on_cluster(dir, &rendered, args.apply, tools))
+}
+
+/// A checked-out directory as an absolute path, and where it is in its repository: bases
+/// and values files may come from anywhere in the repository that holds it. The search
+/// goes up from the absolute path, as a relative one ends at the working directory (and
+/// `""` joined with `.git` is the working directory's).
+fn in_repository(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(&dir);
+    let path_in_repo = dir.strip_prefix(repo).map_or_else(|_| PathBuf::from("."), std::path::Path::to_owned);
+    Ok((dir, path_in_repo))
 }
 
 /// `validate --cluster`: the revision through `run`'s checks and dry run, writing nothing.
@@ -443,14 +452,29 @@ async fn ask(agent: AgentNamespace, request: control::Request) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn diff(source: SourceArgs, apply: ApplyArgs, render: RenderArgs) -> Result<ExitCode> {
-    let git = source.git_source()?;
+async fn diff(
+    dir: Option<PathBuf>,
+    source: Option<SourceArgs>,
+    apply: ApplyArgs,
+    render: RenderArgs,
+) -> Result<ExitCode> {
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let (head, root, path_in_repo) = match (dir, source) {
+        (Some(dir), _) => {
+            let (root, path_in_repo) = in_repository(&dir)?;
+            println!("diffing the working tree {} (uncommitted changes included)", dir.display());
+            (format!("working tree {}", dir.display()), root, path_in_repo)
+        }
+        (None, Some(source)) => {
+            let (head, tree) = gitops_agent::source::fetch_tree(&source.git_source()?, work.path())?;
+            (head.to_string(), tree.join(&source.path), source.path)
+        }
+        (None, None) => anyhow::bail!("give --repo (a branch) or --dir (a working tree) to diff"),
+    };
     // `diff` writes nothing: a writer that never leads makes sure of it.
     let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
-    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(render.tools(&source.path)?);
-    let work = tempfile::tempdir().context("creating a work directory")?;
-    let (head, tree) = gitops_agent::source::fetch_tree(&git, work.path())?;
-    let differences = syncer.diff(&tree.join(&source.path)).await?;
+    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(render.tools(&path_in_repo)?);
+    let differences = syncer.diff(&root).await?;
     for d in &differences {
         match d.action {
             Action::Created => println!("+ {} ({}): created", d.id, d.origin),
