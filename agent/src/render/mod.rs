@@ -54,7 +54,7 @@ use kube::core::{GroupVersionKind, ObjectMeta};
 use serde_json::{Map, Value};
 
 pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
-pub use decode::DecodeError;
+pub use decode::{DecodeError, Segment, field_line};
 pub use helm::{Capabilities, ChartCredentials, HelmProblem};
 pub use jobs::{CONCURRENCY_ANNOTATION, ConcurrencyPolicy, HISTORY_LIMIT_ANNOTATION, JobSpec};
 pub use kustomize::KustomizeProblem;
@@ -121,7 +121,7 @@ impl Manifest {
     }
 
     /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let gvk = self.gvk();
         let group = if gvk.group.is_empty() { String::new() } else { format!(".{}", gvk.group) };
         let namespace = self.namespace().map(|ns| format!("{ns}/")).unwrap_or_default();
@@ -812,7 +812,7 @@ pub(crate) fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -825,7 +825,7 @@ mod tests {
     }
 
     /// A repository with `files` (path from the root, content).
-    pub(super) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
+    pub(crate) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
             let path = dir.path().join(path);
