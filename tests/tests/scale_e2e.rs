@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use gitops_bootstrap::install::{self, InstallOptions};
-use gitops_bootstrap::local::agent::{InClusterOptions, LOCAL_CLUSTER_PATH, LocalSettings, install_in_cluster};
-use gitops_bootstrap::local::{Lifetime, dockerfile};
+use gitops_bootstrap::install;
+use gitops_bootstrap::local::agent::{LOCAL_CLUSTER_PATH, LocalSettings, install_in_cluster};
+use gitops_bootstrap::local::dockerfile;
 use gitops_tests::cluster::{self, http_get};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -102,11 +102,6 @@ fn git(repo: &Path, args: &[&str]) {
         .output()
         .unwrap();
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// How run `name` went: whether it succeeded, the executor pods seen while it ran (each
@@ -214,20 +209,7 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     let work = tempfile::tempdir().unwrap();
     let settings = LocalSettings { registry: Some(registry), midi_dir: Some(corpus.path().to_owned()) };
     let repo = gitops_bootstrap::local::agent::repo_from_template(&work.path().join("repo"), &settings).unwrap();
-    let options = InClusterOptions {
-        binary: gitops_tests::agent::binary(),
-        install: InstallOptions {
-            repo: repo.display().to_string(),
-            branch: "main".into(),
-            path: LOCAL_CLUSTER_PATH.into(),
-            image: String::new(),
-            git_token_file: None,
-            git_username: "git".into(),
-            ssh_key_file: None,
-            ssh_known_hosts_file: None,
-        },
-        lifetime: Lifetime::TiedToThisProcess,
-    };
+    let options = cluster::in_cluster_options(&repo, LOCAL_CLUSTER_PATH);
     install_in_cluster(plane, &options).await.unwrap();
     install::wait_synced(&client, Duration::from_secs(180), "").await.unwrap();
 
@@ -239,7 +221,7 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     assert!(run.succeeded, "run 1 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-1"));
     assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
     assert_eq!(run.executors.len(), 2, "spark.executor.instances=2, as pods: {:?}", run.executors);
-    assert!(is_ready(&pods.get("postgres-0").await.unwrap()), "PostgreSQL is Ready");
+    assert!(cluster::is_ready(&pods.get("postgres-0").await.unwrap()), "PostgreSQL is Ready");
     let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE).get("data-postgres-0").await;
     assert_eq!(claim.unwrap().status.unwrap().phase.as_deref(), Some("Bound"), "on a local-path volume");
     assert_tables(&kubeconfig, &truth);
@@ -355,17 +337,6 @@ impl Load {
     }
 }
 
-/// Ready pods matching `labels`, by name.
-async fn ready_pods(pods: &Api<Pod>, labels: &str) -> Vec<String> {
-    let listed = pods.list(&ListParams::default().labels(labels)).await.unwrap();
-    listed
-        .items
-        .into_iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none() && is_ready(pod))
-        .map(|pod| pod.metadata.name.unwrap())
-        .collect()
-}
-
 /// Waits until the load has had `quiet` of successes in a row, as a user would judge
 /// that things work again.
 async fn settled(load: &Load, quiet: Duration) {
@@ -391,12 +362,12 @@ async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Tru
     // A viewer pod deleted every five seconds, three times.
     let from = Instant::now();
     for _ in 0..3 {
-        let ready = ready_pods(&scale, "app.kubernetes.io/name=viewer").await;
+        let ready = cluster::ready_pods(&scale, "app.kubernetes.io/name=viewer").await;
         scale.delete(&ready[0], &DeleteParams::default()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     cluster::eventually("two viewer pods Ready", || async {
-        (ready_pods(&scale, "app.kubernetes.io/name=viewer").await.len() == 2).then_some(())
+        (cluster::ready_pods(&scale, "app.kubernetes.io/name=viewer").await.len() == 2).then_some(())
     })
     .await;
     settled(&load, quiet).await;
@@ -408,7 +379,7 @@ async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Tru
     scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
     cluster::eventually("PostgreSQL back and Ready", || async {
         let pod = scale.get_opt("postgres-0").await.unwrap()?;
-        (pod.metadata.uid != before && is_ready(&pod)).then_some(())
+        (pod.metadata.uid != before && cluster::is_ready(&pod)).then_some(())
     })
     .await;
     settled(&load, quiet).await;
