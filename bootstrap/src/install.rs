@@ -235,16 +235,11 @@ pub async fn uninstall(client: &kube::Client) -> Result<bool, InstallError> {
 pub async fn wait_synced(client: &kube::Client, timeout: Duration, resume: &str) -> Result<String, InstallError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let outcome = progress::wait("the agent's first sync", timeout, Duration::from_secs(1), resume, || async {
-        let status = api
-            .get_opt(STATUS_NAME)
-            .await
-            .map_err(kube_error(format!("reading ConfigMap {AGENT_NAMESPACE}/{STATUS_NAME}")))?;
-        let data = status.and_then(|cm| cm.data).unwrap_or_default();
-        let get = |key: &str| data.get(key).cloned().unwrap_or_default();
-        Ok::<_, InstallError>(match get("phase").as_str() {
-            "synced" => Poll::Done(get("revision")),
+        let now = reported(&api).await?;
+        Ok::<_, InstallError>(match now.phase.as_str() {
+            "synced" => Poll::Done(now.revision),
             "" => Poll::Pending(format!("no {STATUS_NAME} yet (is the agent running?)")),
-            phase => Poll::Pending(format!("{phase} at {}: {}", short(&get("revision")), get("message"))),
+            phase => Poll::Pending(format!("{phase} at {}: {}", short(&now.revision), now.message)),
         })
     })
     .await?;

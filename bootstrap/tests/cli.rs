@@ -11,12 +11,22 @@ use gitops_bootstrap::local::process::is_running;
 mod common;
 use common::{build_agent, git, kubectl};
 
-fn bootstrap(args: &[&str]) -> Output {
+fn bootstrap<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
     assert_success(args, output)
 }
 
-fn assert_success(args: &[&str], output: Output) -> Output {
+/// `up` of `repo` on a control plane without a node, the agent as a local process on a
+/// free loopback port.
+fn up_without_node(repo: &Path, state: &Path) -> Vec<String> {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (repo, state) = (repo.to_str().unwrap(), state.to_str().unwrap());
+    ["up", "--provider", "local", "--state-dir", state, "--repo", repo, "--agent-listen", &listen, "--no-node"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+fn assert_success<S: std::fmt::Debug>(args: &[S], output: Output) -> Output {
     assert!(output.status.success(), "gitops-bootstrap {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     output
 }
@@ -101,20 +111,7 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
     git(&repo, &["commit", "-q", "-m", "first"]);
 
     let state = dir.path().join("state");
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let args = [
-        "up",
-        "--provider",
-        "local",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--repo",
-        repo.to_str().unwrap(),
-        "--agent-listen",
-        &listen,
-        "--no-node",
-    ];
-    let up = bootstrap(&args);
+    let up = bootstrap(&up_without_node(&repo, &state));
     assert!(stdout(&up).contains("It has applied "), "{}", stdout(&up));
     let kubeconfig = state.join("kubeconfig");
     wait_for_value(&kubeconfig, "first");
@@ -160,20 +157,8 @@ fn up_reports_a_revision_that_does_not_become_healthy_and_fails() {
     git(&repo, &["commit", "-q", "-m", "web"]);
 
     let state = dir.path().join("state");
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let args = [
-        "up",
-        "--provider",
-        "local",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--repo",
-        repo.to_str().unwrap(),
-        "--agent-listen",
-        &listen,
-        "--no-node",
-    ];
-    let up = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
+    let up =
+        Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(up_without_node(&repo, &state)).output().unwrap();
     let (out, err) = (stdout(&up), String::from_utf8_lossy(&up.stderr).into_owned());
     assert!(!up.status.success(), "up succeeded with a Degraded revision:\n{out}");
     assert!(out.contains("It has applied "), "the first sync is reported before health: {out}");
