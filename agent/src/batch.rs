@@ -83,8 +83,6 @@ struct Shared {
     access: Access,
     state: Arc<AppState>,
     default_namespace: String,
-    /// Runs that ended before the agent started are history, not news for the metrics.
-    started: SystemTime,
     /// The applied revision's specs, and that revision.
     desired: Mutex<(Vec<JobSpec>, String)>,
     /// One reconcile at a time: a run's end and a new revision may arrive together.
@@ -121,7 +119,6 @@ impl BatchRuns {
             access,
             state,
             default_namespace: default_namespace.to_owned(),
-            started: SystemTime::now(),
             desired: Mutex::default(),
             reconciling: tokio::sync::Mutex::default(),
             resources: Mutex::default(),
@@ -384,9 +381,14 @@ impl Shared {
         {
             entry.run.result = Some(outcome);
             ended = true;
-            // Counted once, by the leader, and only if it ended while this agent ran.
-            let news = finished_at.is_none_or(|at| at >= self.started) && self.ours(&key.1, &run.job);
-            if !entry.counted && self.writer.leads() && news {
+            // Counted once, by the replica that led when it ended: a standby that takes
+            // over lists the runs that ended under the leader before, which counted them.
+            // A Job's completionTime has whole seconds, so a run that ended in the
+            // second of the handover may count for both.
+            let whole_seconds = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let led = self.writer.leading_since().map(whole_seconds);
+            let news = led.is_some_and(|since| finished_at.is_none_or(|at| whole_seconds(at) >= since));
+            if !entry.counted && news && self.ours(&key.1, &run.job) {
                 entry.counted = true;
                 let duration = finished_at.and_then(|end| end.duration_since(run.started_at?).ok());
                 self.state.metrics.batch_run_finished(&run.job, outcome, duration.unwrap_or_default());

@@ -220,6 +220,11 @@ impl Lead {
     pub fn holds(&self) -> bool {
         self.published.leads()
     }
+
+    /// When this replica began to lead, while it does.
+    pub fn since(&self) -> Option<SystemTime> {
+        self.holds().then(|| *self.published.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner())).flatten()
+    }
 }
 
 impl std::fmt::Debug for Lead {
@@ -236,11 +241,18 @@ struct Published {
     stopped: AtomicBool,
     /// When the claim published as `true` lapses; `None`: never (without a Lease).
     until: std::sync::Mutex<Option<SystemTime>>,
+    /// When the value last turned `true`.
+    since: std::sync::Mutex<Option<SystemTime>>,
 }
 
 impl Published {
     fn new(leader: bool) -> Published {
-        Published { sender: watch::Sender::new(leader), stopped: AtomicBool::new(false), until: Default::default() }
+        Published {
+            sender: watch::Sender::new(leader),
+            stopped: AtomicBool::new(false),
+            until: Default::default(),
+            since: std::sync::Mutex::new(leader.then(SystemTime::now)),
+        }
     }
 
     fn leads(&self) -> bool {
@@ -257,6 +269,7 @@ impl Published {
                 return false;
             }
             *current = leader;
+            *self.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = leader.then(SystemTime::now);
             true
         })
     }
@@ -592,4 +605,23 @@ async fn wake_at(at: Option<Instant>) {
 
 fn instant_at(time: SystemTime) -> Instant {
     Instant::now() + time.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lead_says_since_when_it_holds() {
+        let lead = Lead { published: Arc::new(Published::new(false)) };
+        assert_eq!(lead.since(), None);
+        let before = SystemTime::now();
+        assert!(lead.published.set(true, None));
+        assert!(lead.since().is_some_and(|since| since >= before), "{:?}", lead.since());
+        let first = lead.since();
+        assert!(!lead.published.set(true, None), "still leading");
+        assert_eq!(lead.since(), first, "a renewal is not a new lead");
+        assert!(lead.published.set(false, None));
+        assert_eq!(lead.since(), None);
+    }
 }

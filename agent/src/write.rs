@@ -74,6 +74,11 @@ impl Writer {
         self.lead.holds()
     }
 
+    /// When this replica began to lead, while it does.
+    pub fn leading_since(&self) -> Option<std::time::SystemTime> {
+        self.lead.since()
+    }
+
     /// Whether a write would be made now: this replica leads and is not suspended.
     pub fn may_write(&self) -> bool {
         self.check().is_ok()
