@@ -103,6 +103,27 @@ impl Tracked {
     }
 }
 
+/// `objects` as drift tracks them: each vouched for by the live state the sync saw of it
+/// (`changes`), or, when git holds it as before, by what vouched for it in `previous`.
+fn tracked(
+    objects: Vec<Planned>,
+    changes: &ChangeSet,
+    previous: &BTreeMap<ObjectId, Tracked>,
+) -> BTreeMap<ObjectId, Tracked> {
+    let seen: BTreeMap<&ObjectId, u64> = changes.changes.iter().filter_map(|c| Some((&c.id, c.fingerprint?))).collect();
+    objects
+        .into_iter()
+        .map(|planned| {
+            let id = planned.id.clone();
+            let mut tracked = Tracked::new(planned, seen.get(&id).copied());
+            if tracked.settled.is_none() {
+                tracked.settled = previous.get(&id).filter(|old| old.json == tracked.json).and_then(|old| old.settled);
+            }
+            (id, tracked)
+        })
+        .collect()
+}
+
 /// A watcher's kind (group, version, kind) and namespace (`None`: cluster-wide).
 type WatchKey = (String, String, String, Option<String>);
 
@@ -183,21 +204,10 @@ impl DriftWatch {
     /// has loses its watcher.
     /// `changes`: what the sync saw of each object, so the first events need no dry run.
     pub fn track(&self, objects: Vec<Planned>, changes: &ChangeSet) {
-        let seen: BTreeMap<&ObjectId, u64> =
-            changes.changes.iter().filter_map(|c| Some((&c.id, c.fingerprint?))).collect();
         {
             let mut desired = self.shared.desired.lock().unwrap();
             let previous = std::mem::take(&mut *desired);
-            for planned in objects {
-                let id = planned.id.clone();
-                let mut tracked = Tracked::new(planned, seen.get(&id).copied());
-                // Vouched for without a request: what held git before still does.
-                if tracked.settled.is_none() {
-                    tracked.settled =
-                        previous.get(&id).filter(|old| old.json == tracked.json).and_then(|old| old.settled);
-                }
-                desired.insert(id, tracked);
-            }
+            *desired = tracked(objects, changes, &previous);
         }
         // The sync just applied git: what was drifted is in line again, or is found anew;
         // it also dry-ran whatever was unchecked, and a new revision is a new contest.
@@ -206,6 +216,17 @@ impl DriftWatch {
         self.shared.contests.lock().unwrap().clear();
         self.shared.publish();
         self.resume();
+    }
+
+    /// A sync that stopped at a wave that did not become healthy: the waves before it
+    /// are in the cluster, and measuring them against the last good revision would
+    /// "correct" them back, only for the retry to apply them again. Until a revision
+    /// syncs, the objects `applied` (as the sync saw them in `changes`) are what the
+    /// cluster should hold, as Argo CD keeps a failed sync's earlier waves.
+    pub fn adopt(&self, applied: &[Planned], changes: &ChangeSet) {
+        let mut desired = self.shared.desired.lock().unwrap();
+        let adopted = tracked(applied.to_vec(), changes, &desired);
+        desired.extend(adopted);
     }
 
     /// Whether the cluster holds `planned` as the tracked revision has it, so a sync

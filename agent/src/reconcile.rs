@@ -186,7 +186,11 @@ impl WaveGate for HealthGate<'_> {
             self.drift.watch(wave.applied);
             self.rollout.track_wave(self.revision, wave.number, wave.applied, wave.changes, wave.later);
             tracing::info!(revision = self.revision, wave = wave.number, "waiting for the wave to be healthy");
-            self.rollout.wave_healthy(self.revision, wave.number).await
+            let verdict = self.rollout.wave_healthy(self.revision, wave.number).await;
+            if verdict.is_err() {
+                self.drift.adopt(wave.applied, wave.changes);
+            }
+            verdict
         })
     }
 }

@@ -319,8 +319,15 @@ async fn a_wave_is_applied_only_once_the_wave_before_is_healthy() {
 #[tokio::test]
 async fn a_degraded_wave_stops_the_sync_naming_the_wave_and_the_reason() {
     let fixture = Fixture::start("health-wave-degraded").await;
-    let good = fixture.head();
+    let config = |value: &str| {
+        let config = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "web-config" },
+            "data": { "value": value } });
+        in_wave(config, "0").to_string()
+    };
+    fixture.repo.write("manifests/web-config.yaml", &config("one"));
+    let good = fixture.repo.commit("web's settings");
     fixture.health(&good, "Healthy").await;
+    fixture.repo.write("manifests/web-config.yaml", &config("two"));
     let broken = deployment(
         "web",
         json!({ "name": "app", "image": "gitops.invalid/nothing:1", "imagePullPolicy": "Always" }),
@@ -347,6 +354,21 @@ async fn a_degraded_wave_stops_the_sync_naming_the_wave_and_the_reason() {
     let cms: Api<ConfigMap> = Api::namespaced(fixture.client.clone(), &fixture.ns);
     assert!(cms.get_opt("after-web").await.unwrap().is_none(), "wave 1 was applied after a Degraded wave 0");
     assert!(cms.get_opt("settings").await.unwrap().is_some(), "a sync stopped at a wave prunes nothing");
+
+    // Wave 0 stays as the failed revision applied it: no drift correction puts the last
+    // good revision's back for each retry to apply the new one again.
+    let applied = cms.get("web-config").await.unwrap();
+    assert_eq!(applied.data.as_ref().unwrap()["value"], "two", "wave 0 was applied");
+    let failures = "gitops_sync_total{result=\"failure\"}";
+    let failed = fixture.agent.metric(failures).await;
+    eventually("two more attempts at the failed revision", || async {
+        (fixture.agent.metric(failures).await >= failed + 2.0).then_some(())
+    })
+    .await;
+    let now = cms.get("web-config").await.unwrap();
+    assert_eq!(now.data.as_ref().unwrap()["value"], "two");
+    assert_eq!(now.metadata.resource_version, applied.metadata.resource_version, "wave 0 is not written again");
+    assert_eq!(fixture.agent.metric("gitops_drift_corrected_total{kind=\"ConfigMap\"}").await, 0.0);
     fixture.agent.stop().await;
 }
 
