@@ -45,6 +45,8 @@ use crate::status::{AppState, UnhealthyObject};
 pub const HEALTH_ANNOTATION: &str = "gitops.scale.dev/health";
 /// Annotation: how long the object may take to become healthy (`90s`, `10m`).
 pub const TIMEOUT_ANNOTATION: &str = "gitops.scale.dev/health-timeout";
+/// The shortest time between two publishes of the revision's health.
+const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 
 /// The applied revision and its health, as last published.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,7 +239,7 @@ impl RolloutWatch {
         let mut inner = self.shared.inner.lock().unwrap();
         match live {
             Some(live) => {
-                let value = serde_json::to_value(live).unwrap_or_default();
+                let value = health_view(live);
                 let observed = Observed {
                     own: health::own(&resource.group, &resource.kind, &value),
                     selector: value
@@ -416,7 +418,9 @@ impl Shared {
 }
 
 /// Publishes the revision's health whenever it may have changed or a deadline passes,
-/// and writes it to the status ConfigMap.
+/// and writes it to the status ConfigMap. At most once per [`PUBLISH_EVERY`]: a watch's
+/// first list of 10,000 objects is 10,000 changes, and each publish goes over every
+/// unhealthy object; what changes in between is published together.
 async fn publish(shared: Weak<Shared>, dirty: Arc<Notify>) {
     loop {
         let next = {
@@ -427,6 +431,7 @@ async fn publish(shared: Weak<Shared>, dirty: Arc<Notify>) {
             }
             next
         };
+        tokio::time::sleep(PUBLISH_EVERY).await;
         match next {
             Some(deadline) => tokio::select! {
                 _ = dirty.notified() => {}
@@ -487,6 +492,21 @@ async fn watch_pods(shared: Weak<Shared>, client: kube::Client, namespace: Strin
             shared.dirty.notify_one();
         }
     }
+}
+
+/// What health reads of a managed object: its name and generation, spec and status. A
+/// copy of only these for every event of every managed object, not of the whole object
+/// with its managed fields (a watch's first list of 10,000 objects is 10,000 events).
+fn health_view(live: &DynamicObject) -> Value {
+    let mut view = serde_json::Map::new();
+    let metadata = serde_json::json!({ "name": live.metadata.name, "generation": live.metadata.generation });
+    view.insert("metadata".to_owned(), metadata);
+    for field in ["spec", "status"] {
+        if let Some(value) = live.data.get(field) {
+            view.insert(field.to_owned(), value.clone());
+        }
+    }
+    Value::Object(view)
 }
 
 #[cfg(test)]
