@@ -36,6 +36,7 @@ pub mod report;
 pub mod rollout;
 pub mod server;
 pub mod source;
+pub mod stages;
 pub mod status;
 pub mod sync;
 pub mod write;

@@ -19,6 +19,7 @@ use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
 use crate::rollout::RolloutWatch;
 use crate::source::{self, GitSource};
+use crate::stages::{Stage, StageTimes};
 use crate::status::{AppState, Outcome};
 use crate::sync::{Synced, Syncer};
 
@@ -126,7 +127,7 @@ async fn reconcile(
     })
     .await
     .expect("fetch does not panic");
-    let (head, tree) = match fetched {
+    let (head, tree, fetch_stages) = match fetched {
         Ok(Some(fetched)) => fetched,
         Ok(None) => {
             // The source answered and the cluster holds its head: that is a successful
@@ -150,12 +151,18 @@ async fn reconcile(
     crate::release_memory();
     let _ = std::fs::remove_dir_all(&tree);
     match result {
-        Ok(Synced { changes, objects, jobs }) => {
-            tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
+        Ok(Synced { changes, objects, jobs, mut stages }) => {
+            stages.extend(&fetch_stages);
             rollout.track(&revision, &objects, &changes);
             drift.track(objects, &changes);
+            let summary = changes.to_string();
             let outcome = Outcome::Synced { revision: revision.clone(), changes: Some(changes) };
+            let recording = Instant::now();
             state.record(outcome, started.elapsed()).await;
+            stages.since(Stage::Status, recording);
+            state.metrics.sync_stages(&stages);
+            let duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(revision, changes = summary, duration_ms, %stages, "synced");
             runs.update(jobs, &revision).await;
             Ok(head)
         }
@@ -170,12 +177,24 @@ async fn reconcile(
 
 /// Asks the remote for the head; when it differs from `applied`, fetches and checks it
 /// out into a fresh directory. `None` when there is nothing new.
-fn fetch_and_checkout(config: &Config, applied: Option<Oid>) -> Result<Option<(Oid, PathBuf)>, source::SourceError> {
+fn fetch_and_checkout(
+    config: &Config,
+    applied: Option<Oid>,
+) -> Result<Option<(Oid, PathBuf, StageTimes)>, source::SourceError> {
+    let mut stages = StageTimes::default();
+    let started = Instant::now();
     let head = config.source.remote_head()?;
     if Some(head) == applied {
         return Ok(None);
     }
-    source::fetch_tree(&config.source, &config.work_dir).map(Some)
+    let head = source::fetch_verified(&config.source, &config.work_dir)?;
+    stages.since(Stage::Fetch, started);
+    let started = Instant::now();
+    let tree = config.work_dir.join(format!("tree-{head}"));
+    let _ = std::fs::remove_dir_all(&tree);
+    source::checkout(&source::mirror_of(&config.work_dir), head, &tree)?;
+    stages.since(Stage::Checkout, started);
+    Ok(Some((head, tree, stages)))
 }
 
 /// Watches a local repository's git directory (refs, packed-refs) and wakes the loop

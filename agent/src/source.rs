@@ -311,7 +311,23 @@ pub unsafe fn set_network_timeout(timeout: std::time::Duration) -> Result<(), gi
 /// tree the render stage reads. With [`GitSource::verify_signatures`], a head that is
 /// not signed by an allowed key is refused before it is checked out.
 pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf), SourceError> {
-    let mirror = work_dir.join("mirror");
+    let head = fetch_verified(source, work_dir)?;
+    let tree = work_dir.join(format!("tree-{head}"));
+    let _ = fs::remove_dir_all(&tree);
+    checkout(&mirror_of(work_dir), head, &tree)?;
+    Ok((head, tree))
+}
+
+/// The mirror [`fetch_verified`] keeps in `work_dir`.
+pub fn mirror_of(work_dir: &Path) -> PathBuf {
+    work_dir.join("mirror")
+}
+
+/// Fetches the branch into `work_dir/mirror` and returns its head, once verified when
+/// [`GitSource::verify_signatures`] is on: a head that is not signed by an allowed key
+/// is refused, so it is never checked out.
+pub fn fetch_verified(source: &GitSource, work_dir: &Path) -> Result<Oid, SourceError> {
+    let mirror = mirror_of(work_dir);
     let head = source.fetch(&mirror)?;
     if let Some(signers) = &source.signers {
         let repo = Repository::open_bare(&mirror).map_err(|source| SourceError::Mirror {
@@ -322,10 +338,7 @@ pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf),
         let signer = signers.verify(&repo, head)?;
         tracing::info!(commit = %head, signer, "verified the head's signature");
     }
-    let tree = work_dir.join(format!("tree-{head}"));
-    let _ = fs::remove_dir_all(&tree);
-    checkout(&mirror, head, &tree)?;
-    Ok((head, tree))
+    Ok(head)
 }
 
 /// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into

@@ -9,6 +9,7 @@
 //! does not exist yet cannot be.
 
 use std::path::Path;
+use std::time::Instant;
 
 use kube::discovery::Discovery;
 
@@ -18,6 +19,7 @@ use crate::inventory::{Inventory, InventoryError, Store};
 use crate::object::ObjectId;
 use crate::plan::{self, Plan};
 use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
+use crate::stages::{Stage, StageTimes};
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -131,30 +133,38 @@ impl Syncer {
         revision: &str,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
     ) -> Result<Synced, SyncError> {
-        let (plan, mut inventory, jobs) = self.plan(root).await?;
+        let mut stages = StageTimes::default();
+        let (plan, mut inventory, jobs) = self.plan(root, &mut stages).await?;
         refuse_empty(&plan, &inventory, root)?;
 
         let mut changes = ChangeSet::default();
-        let definitions = self.dry_run(&plan.definitions, in_line).await?;
+        let definitions = self.dry_run(&plan.definitions, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let started = Instant::now();
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
+        stages.since(Stage::Apply, started);
         // Roles before the bindings' dry runs, which look them up (see `plan`).
-        let roles = self.dry_run(&plan.roles, in_line).await?;
+        let roles = self.dry_run(&plan.roles, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let started = Instant::now();
         changes.extend(self.applier.apply(&plan.roles, &roles).await.map_err(SyncError::Apply)?);
+        stages.since(Stage::Apply, started);
 
         // Everything else is dry-run before any of it is written.
         let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let previews = self.dry_run(&rest, in_line).await?;
+        let previews = self.dry_run(&rest, in_line, &mut stages).await?;
         let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let started = Instant::now();
         let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
         changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
         changes.extend(self.applier.apply(&plan.namespaced, namespaced).await.map_err(SyncError::Apply)?);
+        stages.since(Stage::Apply, started);
 
+        let started = Instant::now();
         let all: Vec<Planned> = plan.objects().cloned().collect();
         let mut owned = plan::entries(&all, |_| true, &inventory);
         if self.options.prune {
@@ -165,17 +175,38 @@ impl Syncer {
             // Kept while pruning is off, and still owned: a later revision may prune them.
             owned.extend(plan.prune.iter().flatten().map(|p| (p.id.clone(), crate::inventory::Origin::Created)));
         }
+        stages.since(Stage::Prune, started);
+        let started = Instant::now();
         self.store.commit(&mut inventory, revision, owned).await?;
-        Ok(Synced { changes, objects: all, jobs })
+        stages.since(Stage::Inventory, started);
+        Ok(Synced { changes, objects: all, jobs, stages })
+    }
+
+    /// Records the objects a stage will create as pending in the inventory.
+    async fn begin(
+        &self,
+        inventory: &mut Inventory,
+        planned: &crate::inventory::Entries,
+        stages: &mut StageTimes,
+    ) -> Result<(), SyncError> {
+        let started = Instant::now();
+        self.store.begin(inventory, planned).await?;
+        stages.since(Stage::Inventory, started);
+        Ok(())
     }
 
     /// Renders the tree and plans it against the cluster and the stored inventory.
-    async fn plan(&self, root: &Path) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
+    async fn plan(&self, root: &Path, stages: &mut StageTimes) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
+        let started = Instant::now();
         let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
         let version = self.client.apiserver_version().await.map_err(SyncError::Discovery)?;
         let capabilities = capabilities(&discovery, version.git_version);
+        stages.since(Stage::Plan, started);
+        let started = Instant::now();
         let rendered =
             self.renderer.render(root, &self.options.dashboards_namespace, &capabilities).map_err(SyncError::Render)?;
+        stages.since(Stage::Render, started);
+        let started = Instant::now();
         let inventory = self.store.load().await?;
         let options = &self.options;
         let plan = plan::plan(rendered.manifests, &discovery, &options.default_namespace, &options.access, &inventory)
@@ -194,6 +225,7 @@ impl Syncer {
         if !refused.is_empty() {
             return Err(SyncError::Render(refused));
         }
+        stages.since(Stage::Plan, started);
         Ok((plan, inventory, rendered.jobs))
     }
 
@@ -202,7 +234,7 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, inventory, _) = self.plan(root).await?;
+        let (plan, inventory, _) = self.plan(root, &mut StageTimes::default()).await?;
         refuse_empty(&plan, &inventory, root)?;
         let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();
@@ -258,10 +290,13 @@ impl Syncer {
         &self,
         objects: &[Planned],
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
+        stages: &mut StageTimes,
     ) -> Result<Vec<Option<Preview>>, SyncError> {
+        let started = Instant::now();
         let vouched: Vec<bool> = objects.iter().map(in_line).collect();
         let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
         let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
+        stages.since(Stage::DryRun, started);
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }
 }
@@ -303,6 +338,8 @@ pub struct Synced {
     pub changes: ChangeSet,
     pub objects: Vec<Planned>,
     pub jobs: Vec<JobSpec>,
+    /// Where the sync's time went (fetch, checkout and status are the loop's).
+    pub stages: StageTimes,
 }
 
 /// One object `sync` would change.
