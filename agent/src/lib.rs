@@ -23,6 +23,7 @@ pub mod agent;
 pub mod apply;
 pub mod batch;
 pub mod control;
+pub mod discovery;
 pub mod drift;
 pub mod health;
 pub mod inventory;

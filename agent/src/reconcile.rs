@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
 use crate::rollout::RolloutWatch;
-use crate::source::{self, GitSource};
+use crate::source::{self, GitSource, Worktree};
 use crate::stages::{Stage, StageTimes};
 use crate::status::{AppState, Outcome};
 use crate::sync::{Synced, Syncer};
@@ -57,6 +57,7 @@ pub async fn run(
     mut suspended: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let worktree = Arc::new(Worktree::open(config.work_dir.join("tree")));
     let config = Arc::new(config);
     let local_change = Arc::new(Notify::new());
     // Dropping the watcher stops it, so it lives as long as the loop.
@@ -74,7 +75,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
-            outcome = reconcile(&config, &syncer, &drift, &rollout, &runs, &state, applied) => match outcome {
+            outcome = reconcile(&config, &worktree, &syncer, &drift, &rollout, &runs, &state, applied) => match outcome {
                 Ok(head) => {
                     applied = Some(head);
                     failures = 0;
@@ -111,8 +112,10 @@ pub async fn run(
 
 /// One look at the source. Returns the head now applied, or `Err` after recording
 /// the failure (the cluster stays at the last good revision).
+#[allow(clippy::too_many_arguments)]
 async fn reconcile(
     config: &Arc<Config>,
+    worktree: &Arc<Worktree>,
     syncer: &Syncer,
     drift: &DriftWatch,
     rollout: &RolloutWatch,
@@ -122,8 +125,8 @@ async fn reconcile(
 ) -> Result<Oid, ()> {
     let started = Instant::now();
     let fetched = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || fetch_and_checkout(&config, applied)
+        let (config, worktree) = (config.clone(), worktree.clone());
+        move || fetch_and_checkout(&config, &worktree, applied)
     })
     .await
     .expect("fetch does not panic");
@@ -149,7 +152,6 @@ async fn reconcile(
     drift.pause().await;
     let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned)).await;
     crate::release_memory();
-    let _ = std::fs::remove_dir_all(&tree);
     match result {
         Ok(Synced { changes, objects, jobs, mut stages }) => {
             stages.extend(&fetch_stages);
@@ -175,10 +177,11 @@ async fn reconcile(
     }
 }
 
-/// Asks the remote for the head; when it differs from `applied`, fetches and checks it
-/// out into a fresh directory. `None` when there is nothing new.
+/// Asks the remote for the head; when it differs from `applied`, fetches it and brings
+/// the working tree to it (writing only what changed). `None` when there is nothing new.
 fn fetch_and_checkout(
     config: &Config,
+    worktree: &Worktree,
     applied: Option<Oid>,
 ) -> Result<Option<(Oid, PathBuf, StageTimes)>, source::SourceError> {
     let mut stages = StageTimes::default();
@@ -190,11 +193,10 @@ fn fetch_and_checkout(
     let head = source::fetch_verified(&config.source, &config.work_dir)?;
     stages.since(Stage::Fetch, started);
     let started = Instant::now();
-    let tree = config.work_dir.join(format!("tree-{head}"));
-    let _ = std::fs::remove_dir_all(&tree);
-    source::checkout(&source::mirror_of(&config.work_dir), head, &tree)?;
+    let update = worktree.update(&source::mirror_of(&config.work_dir), head)?;
+    tracing::debug!(?update, "checked out");
     stages.since(Stage::Checkout, started);
-    Ok(Some((head, tree, stages)))
+    Ok(Some((head, worktree.dir().to_owned(), stages)))
 }
 
 /// Watches a local repository's git directory (refs, packed-refs) and wakes the loop

@@ -10,6 +10,7 @@
 
 mod known_hosts;
 mod signatures;
+mod worktree;
 
 use std::cell::Cell;
 use std::fmt;
@@ -22,6 +23,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use git2::cert::Cert;
 pub use signatures::{AllowedSigners, SignatureError};
+pub use worktree::{Update, Worktree};
 
 use git2::{
     AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, ErrorCode, FetchOptions, Oid, Remote,
@@ -109,6 +111,15 @@ pub enum SourceError {
         action: &'static str,
         /// libgit2's error.
         source: git2::Error,
+    },
+
+    /// The commit's files could not be written where the render reads them.
+    #[error("working tree {path}: {message}")]
+    Worktree {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// What failed.
+        message: String,
     },
 
     /// `--verify-signatures` is on and the head is unsigned, or not signed by an
@@ -347,9 +358,7 @@ pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceErro
     let mirror_error = |action| move |source| SourceError::Mirror { path: mirror.to_owned(), action, source };
     let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
     let tree = repo.find_commit(commit).and_then(|commit| commit.tree()).map_err(mirror_error("reading the commit"))?;
-    let mut options = git2::build::CheckoutBuilder::new();
-    options.target_dir(dir).force().recreate_missing(true);
-    repo.checkout_tree(tree.as_object(), Some(&mut options)).map_err(mirror_error("checking out the commit"))
+    worktree::write_tree(&repo, &tree, dir).map_err(|e| e.at(dir))
 }
 
 /// `url` without its userinfo (`user:password@` or `token@`), fit for logs and

@@ -11,14 +11,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use kube::discovery::Discovery;
-
 use crate::access::Access;
 use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
+use crate::discovery::Kinds;
+pub use crate::discovery::capabilities;
 use crate::inventory::{Inventory, InventoryError, Store};
 use crate::object::ObjectId;
 use crate::plan::{self, Plan};
-use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
+use crate::render::{self, JobSpec, Problem, RenderError, Renderer};
 use crate::stages::{Stage, StageTimes};
 use crate::write::Writer;
 
@@ -71,7 +71,8 @@ pub struct Options {
 
 /// Applies revisions to one cluster.
 pub struct Syncer {
-    client: kube::Client,
+    /// The API server's kinds, between syncs.
+    kinds: Kinds,
     applier: Applier,
     store: Store,
     options: Options,
@@ -94,7 +95,7 @@ impl Syncer {
 
     fn with_store(writer: Writer, options: Options, store: Store) -> Syncer {
         Syncer {
-            client: writer.client().clone(),
+            kinds: Kinds::new(writer.client().clone()),
             applier: Applier::new(writer, crate::FIELD_MANAGER, options.force_conflicts),
             store,
             options,
@@ -179,6 +180,9 @@ impl Syncer {
         let started = Instant::now();
         self.store.commit(&mut inventory, revision, owned).await?;
         stages.since(Stage::Inventory, started);
+        if changes.changes.iter().any(|c| c.action != Action::Unchanged && changes_kinds(&c.id)) {
+            self.kinds.invalidate();
+        }
         Ok(Synced { changes, objects: all, jobs, stages })
     }
 
@@ -198,22 +202,36 @@ impl Syncer {
     /// Renders the tree and plans it against the cluster and the stored inventory.
     async fn plan(&self, root: &Path, stages: &mut StageTimes) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
         let started = Instant::now();
-        let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
-        let version = self.client.apiserver_version().await.map_err(SyncError::Discovery)?;
-        let capabilities = capabilities(&discovery, version.git_version);
+        let (mut known, mut fresh) = self.kinds.get().await.map_err(SyncError::Discovery)?;
         stages.since(Stage::Plan, started);
-        let started = Instant::now();
-        let rendered =
-            self.renderer.render(root, &self.options.dashboards_namespace, &capabilities).map_err(SyncError::Render)?;
-        stages.since(Stage::Render, started);
-        let started = Instant::now();
-        let inventory = self.store.load().await?;
         let options = &self.options;
-        let plan = plan::plan(rendered.manifests, &discovery, &options.default_namespace, &options.access, &inventory)
-            .map_err(SyncError::Render)?;
+        let (jobs, inventory, plan) = loop {
+            let started = Instant::now();
+            let rendered = self
+                .renderer
+                .render(root, &options.dashboards_namespace, &known.capabilities)
+                .map_err(SyncError::Render)?;
+            stages.since(Stage::Render, started);
+            let started = Instant::now();
+            let inventory = self.store.load().await?;
+            let (manifests, jobs) = (rendered.manifests, rendered.jobs);
+            let planned =
+                plan::plan(manifests, &known.discovery, &options.default_namespace, &options.access, &inventory);
+            stages.since(Stage::Plan, started);
+            match planned {
+                // A kind the cached discovery lacks may be one installed since: look again, once.
+                Err(errors) if !fresh && errors.iter().any(|e| matches!(e.problem, Problem::UnknownKind { .. })) => {
+                    let started = Instant::now();
+                    known = self.kinds.refresh().await.map_err(SyncError::Discovery)?;
+                    fresh = true;
+                    stages.since(Stage::Plan, started);
+                }
+                planned => break (jobs, inventory, planned.map_err(SyncError::Render)?),
+            }
+        };
+        let started = Instant::now();
         // Runs go where their spec says, so the spec is checked like an object.
-        let refused: Vec<RenderError> = rendered
-            .jobs
+        let refused: Vec<RenderError> = jobs
             .iter()
             .filter_map(|spec| {
                 let namespace = spec.template.namespace().unwrap_or(&options.default_namespace);
@@ -222,11 +240,11 @@ impl Syncer {
                 Some(RenderError { at: spec.template.location.clone(), problem: Problem::Refused { object, refusal } })
             })
             .collect();
+        stages.since(Stage::Plan, started);
         if !refused.is_empty() {
             return Err(SyncError::Render(refused));
         }
-        stages.since(Stage::Plan, started);
-        Ok((plan, inventory, rendered.jobs))
+        Ok((plan, inventory, jobs))
     }
 
     /// What [`Self::sync`] would change, without writing anything: every object that
@@ -311,19 +329,12 @@ fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), S
     Ok(())
 }
 
-/// What charts are told of the cluster: its version and every `GROUP/VERSION` and
-/// `GROUP/VERSION/Kind` it serves, as helm's own client would discover them.
-pub fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities {
-    let mut api_versions = std::collections::BTreeSet::new();
-    for group in discovery.groups() {
-        for version in group.versions() {
-            for (resource, _) in group.versioned_resources(version) {
-                api_versions.insert(resource.api_version.clone());
-                api_versions.insert(format!("{}/{}", resource.api_version, resource.kind));
-            }
-        }
-    }
-    Capabilities { kube_version: Some(kube_version), api_versions: api_versions.into_iter().collect() }
+/// Whether a change to this object changes the kinds the API server serves.
+fn changes_kinds(id: &ObjectId) -> bool {
+    matches!(
+        (id.group.as_str(), id.kind.as_str()),
+        ("apiextensions.k8s.io", "CustomResourceDefinition") | ("apiregistration.k8s.io", "APIService")
+    )
 }
 
 /// Whether an object exists: it does if it is in line (no preview).
