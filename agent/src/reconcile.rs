@@ -186,11 +186,7 @@ fn fetch_and_checkout(
 ) -> Result<Option<(Oid, PathBuf, StageTimes)>, source::SourceError> {
     let mut stages = StageTimes::default();
     let started = Instant::now();
-    let head = config.source.remote_head()?;
-    if Some(head) == applied {
-        return Ok(None);
-    }
-    let head = source::fetch_verified(&config.source, &config.work_dir)?;
+    let Some(head) = source::fetch_verified(&config.source, &config.work_dir, applied)? else { return Ok(None) };
     stages.since(Stage::Fetch, started);
     let started = Instant::now();
     let update = worktree.update(&source::mirror_of(&config.work_dir), head)?;

@@ -252,12 +252,22 @@ impl GitSource {
     /// repositories are fetched whole. A force-pushed branch is followed like any other
     /// move.
     pub fn fetch(&self, mirror: &Path) -> Result<Oid, SourceError> {
+        Ok(self.fetch_unless(mirror, None)?.expect("no head to skip"))
+    }
+
+    /// [`Self::fetch`], unless the branch's head is `applied`: then `None`, and nothing
+    /// is downloaded. One connection either way, where asking [`Self::remote_head`]
+    /// first and then fetching would make two.
+    pub fn fetch_unless(&self, mirror: &Path, applied: Option<Oid>) -> Result<Option<Oid>, SourceError> {
         let session = Session::open(self)?;
         let branch_ref = self.branch_ref();
         let repo = open_or_init_mirror(mirror)?;
         let mut remote = repo.remote_anonymous(&self.url).map_err(|error| session.error("reading the URL", error))?;
         let mut connection = session.connect(&mut remote)?;
         let head = session.branch_head(&connection)?;
+        if Some(head) == applied {
+            return Ok(None);
+        }
         // A depth-1 fetch would download the snapshot again even when it is here.
         if !repo.odb().is_ok_and(|odb| odb.exists(head)) {
             connection
@@ -271,7 +281,7 @@ impl GitSource {
             action: "updating the branch",
             source,
         })?;
-        Ok(head)
+        Ok(Some(head))
     }
 
     fn branch_ref(&self) -> String {
@@ -322,7 +332,7 @@ pub unsafe fn set_network_timeout(timeout: std::time::Duration) -> Result<(), gi
 /// tree the render stage reads. With [`GitSource::verify_signatures`], a head that is
 /// not signed by an allowed key is refused before it is checked out.
 pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf), SourceError> {
-    let head = fetch_verified(source, work_dir)?;
+    let head = fetch_verified(source, work_dir, None)?.expect("no head to skip");
     let tree = work_dir.join(format!("tree-{head}"));
     let _ = fs::remove_dir_all(&tree);
     checkout(&mirror_of(work_dir), head, &tree)?;
@@ -336,10 +346,10 @@ pub fn mirror_of(work_dir: &Path) -> PathBuf {
 
 /// Fetches the branch into `work_dir/mirror` and returns its head, once verified when
 /// [`GitSource::verify_signatures`] is on: a head that is not signed by an allowed key
-/// is refused, so it is never checked out.
-pub fn fetch_verified(source: &GitSource, work_dir: &Path) -> Result<Oid, SourceError> {
+/// is refused, so it is never checked out. `None` when the head is `applied`.
+pub fn fetch_verified(source: &GitSource, work_dir: &Path, applied: Option<Oid>) -> Result<Option<Oid>, SourceError> {
     let mirror = mirror_of(work_dir);
-    let head = source.fetch(&mirror)?;
+    let Some(head) = source.fetch_unless(&mirror, applied)? else { return Ok(None) };
     if let Some(signers) = &source.signers {
         let repo = Repository::open_bare(&mirror).map_err(|source| SourceError::Mirror {
             path: mirror.clone(),
@@ -349,7 +359,7 @@ pub fn fetch_verified(source: &GitSource, work_dir: &Path) -> Result<Oid, Source
         let signer = signers.verify(&repo, head)?;
         tracing::info!(commit = %head, signer, "verified the head's signature");
     }
-    Ok(head)
+    Ok(Some(head))
 }
 
 /// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into
