@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::access::Access;
-use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
+use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Verdict};
 use crate::discovery::Kinds;
 pub use crate::discovery::capabilities;
 use crate::inventory::{Inventory, InventoryError, Store};
@@ -309,7 +309,7 @@ impl Syncer {
         objects: &[Planned],
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
         stages: &mut StageTimes,
-    ) -> Result<Vec<Option<Preview>>, SyncError> {
+    ) -> Result<Vec<Option<Verdict>>, SyncError> {
         let started = Instant::now();
         let vouched: Vec<bool> = objects.iter().map(in_line).collect();
         let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
@@ -338,8 +338,8 @@ fn changes_kinds(id: &ObjectId) -> bool {
 }
 
 /// Whether an object exists: it does if it is in line (no preview).
-fn exists(preview: &Option<Preview>) -> bool {
-    preview.as_ref().is_none_or(|p| p.live.is_some())
+fn exists(verdict: &Option<Verdict>) -> bool {
+    verdict.is_none_or(|v| v.action != Action::Created)
 }
 
 /// What a sync did, the objects the revision holds now (what drift is measured
