@@ -108,8 +108,9 @@ impl Drop for Kinds {
     }
 }
 
-/// For each watch event, whether the kinds may have changed: every event but those of
-/// the first list (which shows what discovery saw) may. A relist comes after a broken
+/// For each watch event, whether the kinds may have changed: every event but the items
+/// of the first list may. The end of that list counts, since a kind added between the
+/// first discovery and the list shows only as an item; a relist comes after a broken
 /// watch, which may have missed a change, and so does an error.
 fn changes<K: Send + 'static>(
     events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
@@ -118,7 +119,10 @@ fn changes<K: Send + 'static>(
     events
         .map(move |event| match event {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => listed,
-            Ok(watcher::Event::InitDone) => std::mem::replace(&mut listed, true),
+            Ok(watcher::Event::InitDone) => {
+                listed = true;
+                true
+            }
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) | Err(_) => true,
         })
         .boxed()
@@ -137,4 +141,27 @@ pub fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities
         }
     }
     Capabilities { kube_version: Some(kube_version), api_versions: api_versions.into_iter().collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_first_lists_items_leave_the_kinds_trusted() {
+        let events: Vec<watcher::Result<watcher::Event<()>>> = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(())),
+            Ok(watcher::Event::Delete(())),
+            Err(watcher::Error::NoResourceVersion),
+            // The relist after the error.
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(())),
+            Ok(watcher::Event::InitDone),
+        ];
+        let seen: Vec<bool> = changes(futures::stream::iter(events)).collect().await;
+        assert_eq!(seen, [false, false, true, true, true, true, true, true, true]);
+    }
 }
