@@ -33,7 +33,6 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::access::{self, Access};
-use crate::health::HealthStatus;
 use crate::metrics::BatchOutcome;
 use crate::render::{ConcurrencyPolicy, JobSpec};
 use crate::rollout::RevisionHealth;
@@ -276,10 +275,14 @@ impl Shared {
     /// once it is.
     fn held_for_health(&self, spec: &JobSpec, revision: &str) -> Option<BatchWaiting> {
         let health = self.health.borrow().clone().filter(|h| h.revision == revision);
-        if health.as_ref().is_some_and(|h| h.health == HealthStatus::Healthy) {
+        if health.as_ref().is_some_and(RevisionHealth::is_healthy) {
             return None;
         }
-        let now = health.map_or("not assessed yet", |h| h.health.as_str());
+        let now = match &health {
+            None => "not assessed yet",
+            Some(h) if h.wave.is_some() => "waiting for its sync waves",
+            Some(h) => h.health.as_str(),
+        };
         let waits_for = self.state.status().unhealthy.iter().map(|o| format!("{} {}", o.kind, o.name)).collect();
         tracing::info!(job = spec.name(), revision, health = now, "the new run waits for the revision to be healthy");
         Some(BatchWaiting {

@@ -237,12 +237,7 @@ impl DriftWatch {
     /// Checks again, against the tracked objects (after a sync that failed, they are
     /// still what the cluster should hold), starting with what was seen while paused.
     pub fn resume(&self) {
-        let mut kinds: BTreeMap<WatchKey, ApiResource> = BTreeMap::new();
-        for tracked in self.shared.desired.lock().unwrap().values() {
-            for namespace in self.shared.access.watch_scopes() {
-                kinds.insert(watch_key(&tracked.resource, namespace), tracked.resource.clone());
-            }
-        }
+        let kinds = self.kinds(self.shared.desired.lock().unwrap().values().map(|tracked| &tracked.resource));
         let mut watchers = self.watchers.lock().unwrap();
         watchers.retain(|key, watcher| {
             let keep = kinds.contains_key(key);
@@ -252,12 +247,8 @@ impl DriftWatch {
             }
             keep
         });
-        for (key, resource) in kinds {
-            if let std::collections::btree_map::Entry::Vacant(entry) = watchers.entry(key) {
-                let namespace = entry.key().3.clone();
-                entry.insert(tokio::spawn(self.shared.clone().watch(resource, namespace)));
-            }
-        }
+        drop(watchers);
+        self.start_watchers(kinds);
         let Some(held) = self.shared.held.lock().unwrap().take() else { return };
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -265,6 +256,36 @@ impl DriftWatch {
                 shared.see(id, seen).await;
             }
         });
+    }
+}
+
+impl DriftWatch {
+    /// Starts watching the kinds of `objects` now, during a sync, so that their health
+    /// is followed before the sync ends (a later sync wave waits for it). Checks stay
+    /// held until [`Self::track`].
+    pub fn watch(&self, objects: &[Planned]) {
+        self.start_watchers(self.kinds(objects.iter().map(|planned| &planned.resource)));
+    }
+
+    /// The watchers `resources` need, in every namespace scope.
+    fn kinds<'a>(&self, resources: impl Iterator<Item = &'a ApiResource>) -> BTreeMap<WatchKey, ApiResource> {
+        let mut kinds = BTreeMap::new();
+        for resource in resources {
+            for namespace in self.shared.access.watch_scopes() {
+                kinds.insert(watch_key(resource, namespace), resource.clone());
+            }
+        }
+        kinds
+    }
+
+    fn start_watchers(&self, kinds: BTreeMap<WatchKey, ApiResource>) {
+        let mut watchers = self.watchers.lock().unwrap();
+        for (key, resource) in kinds {
+            if let std::collections::btree_map::Entry::Vacant(entry) = watchers.entry(key) {
+                let namespace = entry.key().3.clone();
+                entry.insert(tokio::spawn(self.shared.clone().watch(resource, namespace)));
+            }
+        }
     }
 }
 

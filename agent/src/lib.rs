@@ -3,6 +3,7 @@
 //! Each stage of a sync is a module with one job, fed by the one before it:
 //! - [`source`] finds and fetches the commit to apply (git over file, git, HTTP(S), SSH);
 //! - [`render`] turns its files into validated objects, each error as `file:line`;
+//! - [`validate`] checks them offline against the API's schema (`gitops-agent validate`);
 //! - [`plan`] orders them in stages against the API server's discovery and picks what to prune;
 //! - [`apply`] dry-runs, applies and deletes them with server-side apply;
 //! - [`inventory`] keeps, in the cluster, what the agent owns;
@@ -40,6 +41,7 @@ pub mod source;
 pub mod stages;
 pub mod status;
 pub mod sync;
+pub mod validate;
 pub mod write;
 
 /// The field manager of every apply, and the value of the managed-by label.

@@ -13,7 +13,7 @@ use gitops_agent::leader::{self, Leadership};
 use gitops_agent::server::WebhookSecret;
 use gitops_agent::source::{AllowedSigners, Credentials, GitSource};
 use gitops_agent::write::Writer;
-use gitops_agent::{control, drift, render, sync};
+use gitops_agent::{control, drift, render, sync, validate};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a Kubernetes cluster in sync with a git repository")]
@@ -28,8 +28,11 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Show what `run` would change in the current cluster; exit 0 no changes, 1 changes, 2 error.
     Diff {
+        /// Diff this checked-out directory (uncommitted changes included) instead of --repo's branch.
+        #[arg(long, conflicts_with = "repo")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
-        source: SourceArgs,
+        source: Option<SourceArgs>,
         #[command(flatten)]
         apply: ApplyArgs,
         #[command(flatten)]
@@ -42,15 +45,20 @@ enum Cmd {
     /// Ask the running agent to fetch now, as a push webhook would (`flux reconcile`).
     Sync(AgentNamespace),
     /// Check a checked-out repository offline: every error as `file:line: message`.
-    Validate {
-        /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
-        dir: PathBuf,
-        /// Where dashboards' ConfigMaps would go (their names are checked against it).
-        #[arg(long, env = "GITOPS_DASHBOARDS_NAMESPACE", default_value = "monitoring")]
-        dashboards_namespace: String,
-        #[command(flatten)]
-        render: RenderArgs,
-    },
+    Validate(ValidateArgs),
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// The directory holding manifests/, dashboards/ and jobs/ (the repository root or its --path).
+    dir: PathBuf,
+    /// Also dry-run the whole revision on the cluster of KUBECONFIG, as `run` would apply it.
+    #[arg(long)]
+    cluster: bool,
+    #[command(flatten)]
+    apply: ApplyArgs,
+    #[command(flatten)]
+    render: RenderArgs,
 }
 
 /// The renderers of kustomizations and chart releases.
@@ -252,8 +260,8 @@ fn main() -> ExitCode {
 
     let git_timeout = match &cli.command {
         Cmd::Run(args) => Some(args.source.git_timeout),
-        Cmd::Diff { source, .. } => Some(source.git_timeout),
-        Cmd::Validate { .. } | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
+        Cmd::Diff { source, .. } => source.as_ref().map(|source| source.git_timeout),
+        Cmd::Validate(_) | Cmd::Suspend(_) | Cmd::Resume(_) | Cmd::Sync(_) => None,
     };
     if let Some(timeout) = git_timeout {
         // SAFETY: no thread exists yet; the runtime starts below.
@@ -263,14 +271,14 @@ fn main() -> ExitCode {
         }
     }
     let outcome = match cli.command {
-        Cmd::Validate { dir, dashboards_namespace, render } => validate(&dir, &dashboards_namespace, render),
+        Cmd::Validate(args) => validate(args),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Cmd::Suspend(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Suspend))),
         Cmd::Resume(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Resume))),
         Cmd::Sync(agent) => runtime().and_then(|rt| rt.block_on(ask(agent, control::Request::Sync))),
         // Like diff(1) and `kubectl diff`: 1 means "changes", so an error is 2.
-        Cmd::Diff { source, apply, render } => {
-            match runtime().and_then(|rt| rt.block_on(diff(source, apply, render))) {
+        Cmd::Diff { dir, source, apply, render } => {
+            match runtime().and_then(|rt| rt.block_on(diff(dir, source, apply, render))) {
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     return ExitCode::from(2);
@@ -292,7 +300,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArgs) -> Result<ExitCode> {
+fn validate(args: ValidateArgs) -> Result<ExitCode> {
+    let dir = args.dir.as_path();
     // `validate repo/manifests` would find nothing to check and pass.
     let kustomization = render::kustomize::kustomization_file(dir).is_some();
     if !kustomization && !render::SOURCE_DIRS.iter().any(|source| dir.join(source).is_dir()) {
@@ -308,22 +317,79 @@ fn validate(dir: &std::path::Path, dashboards_namespace: &str, render: RenderArg
         );
         return Ok(ExitCode::FAILURE);
     }
-    // Bases and values files may come from anywhere in the repository that holds `dir`.
-    let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(dir);
-    let path_in_repo = dir.strip_prefix(repo).unwrap_or(std::path::Path::new("."));
-    let renderer = render::Renderer::new(render.tools(path_in_repo)?);
-    match renderer.render(dir, dashboards_namespace, &render::Capabilities::default()) {
-        Ok(rendered) => {
-            let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
-            println!("{}: {objects} objects, {jobs} batch jobs, no errors", dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
+    let (dir, path_in_repo) = &in_repository(dir)?;
+    let tools = args.render.tools(path_in_repo)?;
+    let renderer = render::Renderer::new(tools.clone());
+    let rendered = match renderer.render(dir, &args.apply.dashboards_namespace, &render::Capabilities::default()) {
+        Ok(rendered) => rendered,
         Err(errors) => {
             for e in &errors {
                 println!("{e}");
             }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let report = validate::check(dir, &rendered);
+    for e in &report.errors {
+        println!("{e}");
+    }
+    if !report.unchecked.is_empty() && !args.cluster {
+        let kinds: Vec<String> = report.unchecked.iter().map(|(kind, n)| format!("{kind} ({n})")).collect();
+        eprintln!(
+            "note: not built into Kubernetes {} nor defined by a CRD in the repository, so only --cluster checks: {}",
+            validate::schema::Builtin::get().kubernetes,
+            kinds.join(", ")
+        );
+    }
+    if !report.errors.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
+    let (objects, jobs) = (rendered.manifests.len(), rendered.jobs.len());
+    println!("{}: {objects} objects, {jobs} batch jobs, no errors", args.dir.display());
+    if !args.cluster {
+        return Ok(ExitCode::SUCCESS);
+    }
+    runtime()?.block_on(dry_run_on_cluster(dir, &rendered, args.apply, tools))
+}
+
+/// A checked-out directory as an absolute path, and where it is in its repository: bases
+/// and values files may come from anywhere in the repository that holds it. The search
+/// goes up from the absolute path, as a relative one ends at the working directory (and
+/// `""` joined with `.git` is the working directory's).
+fn in_repository(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let repo = dir.ancestors().find(|d| d.join(".git").exists()).unwrap_or(&dir);
+    let path_in_repo = dir.strip_prefix(repo).map_or_else(|_| PathBuf::from("."), std::path::Path::to_owned);
+    Ok((dir, path_in_repo))
+}
+
+/// `validate --cluster`: the revision through `run`'s checks and dry run, writing nothing.
+async fn dry_run_on_cluster(
+    dir: &std::path::Path,
+    rendered: &render::Rendered,
+    apply: ApplyArgs,
+    tools: render::Tools,
+) -> Result<ExitCode> {
+    // A writer that never leads: nothing is written, whatever happens.
+    let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
+    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(tools);
+    match syncer.diff(dir).await {
+        Ok(differences) => {
+            println!("the cluster's dry run accepts every object; {} would change", differences.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(sync::SyncError::Rejected(errors)) => {
+            println!("the API server rejects the revision in a dry run:");
+            for e in validate::place_rejections(dir, rendered, &errors) {
+                println!("{e}");
+            }
             Ok(ExitCode::FAILURE)
         }
+        Err(e @ (sync::SyncError::Render(_) | sync::SyncError::EmptyRevision(_))) => {
+            println!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -386,14 +452,29 @@ async fn ask(agent: AgentNamespace, request: control::Request) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn diff(source: SourceArgs, apply: ApplyArgs, render: RenderArgs) -> Result<ExitCode> {
-    let git = source.git_source()?;
+async fn diff(
+    dir: Option<PathBuf>,
+    source: Option<SourceArgs>,
+    apply: ApplyArgs,
+    render: RenderArgs,
+) -> Result<ExitCode> {
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let (head, root, path_in_repo) = match (dir, source) {
+        (Some(dir), _) => {
+            let (root, path_in_repo) = in_repository(&dir)?;
+            println!("diffing the working tree {} (uncommitted changes included)", dir.display());
+            (format!("working tree {}", dir.display()), root, path_in_repo)
+        }
+        (None, Some(source)) => {
+            let (head, tree) = gitops_agent::source::fetch_tree(&source.git_source()?, work.path())?;
+            (head.to_string(), tree.join(&source.path), source.path)
+        }
+        (None, None) => anyhow::bail!("give --repo (a branch) or --dir (a working tree) to diff"),
+    };
     // `diff` writes nothing: a writer that never leads makes sure of it.
     let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
-    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(render.tools(&source.path)?);
-    let work = tempfile::tempdir().context("creating a work directory")?;
-    let (head, tree) = gitops_agent::source::fetch_tree(&git, work.path())?;
-    let differences = syncer.diff(&tree.join(&source.path)).await?;
+    let syncer = sync::Syncer::new(writer, apply.options()).with_tools(render.tools(&path_in_repo)?);
+    let differences = syncer.diff(&root).await?;
     for d in &differences {
         match d.action {
             Action::Created => println!("+ {} ({}): created", d.id, d.origin),

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use git2::Oid;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, watch};
@@ -20,8 +21,8 @@ use crate::drift::DriftWatch;
 use crate::rollout::RolloutWatch;
 use crate::source::{self, GitSource, Worktree};
 use crate::stages::{Stage, StageTimes};
-use crate::status::{AppState, Outcome};
-use crate::sync::{Synced, Syncer};
+use crate::status::{AppState, Outcome, UnhealthyObject};
+use crate::sync::{AppliedWave, Synced, Syncer, WaveGate};
 
 /// The first retry after a failure; doubled on each further failure, up to the poll
 /// interval (and never beyond five minutes).
@@ -150,7 +151,8 @@ async fn reconcile(
     let revision = head.to_string();
     let root = tree.join(&config.path);
     drift.pause().await;
-    let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned)).await;
+    let gate = HealthGate { drift, rollout, revision: &revision };
+    let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned), Some(&gate)).await;
     crate::release_memory();
     match result {
         Ok(Synced { changes, objects, jobs, mut stages }) => {
@@ -174,6 +176,27 @@ async fn reconcile(
             drift.resume();
             Err(())
         }
+    }
+}
+
+/// Holds each sync wave until the waves before it are healthy, as the watches see them.
+/// Losing the lease or being suspended drops the reconcile, and the wait with it.
+struct HealthGate<'a> {
+    drift: &'a DriftWatch,
+    rollout: &'a RolloutWatch,
+    revision: &'a str,
+}
+
+impl WaveGate for HealthGate<'_> {
+    fn healthy<'a>(&'a self, wave: AppliedWave<'a>) -> BoxFuture<'a, Result<(), Vec<UnhealthyObject>>> {
+        Box::pin(async move {
+            // The watches report what the wave's health is made of; a kind new to the
+            // revision has no watcher before the sync ends, otherwise.
+            self.drift.watch(wave.applied);
+            self.rollout.track_wave(self.revision, wave.number, wave.applied, wave.changes, wave.later);
+            tracing::info!(revision = self.revision, wave = wave.number, "waiting for the wave to be healthy");
+            self.rollout.wave_healthy(self.revision, wave.number).await
+        })
     }
 }
 

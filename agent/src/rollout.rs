@@ -12,10 +12,17 @@
 //! One publisher task turns changes into the revision's health, in `/status`, the
 //! metrics and the status ConfigMap, and sleeps until the next object's deadline when
 //! one is pending: a burst of events (the first list of thousands of objects) makes
-//! one publication, not one per event.
+//! one publication, not one per event. A [`RolloutWatch::track`] publishes at once, so
+//! whoever waits on [`RolloutWatch::subscribe`] after it never reads the revision before.
+//!
+//! Sync waves: while a sync waits for wave N before applying the next
+//! ([`RolloutWatch::track_wave`], [`RolloutWatch::wave_healthy`]), the objects of the
+//! waves so far are followed; the revision shows `Progressing` even when they are all
+//! healthy, since later waves are not applied yet.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -43,7 +50,18 @@ pub const TIMEOUT_ANNOTATION: &str = "gitops.scale.dev/health-timeout";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevisionHealth {
     pub revision: String,
+    /// Of the objects followed: while `wave` is set, of the waves through it only.
     pub health: HealthStatus,
+    /// The wave a sync waits for, whose later waves are not applied yet; `None` once the
+    /// whole revision is.
+    pub wave: Option<i32>,
+}
+
+impl RevisionHealth {
+    /// Whether the whole revision is applied and healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.wave.is_none() && self.health == HealthStatus::Healthy
+    }
 }
 
 /// Follows the applied revision's health. Clones share one state.
@@ -60,12 +78,21 @@ struct Shared {
     /// Wakes the publisher; outside [`Inner`] so that waiting holds no lock.
     dirty: Arc<Notify>,
     published: watch::Sender<Option<RevisionHealth>>,
-    publisher: JoinHandle<()>,
+    /// What was last put in `/status` and the metrics.
+    shown: Mutex<Option<Shown>>,
+    /// `/status` changed since the status ConfigMap was last written.
+    unreported: AtomicBool,
+    publisher: OnceLock<JoinHandle<()>>,
 }
+
+/// The revision, the wave waited for, its health and unhealthy objects, as shown.
+type Shown = (String, Option<i32>, HealthStatus, Vec<UnhealthyObject>);
 
 #[derive(Default)]
 struct Inner {
     revision: Option<String>,
+    /// The wave a sync waits for (see [`RevisionHealth::wave`]).
+    wave: Option<i32>,
     /// The revision's objects.
     objects: BTreeMap<ObjectId, Entry>,
     /// The workloads of the revision, by namespace: a pod event looks at these only.
@@ -102,15 +129,22 @@ impl RolloutWatch {
     /// already allowed.
     pub fn new(client: kube::Client, state: Arc<AppState>, default_timeout: Duration) -> RolloutWatch {
         let dirty = Arc::new(Notify::new());
-        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
+        let shared = Arc::new(Shared {
             client,
             state,
             default_timeout,
             inner: Mutex::default(),
             dirty: dirty.clone(),
             published: watch::Sender::new(None),
-            publisher: tokio::spawn(publish(weak.clone(), dirty.clone())),
+            shown: Mutex::default(),
+            unreported: AtomicBool::new(false),
+            publisher: OnceLock::new(),
         });
+        // Spawned once `shared` is whole: a task spawned while it is being built (from
+        // `Arc::new_cyclic`) may run on another worker first, find nothing to upgrade
+        // and end, and then no health would ever reach the status ConfigMap.
+        let publisher = tokio::spawn(publish(Arc::downgrade(&shared), dirty));
+        shared.publisher.set(publisher).expect("set once, here");
         RolloutWatch { shared }
     }
 
@@ -122,10 +156,41 @@ impl RolloutWatch {
     /// Follows newly applied `revision`: its objects, with `changes` (what the sync
     /// did to each). Its objects' timeouts count from now.
     pub fn track(&self, revision: &str, objects: &[Planned], changes: &ChangeSet) {
+        self.follow(revision, None, objects, changes, &[]);
+    }
+
+    /// Follows the waves of `revision` applied so far (`objects`, through wave `wave`)
+    /// while a sync waits for them to be healthy before applying `later`.
+    pub fn track_wave(&self, revision: &str, wave: i32, objects: &[Planned], changes: &ChangeSet, later: &[Planned]) {
+        self.follow(revision, Some(wave), objects, changes, later);
+    }
+
+    /// Waits until the waves [`Self::track_wave`] follows are healthy; their unhealthy
+    /// objects once one is Degraded (failed, or past its timeout).
+    pub async fn wave_healthy(&self, revision: &str, wave: i32) -> Result<(), Vec<UnhealthyObject>> {
+        let mut published = self.subscribe();
+        let verdict = published
+            .wait_for(|h| {
+                h.as_ref().is_some_and(|h| {
+                    h.revision == revision && h.wave == Some(wave) && h.health != HealthStatus::Progressing
+                })
+            })
+            .await
+            .expect("the sender lives as long as the watch")
+            .clone()
+            .expect("waited for one");
+        match verdict.health {
+            HealthStatus::Healthy => Ok(()),
+            _ => Err(self.shared.shown.lock().unwrap().as_ref().map(|shown| shown.3.clone()).unwrap_or_default()),
+        }
+    }
+
+    fn follow(&self, revision: &str, wave: Option<i32>, objects: &[Planned], changes: &ChangeSet, later: &[Planned]) {
         let generations: BTreeMap<&ObjectId, i64> =
             changes.changes.iter().filter_map(|c| Some((&c.id, c.generation?))).collect();
         let mut inner = self.shared.inner.lock().unwrap();
         inner.revision = Some(revision.to_owned());
+        inner.wave = wave;
         inner.objects.clear();
         inner.workloads.clear();
         for planned in objects {
@@ -151,9 +216,11 @@ impl RolloutWatch {
             }
             inner.objects.insert(planned.id.clone(), entry);
         }
-        // What is not the revision's is no longer news.
+        // What is not the revision's is no longer news; what its later waves hold is: an
+        // object they leave unchanged makes no event when they are applied.
+        let later: BTreeSet<&ObjectId> = later.iter().map(|p| &p.id).collect();
         let Inner { seen, objects, .. } = &mut *inner;
-        seen.retain(|id, _| objects.contains_key(id));
+        seen.retain(|id, _| objects.contains_key(id) || later.contains(id));
         inner.unhealthy.clear();
         let ids: Vec<ObjectId> = inner.objects.keys().cloned().collect();
         for id in &ids {
@@ -161,6 +228,7 @@ impl RolloutWatch {
         }
         self.follow_pods(&mut inner);
         drop(inner);
+        self.shared.publish(Instant::now());
         self.shared.dirty.notify_one();
     }
 
@@ -217,7 +285,9 @@ impl RolloutWatch {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.publisher.abort();
+        if let Some(publisher) = self.publisher.get() {
+            publisher.abort();
+        }
         for watcher in self.inner.get_mut().unwrap().pod_watchers.values() {
             watcher.abort();
         }
@@ -301,46 +371,61 @@ impl Inner {
     }
 }
 
-/// Publishes the revision's health whenever it may have changed or a deadline passes.
+impl Shared {
+    /// Puts the revision's health at `now` in `/status`, the metrics and the channel,
+    /// if it changed; the next deadline of an object not yet past it.
+    fn publish(&self, now: Instant) -> Option<Instant> {
+        let inner = self.inner.lock().unwrap();
+        let revision = inner.revision.clone()?;
+        let (health, unhealthy, next) = inner.health(now);
+        let mut shown = self.shown.lock().unwrap();
+        let changed =
+            shown.as_ref().is_none_or(|(r, w, h, u)| (r, w, h, u) != (&revision, &inner.wave, &health, &unhealthy));
+        if !changed {
+            return next;
+        }
+        let by_status: BTreeMap<&ObjectId, HealthStatus> =
+            unhealthy.iter().zip(inner.unhealthy.keys()).map(|(shown, id)| (id, shown.health)).collect();
+        let kinds: Vec<(&str, HealthStatus)> = inner
+            .objects
+            .iter()
+            .filter(|(_, entry)| !entry.ignored)
+            .map(|(id, _)| (id.kind.as_str(), by_status.get(id).copied().unwrap_or(HealthStatus::Healthy)))
+            .collect();
+        // Waves still to apply: healthy so far is not healthy yet.
+        let revision_health = match (inner.wave, health) {
+            (Some(_), HealthStatus::Healthy) => HealthStatus::Progressing,
+            _ => health,
+        };
+        self.state.set_health(&revision, revision_health, unhealthy.clone(), kinds);
+        if shown.as_ref().is_none_or(|(r, w, h, _)| *r != revision || *w != inner.wave || *h != health) {
+            tracing::info!(
+                revision,
+                wave = inner.wave,
+                health = health.as_str(),
+                unhealthy = unhealthy.len(),
+                "revision health"
+            );
+        }
+        let wave = inner.wave;
+        *shown = Some((revision.clone(), wave, health, unhealthy));
+        self.unreported.store(true, Ordering::Release);
+        self.published.send_replace(Some(RevisionHealth { revision, health, wave }));
+        next
+    }
+}
+
+/// Publishes the revision's health whenever it may have changed or a deadline passes,
+/// and writes it to the status ConfigMap.
 async fn publish(shared: Weak<Shared>, dirty: Arc<Notify>) {
-    let mut shown: Option<(String, HealthStatus, Vec<UnhealthyObject>)> = None;
     loop {
         let next = {
             let Some(shared) = shared.upgrade() else { return };
-            let now = Instant::now();
-            let published = {
-                let inner = shared.inner.lock().unwrap();
-                inner.revision.clone().map(|revision| {
-                    let (health, unhealthy, next) = inner.health(now);
-                    let by_status: BTreeMap<&ObjectId, HealthStatus> =
-                        unhealthy.iter().zip(inner.unhealthy.keys()).map(|(shown, id)| (id, shown.health)).collect();
-                    let kinds: Vec<(&str, HealthStatus)> = inner
-                        .objects
-                        .iter()
-                        .filter(|(_, entry)| !entry.ignored)
-                        .map(|(id, _)| (id.kind.as_str(), by_status.get(id).copied().unwrap_or(HealthStatus::Healthy)))
-                        .collect();
-                    let now = (revision, health, unhealthy);
-                    if shown.as_ref() != Some(&now) {
-                        shared.state.set_health(&now.0, now.1, now.2.clone(), kinds);
-                    }
-                    (now, next)
-                })
-            };
-            if let Some((now, next)) = published {
-                if shown.as_ref() != Some(&now) {
-                    let (revision, health) = (now.0.clone(), now.1);
-                    if shown.as_ref().is_none_or(|(r, h, _)| *r != revision || *h != health) {
-                        tracing::info!(revision, health = health.as_str(), unhealthy = now.2.len(), "revision health");
-                    }
-                    shown = Some(now);
-                    shared.published.send_replace(Some(RevisionHealth { revision, health }));
-                    shared.state.report_health().await;
-                }
-                next
-            } else {
-                None
+            let next = shared.publish(Instant::now());
+            if shared.unreported.swap(false, Ordering::AcqRel) {
+                shared.state.report_health().await;
             }
+            next
         };
         match next {
             Some(deadline) => tokio::select! {

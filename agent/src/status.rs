@@ -393,6 +393,9 @@ impl Outcome {
             SyncError::Rejected(errors) | SyncError::Apply(errors) | SyncError::Prune(errors) => {
                 errors.iter().map(ErrorEntry::apply).collect()
             }
+            SyncError::Wave { wave, unhealthy } => {
+                unhealthy.iter().map(|object| ErrorEntry::message(format!("wave {wave}: {object}"))).collect()
+            }
             other => vec![ErrorEntry::message(other.to_string())],
         };
         Outcome::Failed { revision: Some(revision.to_owned()), cause: Cause::Sync, errors }

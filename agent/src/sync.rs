@@ -7,9 +7,16 @@
 //! pruned. The one exception, as in Flux: CRDs and Namespaces the revision adds are
 //! applied before the rest is dry-run, since objects of a kind or in a namespace that
 //! does not exist yet cannot be.
+//!
+//! Sync waves ([`plan::WAVE_ANNOTATION`]) are applied in ascending order, each only once
+//! the waves before it are healthy ([`WaveGate`]); the dry run still covers the whole
+//! revision first. A wave that fails stops the sync there: later waves are not
+//! applied and nothing is pruned.
 
 use std::path::Path;
 use std::time::Instant;
+
+use futures::future::BoxFuture;
 
 use crate::access::Access;
 use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Verdict};
@@ -20,6 +27,7 @@ use crate::object::ObjectId;
 use crate::plan::{self, Plan};
 use crate::render::{self, JobSpec, Problem, RenderError, Renderer};
 use crate::stages::{Stage, StageTimes};
+use crate::status::UnhealthyObject;
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -46,6 +54,34 @@ pub enum SyncError {
          (add {ALLOW_EMPTY_FILE} next to manifests/ to allow it)"
     )]
     EmptyRevision(usize),
+    #[error(
+        "wave {wave} did not become healthy; later waves were not applied and nothing was pruned:\n{}",
+        lines(.unhealthy)
+    )]
+    Wave { wave: i32, unhealthy: Vec<UnhealthyObject> },
+    #[error(
+        "the revision has {0} sync waves ({annotation}), which only the agent's sync loop \
+         applies: it waits for each wave to be healthy",
+        annotation = plan::WAVE_ANNOTATION
+    )]
+    WavesNeedHealth(usize),
+}
+
+/// Waits, between two sync waves, until the waves applied so far are healthy.
+pub trait WaveGate: Sync {
+    /// `Err`: the unhealthy objects, once one of them failed or timed out.
+    fn healthy<'a>(&'a self, wave: AppliedWave<'a>) -> BoxFuture<'a, Result<(), Vec<UnhealthyObject>>>;
+}
+
+/// A wave just applied, whose next wave waits for it.
+pub struct AppliedWave<'a> {
+    pub number: i32,
+    /// The revision's objects applied so far: this wave's and all before.
+    pub applied: &'a [Planned],
+    /// The later waves' objects, not applied yet.
+    pub later: &'a [Planned],
+    /// What the sync did so far.
+    pub changes: &'a ChangeSet,
 }
 
 fn lines<E: std::fmt::Display>(errors: &[E]) -> String {
@@ -120,23 +156,30 @@ impl Syncer {
 
     /// Applies the tree checked out at `root` (the directory holding `manifests/`) as
     /// commit `revision`, and returns what changed.
+    /// Without a [`WaveGate`], a revision with several waves is refused.
     pub async fn sync(&self, root: &Path, revision: &str) -> Result<Synced, SyncError> {
-        self.sync_in_line(root, revision, &|_| false).await
+        self.sync_in_line(root, revision, &|_| false, None).await
     }
 
     /// [`Self::sync`], taking the objects `in_line` vouches for (unchanged in git and
     /// live since the last sync: [`crate::drift::DriftWatch::in_line`]) as unchanged
     /// without a request, so a commit that changes one object costs one dry run and
-    /// one apply, whatever the size of the revision.
+    /// one apply, whatever the size of the revision. `gate` holds each sync wave until
+    /// the ones before it are healthy.
     pub async fn sync_in_line(
         &self,
         root: &Path,
         revision: &str,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
+        gate: Option<&dyn WaveGate>,
     ) -> Result<Synced, SyncError> {
         let mut stages = StageTimes::default();
         let (plan, mut inventory, jobs) = self.plan(root, &mut stages).await?;
         refuse_empty(&plan, &inventory, root)?;
+        let waves = plan.waves();
+        if gate.is_none() && waves.len() > 1 {
+            return Err(SyncError::WavesNeedHealth(waves.len()));
+        }
 
         let mut changes = ChangeSet::default();
         let definitions = self.dry_run(&plan.definitions, in_line, &mut stages).await?;
@@ -156,14 +199,29 @@ impl Syncer {
 
         // Everything else is dry-run before any of it is written.
         let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let previews = self.dry_run(&rest, in_line, &mut stages).await?;
-        let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
+        let verdicts = self.dry_run(&rest, in_line, &mut stages).await?;
+        let planned = plan::entries(&rest, |i| exists(&verdicts[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
-        let started = Instant::now();
-        let (cluster_scoped, namespaced) = previews.split_at(plan.cluster_scoped.len());
-        changes.extend(self.applier.apply(&plan.cluster_scoped, cluster_scoped).await.map_err(SyncError::Apply)?);
-        changes.extend(self.applier.apply(&plan.namespaced, namespaced).await.map_err(SyncError::Apply)?);
-        stages.since(Stage::Apply, started);
+        let (mut cluster_scoped, mut namespaced) = verdicts.split_at(plan.cluster_scoped.len());
+        let (mut applied_cluster_scoped, mut applied_namespaced) = (0, 0);
+        for (i, wave) in waves.iter().enumerate() {
+            let started = Instant::now();
+            let (verdicts, rest) = cluster_scoped.split_at(wave.cluster_scoped.len());
+            cluster_scoped = rest;
+            changes.extend(self.applier.apply(wave.cluster_scoped, verdicts).await.map_err(SyncError::Apply)?);
+            let (verdicts, rest) = namespaced.split_at(wave.namespaced.len());
+            namespaced = rest;
+            changes.extend(self.applier.apply(wave.namespaced, verdicts).await.map_err(SyncError::Apply)?);
+            stages.since(Stage::Apply, started);
+            applied_cluster_scoped += wave.cluster_scoped.len();
+            applied_namespaced += wave.namespaced.len();
+            // The wait for a wave's health is no stage: it is the workloads' time, not the agent's.
+            let Some(gate) = gate.filter(|_| i + 1 < waves.len()) else { continue };
+            let (applied, later) = plan.split_applied(applied_cluster_scoped, applied_namespaced);
+            let wave = AppliedWave { number: wave.number, applied: &applied, later: &later, changes: &changes };
+            let number = wave.number;
+            gate.healthy(wave).await.map_err(|unhealthy| SyncError::Wave { wave: number, unhealthy })?;
+        }
 
         let started = Instant::now();
         let all: Vec<Planned> = plan.objects().cloned().collect();

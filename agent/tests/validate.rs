@@ -47,12 +47,3 @@ fn a_directory_without_manifests_dashboards_or_jobs_fails_naming_the_one_meant()
     assert!(out.contains("holds no kustomization and none of manifests/, dashboards/, jobs/, charts/"), "{out}");
     assert!(out.contains(&format!("did you mean {}?", dir.path().display())), "{out}");
 }
-
-#[test]
-fn the_repo_template_passes() {
-    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
-    let output = Command::new(env!("CARGO_BIN_EXE_gitops-agent")).arg("validate").arg(&template).output().unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{out}");
-    assert!(out.contains(" 1 batch jobs, no errors"), "the midi batch job spec: {out}");
-}

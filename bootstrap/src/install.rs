@@ -14,7 +14,8 @@
 //!    in that repository: sharing it, the agent would prune itself.
 //!
 //! Then [`wait_synced`] reads the agent's status ConfigMap until its first successful
-//! sync. The generated password is never printed or logged; only its Secret holds it.
+//! sync, and [`wait_healthy`] until the revision it applied is Healthy. The generated
+//! password is never printed or logged; only its Secret holds it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,33 @@ pub enum InstallError {
     Render(String),
     #[error(transparent)]
     Timeout(#[from] Timeout),
+    #[error("{}", unhealthy_report(.revision, .health, .waited, .unhealthy, .look))]
+    Unhealthy {
+        revision: String,
+        /// `Degraded`, or the health it still had when the wait gave up.
+        health: String,
+        /// `None` when it turned Degraded; else how long it was waited for.
+        waited: Option<Duration>,
+        /// The status ConfigMap's `healthMessage`: the unhealthy objects, one a line.
+        unhealthy: String,
+        /// Commands that show more (`gitops-bootstrap status`, kubectl).
+        look: String,
+    },
+}
+
+fn unhealthy_report(revision: &str, health: &str, waited: &Option<Duration>, unhealthy: &str, look: &str) -> String {
+    let state = match waited {
+        None => format!("is {health}"),
+        Some(waited) => format!("is still {health} after {}", progress::elapsed(*waited)),
+    };
+    let objects = match unhealthy.trim() {
+        "" => "  (the agent names no unhealthy object)".to_owned(),
+        lines => lines.lines().map(|line| format!("  {line}")).collect::<Vec<_>>().join("\n"),
+    };
+    format!(
+        "the agent's revision {} {state}; its unhealthy objects:\n{objects}\nLook further with:\n{look}",
+        short(revision)
+    )
 }
 
 fn kube_error(action: impl Into<String>) -> impl FnOnce(kube::Error) -> InstallError {
@@ -221,6 +249,67 @@ pub async fn wait_synced(client: &kube::Client, timeout: Duration, resume: &str)
     })
     .await?;
     Ok(outcome?)
+}
+
+/// What the status ConfigMap says of the revision the agent applied last.
+struct Reported {
+    phase: String,
+    revision: String,
+    message: String,
+    health: String,
+    health_message: String,
+}
+
+async fn reported(api: &Api<ConfigMap>) -> Result<Reported, InstallError> {
+    let status = api
+        .get_opt(STATUS_NAME)
+        .await
+        .map_err(kube_error(format!("reading ConfigMap {AGENT_NAMESPACE}/{STATUS_NAME}")))?;
+    let data = status.and_then(|cm| cm.data).unwrap_or_default();
+    let get = |key: &str| data.get(key).cloned().unwrap_or_default();
+    Ok(Reported {
+        phase: get("phase"),
+        revision: get("revision"),
+        message: get("message"),
+        health: get("health"),
+        health_message: get("healthMessage"),
+    })
+}
+
+/// Waits until the revision the agent applied is Healthy, as its status ConfigMap says,
+/// showing what it waits for. A Degraded revision ends the wait at once; either that or
+/// `timeout` is an [`InstallError::Unhealthy`] naming the unhealthy objects with their
+/// reasons, and `look` (commands that show more).
+pub async fn wait_healthy(client: &kube::Client, timeout: Duration, look: &str) -> Result<String, InstallError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let unhealthy = |now: Reported, waited| InstallError::Unhealthy {
+        revision: now.revision,
+        health: if now.health.is_empty() { "not assessed".to_owned() } else { now.health },
+        waited,
+        unhealthy: now.health_message,
+        look: look.to_owned(),
+    };
+    let outcome = progress::wait("the revision to be Healthy", timeout, Duration::from_secs(1), look, || async {
+        let now = reported(&api).await?;
+        let first = |text: &str| text.lines().next().unwrap_or_default().to_owned();
+        Ok::<_, InstallError>(match (now.phase.as_str(), now.health.as_str()) {
+            (_, "Degraded") => Poll::Done(Err(unhealthy(now, None))),
+            ("synced", "Healthy") => Poll::Done(Ok(now.revision)),
+            ("failed", _) => {
+                Poll::Pending(format!("the sync of {} failed: {}", short(&now.revision), first(&now.message)))
+            }
+            (_, "") => Poll::Pending(format!("{} not assessed yet", short(&now.revision))),
+            (_, health) => {
+                let count = now.health_message.lines().count();
+                Poll::Pending(format!("{health}, {count} unhealthy: {}", first(&now.health_message)))
+            }
+        })
+    })
+    .await?;
+    match outcome {
+        Ok(done) => done,
+        Err(_timeout) => Err(unhealthy(reported(&api).await?, Some(timeout))),
+    }
 }
 
 fn short(revision: &str) -> &str {
@@ -400,6 +489,22 @@ fn write_objects(root: &Path, objects: &[Value]) -> Result<(), InstallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unhealthy_report_names_each_object_and_where_to_look() {
+        let objects = "Deployment scale/db: Degraded: CrashLoopBackOff: pod db-1: container postgres\nJob scale/x: Progressing: Running: 0 of 1 complete";
+        let report = unhealthy_report("0123456789abcdef", "Degraded", &None, objects, "  gitops-bootstrap status");
+        assert_eq!(
+            report,
+            "the agent's revision 0123456789ab is Degraded; its unhealthy objects:\n  \
+             Deployment scale/db: Degraded: CrashLoopBackOff: pod db-1: container postgres\n  \
+             Job scale/x: Progressing: Running: 0 of 1 complete\nLook further with:\n  gitops-bootstrap status"
+        );
+        let waited = Some(Duration::from_secs(300));
+        let report = unhealthy_report("0123456789abcdef", "Progressing", &waited, "", "  kubectl get pods -A");
+        assert!(report.starts_with("the agent's revision 0123456789ab is still Progressing after 5m00s;"), "{report}");
+        assert!(report.contains("(the agent names no unhealthy object)"), "{report}");
+    }
 
     #[test]
     fn generated_passwords_are_long_and_differ() {

@@ -51,6 +51,10 @@ enum Cmd {
         /// objects are stored and reconciled, but no pod runs.
         #[arg(long)]
         no_node: bool,
+        /// Local: the MIDI files the local S3 endpoint serves to the batch job (default:
+        /// a small generated corpus in STATE_DIR/midi).
+        #[arg(long)]
+        midi_dir: Option<PathBuf>,
         // Boxed: the EKS flags would make every `Cmd` as large as this variant.
         #[command(flatten)]
         eks: Box<EksUpArgs>,
@@ -176,9 +180,10 @@ struct InstallArgs {
     /// The branch the agent follows.
     #[arg(long, default_value = "main")]
     branch: String,
-    /// The directory in the repository holding manifests/.
-    #[arg(long, default_value = ".")]
-    path: String,
+    /// The directory in the repository holding manifests/ (default `.`; for the
+    /// repository `up --provider local` makes from repo-template: clusters/local).
+    #[arg(long)]
+    path: Option<String>,
     /// The agent's container image (see agent/Dockerfile).
     #[arg(long, default_value = install::DEFAULT_IMAGE)]
     agent_image: String,
@@ -194,14 +199,26 @@ struct InstallArgs {
     /// A known_hosts file with the SSH server's host keys (checked strictly).
     #[arg(long)]
     ssh_known_hosts_file: Option<PathBuf>,
+    /// How long `up` waits, after the agent's first sync, for the revision to be Healthy.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Return after the agent's first sync, without waiting for the revision to be Healthy.
+    #[arg(long)]
+    no_wait_healthy: bool,
 }
 
 impl InstallArgs {
-    fn options(&self, repo: String) -> InstallOptions {
+    /// How long to wait for the applied revision to be Healthy; `None`: not at all.
+    fn health_wait(&self) -> Option<Duration> {
+        (!self.no_wait_healthy).then_some(self.health_timeout)
+    }
+
+    /// The install of `repo`, whose `--path` is `default_path` unless given.
+    fn options(&self, repo: String, default_path: &str) -> InstallOptions {
         InstallOptions {
             repo,
             branch: self.branch.clone(),
-            path: self.path.clone(),
+            path: self.path.clone().unwrap_or_else(|| default_path.to_owned()),
             image: self.agent_image.clone(),
             git_token_file: self.git_token_file.clone(),
             git_username: self.git_username.clone(),
@@ -246,6 +263,7 @@ async fn main() -> Result<()> {
             agent_process,
             no_agent,
             no_node,
+            midi_dir,
             install,
             ..
         } => {
@@ -255,7 +273,7 @@ async fn main() -> Result<()> {
                 (false, true) => LocalAgent::Process { listen: agent_listen },
                 (false, false) => LocalAgent::InCluster,
             };
-            up_local(&state_dir, repo, agent, !no_node, &install).await
+            up_local(&state_dir, repo, agent, !no_node, midi_dir, &install).await
         }
         Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
             let args = *args;
@@ -279,7 +297,8 @@ async fn main() -> Result<()> {
                 install_kubeconfig: args.install_kubeconfig,
                 no_install: args.no_install,
                 no_wait: args.no_wait,
-                install: install.options(repo.expect("clap requires --repo for eks")),
+                health_wait: install.health_wait(),
+                install: install.options(repo.expect("clap requires --repo for eks"), "."),
                 timeout: args.timeout,
                 resume: this_command(),
             };
@@ -382,11 +401,15 @@ enum LocalAgent {
     },
 }
 
+/// How many songs the corpus has that `up` generates when given no `--midi-dir`.
+const GENERATED_SONGS: usize = 40;
+
 async fn up_local(
     state_dir: &std::path::Path,
     repo: Option<String>,
     agent: LocalAgent,
     node: bool,
+    midi_dir: Option<PathBuf>,
     install_args: &InstallArgs,
 ) -> Result<()> {
     // A partly running control plane (one component crashed) is started afresh.
@@ -404,22 +427,32 @@ async fn up_local(
         println!("node {} is Ready", local::network::NODE_NAME);
         // The Scale pipeline's images, for the repository's workloads to pull.
         let cache = local::build::cache_dir();
-        let images = tokio::task::spawn_blocking(move || {
-            let base = local::image::debian_base(&cache)?;
-            let images = local::dockerfile::scale();
-            images.iter().map(|image| local::dockerfile::build(&cache, &base, image)).collect::<Result<Vec<_>, _>>()
-        })
-        .await?
-        .context("building the Scale pipeline's images")?;
+        let images = tokio::task::spawn_blocking(move || local::dockerfile::build_scale(&cache))
+            .await?
+            .context("building the Scale pipeline's images")?;
         for built in &images {
             println!("image {} in the node's registry", plane.push_built(built)?);
         }
     }
     let resume = format!("gitops-bootstrap down --provider local --state-dir {}", state_dir.display());
     if !matches!(agent, LocalAgent::None) {
-        let repo = match repo {
-            Some(repo) => repo,
-            None => agent::repo_from_template(&state_dir.join("repo"))?.display().to_string(),
+        let (repo, default_path) = match repo {
+            Some(repo) => (repo, "."),
+            None => {
+                let midi_dir = match midi_dir {
+                    Some(dir) => dir.canonicalize().with_context(|| format!("--midi-dir {}", dir.display()))?,
+                    None => {
+                        let dir = state_dir.canonicalize()?.join("midi");
+                        local::corpus::write(&dir, GENERATED_SONGS)?;
+                        dir
+                    }
+                };
+                local::corpus::check_readable(&midi_dir)?;
+                let settings =
+                    agent::LocalSettings { registry: plane.registry().map(str::to_owned), midi_dir: Some(midi_dir) };
+                let repo = agent::repo_from_template(&state_dir.join("repo"), &settings)?;
+                (repo.display().to_string(), agent::LOCAL_CLUSTER_PATH)
+            }
         };
         let client = plane.client().await?;
         install::install_operator_stand_ins(&client).await.context("installing the stand-in CRDs")?;
@@ -429,7 +462,7 @@ async fn up_local(
             LocalAgent::InCluster => {
                 let options = agent::InClusterOptions {
                     binary,
-                    install: install_args.options(repo.clone()),
+                    install: install_args.options(repo.clone(), default_path),
                     lifetime: local::Lifetime::Detached,
                 };
                 let installed = agent::install_in_cluster(&plane, &options).await.with_context(|| {
@@ -443,10 +476,11 @@ async fn up_local(
             LocalAgent::Process { listen } => {
                 // The same install as on EKS, but with no node its pods never start:
                 // the agent runs beside the control plane instead.
-                install::install_and_report(&client, &install_args.options(repo.clone()))
+                install::install_and_report(&client, &install_args.options(repo.clone(), default_path))
                     .await
                     .context("installing the agent's manifests")?;
-                let options = agent::AgentOptions { binary, repo: repo.clone(), listen };
+                let path = install_args.options(repo.clone(), default_path).path;
+                let options = agent::AgentOptions { binary, repo: repo.clone(), path, listen };
                 agent::start(plane.state_dir(), plane.kubeconfig(), &options).await.with_context(|| {
                     format!(
                         "starting gitops-agent ({}); the control plane keeps running until `{resume}`",
@@ -471,6 +505,18 @@ async fn up_local(
             Err(e) => return Err(anyhow::anyhow!(e).context("waiting for the agent's first sync")),
         };
         println!("{follows}\nIt has applied {revision}: commit to the repository and watch the cluster follow.");
+        if let Some(timeout) = install_args.health_wait() {
+            let kubeconfig = plane.kubeconfig().display();
+            let look = format!(
+                "  gitops-bootstrap status --provider local --state-dir {}\n  \
+                 kubectl --kubeconfig {kubeconfig} get pods -A\n  \
+                 kubectl --kubeconfig {kubeconfig} -n NAMESPACE describe KIND NAME\n\
+                 The cluster keeps running; stop it with: {resume}",
+                state_dir.display()
+            );
+            let healthy = install::wait_healthy(&client, timeout, &look).await?;
+            println!("{healthy} is Healthy.");
+        }
     }
     println!(
         "\n  export KUBECONFIG={}\n  kubectl get nodes\n\nStop it all with: {resume}",

@@ -143,3 +143,51 @@ fn up_with_a_repo_deploys_each_commit_and_reverts() {
     assert_eq!(pids.len(), 4, "the control plane and the agent run: {pids:?}");
     down_leaves_nothing(&state, &pids);
 }
+
+#[test]
+fn up_reports_a_revision_that_does_not_become_healthy_and_fails() {
+    build_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    // No node: its pod is never scheduled, and the rollout passes its progress deadline.
+    let web = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  progressDeadlineSeconds: 3\n  \
+               selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    \
+               spec:\n      containers: [{name: app, image: busybox}]\n";
+    std::fs::write(repo.join("manifests/web.yaml"), web).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "web"]);
+
+    let state = dir.path().join("state");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let args = [
+        "up",
+        "--provider",
+        "local",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--repo",
+        repo.to_str().unwrap(),
+        "--agent-listen",
+        &listen,
+        "--no-node",
+    ];
+    let up = Command::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).args(args).output().unwrap();
+    let (out, err) = (stdout(&up), String::from_utf8_lossy(&up.stderr).into_owned());
+    assert!(!up.status.success(), "up succeeded with a Degraded revision:\n{out}");
+    assert!(out.contains("It has applied "), "the first sync is reported before health: {out}");
+    assert!(err.contains("is Degraded; its unhealthy objects:"), "{err}");
+    let web = err.lines().find(|line| line.contains("/web: Degraded: ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(web.trim_start().starts_with("Deployment "), "{err}");
+    assert!(web.contains("ProgressDeadlineExceeded"), "the reason: {err}");
+    assert!(
+        err.contains(&format!("gitops-bootstrap status --provider local --state-dir {}", state.display())),
+        "{err}"
+    );
+    assert!(err.contains("get pods -A"), "{err}");
+
+    let pids = running_pids(&state);
+    assert_eq!(pids.len(), 4, "the cluster and the agent keep running to be looked at: {pids:?}");
+    down_leaves_nothing(&state, &pids);
+}

@@ -101,7 +101,7 @@ async fn install_applies_manifests_and_secrets_and_the_agent_reports_synced() {
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     // Where cargo built it: beside gitops-bootstrap (this test runs from deps/).
     let binary = Path::new(env!("CARGO_BIN_EXE_gitops-bootstrap")).with_file_name("gitops-agent");
-    let agent_options = agent::AgentOptions { binary, repo: repo.display().to_string(), listen };
+    let agent_options = agent::AgentOptions { binary, repo: repo.display().to_string(), path: ".".into(), listen };
     let process = agent::start(plane.state_dir(), plane.kubeconfig(), &agent_options).await.unwrap();
     let revision = install::wait_synced(&client, Duration::from_secs(60), "rerun").await.unwrap();
     let head =

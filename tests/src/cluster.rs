@@ -250,3 +250,39 @@ pub async fn http_get(address: &str, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     (head.lines().next()?.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
 }
+
+/// Whether `pod` reports its Ready condition True (the kubelet's word).
+pub fn is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The names of the pods matching `labels` that are Ready and not being deleted.
+pub async fn ready_pods(pods: &Api<k8s_openapi::api::core::v1::Pod>, labels: &str) -> Vec<String> {
+    let listed = pods.list(&kube::api::ListParams::default().labels(labels)).await.unwrap();
+    listed
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none() && is_ready(pod))
+        .map(|pod| pod.metadata.name.unwrap())
+        .collect()
+}
+
+/// How a test installs the agent in the node's cluster, as `up` does: following `repo`
+/// (a local path) at `path`, on `main`, with no credentials, stopped with the test.
+pub fn in_cluster_options(repo: &std::path::Path, path: &str) -> gitops_bootstrap::local::agent::InClusterOptions {
+    gitops_bootstrap::local::agent::InClusterOptions {
+        binary: crate::agent::binary(),
+        install: gitops_bootstrap::install::InstallOptions {
+            repo: repo.display().to_string(),
+            branch: "main".into(),
+            path: path.into(),
+            image: String::new(),
+            git_token_file: None,
+            git_username: "git".into(),
+            ssh_key_file: None,
+            ssh_known_hosts_file: None,
+        },
+        lifetime: Lifetime::TiedToThisProcess,
+    }
+}

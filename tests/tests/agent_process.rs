@@ -373,3 +373,50 @@ async fn suspend_writes_nothing_resume_catches_up_and_sync_fetches_now() {
     ask("sync");
     eventually("the commit fetched at once", || async { (value(&cms, "x").await? == "v3").then_some(()) }).await;
 }
+
+/// `gitops-agent diff --dir` diffs the working tree, uncommitted changes included, and
+/// says so; `--repo` still diffs what is committed.
+#[tokio::test]
+async fn diff_dir_diffs_the_working_tree_with_its_uncommitted_changes() {
+    let binary = gitops_tests::agent::binary();
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "diff-dir").await;
+    let repo = GitRepo::new();
+    repo.write("manifests/x.yaml", &configmap("x", "v1"));
+    repo.commit("v1");
+    // Not committed: a new object, then a broken file.
+    repo.write("manifests/later.yaml", &configmap("later", "v1"));
+    let diff = |source: &[String]| {
+        let output = Command::new(&binary)
+            .arg("diff")
+            .args(source)
+            .args([format!("--namespace={ns}"), format!("--default-namespace={ns}")])
+            .env("KUBECONFIG", cluster::shared().kubeconfig())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let work_tree = repo.work_tree().display().to_string();
+    let (code, out) = diff(&[format!("--dir={work_tree}")]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with(&format!("diffing the working tree {work_tree} (uncommitted changes included)\n")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("+ ConfigMap {ns}/x (manifests/x.yaml:1): created")), "{out}");
+    assert!(out.contains(&format!("+ ConfigMap {ns}/later (manifests/later.yaml:1): created")), "{out}");
+    assert!(out.ends_with(&format!("2 objects would change at working tree {work_tree}\n")), "{out}");
+
+    let (code, out) = diff(&[format!("--repo={}", repo.file_url())]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        !out.contains(&format!("ConfigMap {ns}/later")) && out.contains("1 objects would change at "),
+        "committed only: {out}"
+    );
+
+    repo.write("manifests/broken.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n   labels: x\n");
+    let (code, out) = diff(&[format!("--dir={work_tree}")]);
+    assert_eq!(code, Some(2), "an uncommitted broken file is an error: {out}");
+    assert!(out.contains("manifests/broken.yaml:5: invalid YAML"), "{out}");
+}

@@ -275,6 +275,81 @@ async fn a_job_spec_waits_for_the_revisions_deployment_to_be_ready() {
     fixture.agent.stop().await;
 }
 
+/// `object`, in sync wave `wave`.
+fn in_wave(mut object: Value, wave: &str) -> Value {
+    object["metadata"]["annotations"] = json!({ gitops_agent::plan::WAVE_ANNOTATION: wave });
+    object
+}
+
+#[tokio::test]
+async fn a_wave_is_applied_only_once_the_wave_before_is_healthy() {
+    let fixture = Fixture::start("health-waves").await;
+    // Ready only a few seconds after it starts: without the wait, wave 1 would be there first.
+    let mut container = busybox(fixture.busybox, "db", "sleep 5 && echo > /state/ready && sleep 3600");
+    container["readinessProbe"] = json!({ "exec": { "command": ["/bin/busybox", "cat", "/state/ready"] },
+        "periodSeconds": 1 });
+    container["volumeMounts"] = json!([{ "name": "state", "mountPath": "/state" }]);
+    let mut db = in_wave(deployment("db", container, json!({})), "0");
+    db["spec"]["template"]["spec"]["volumes"] = json!([{ "name": "state", "emptyDir": {} }]);
+    fixture.repo.write("manifests/db.yaml", &db.to_string());
+    let uses_db = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "uses-db" },
+        "data": { "db": "db" } });
+    fixture.repo.write("manifests/uses-db.yaml", &in_wave(uses_db, "1").to_string());
+    let commit = fixture.repo.commit("db, then what uses it");
+
+    // While wave 0 is not Ready, the revision is Progressing on it alone.
+    let status = fixture.health(&commit, "Progressing").await;
+    assert!(unhealthy_of(&status, "Deployment").is_some_and(|db| db["name"] == "db"), "{status:#}");
+    assert!(unhealthy_of(&status, "ConfigMap").is_none(), "wave 1 is not followed yet: {status:#}");
+
+    fixture.health(&commit, "Healthy").await;
+    let cms: Api<ConfigMap> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+    let created_at = cms.get("uses-db").await.unwrap().metadata.creation_timestamp.unwrap().0;
+    let pods: Api<Pod> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+    let db = pods.list(&ListParams::default().labels("app=db")).await.unwrap().items;
+    let ready =
+        db[0].status.as_ref().unwrap().conditions.as_ref().unwrap().iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+    let ready_at = ready.last_transition_time.clone().unwrap().0;
+    assert!(ready_at <= created_at, "wave 1 was applied at {created_at}, before wave 0 was Ready at {ready_at}");
+    assert_eq!(fixture.agent.status().await["revision"], json!(commit));
+    fixture.agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_degraded_wave_stops_the_sync_naming_the_wave_and_the_reason() {
+    let fixture = Fixture::start("health-wave-degraded").await;
+    let good = fixture.head();
+    fixture.health(&good, "Healthy").await;
+    let broken = deployment(
+        "web",
+        json!({ "name": "app", "image": "gitops.invalid/nothing:1", "imagePullPolicy": "Always" }),
+        json!({}),
+    );
+    fixture.repo.write("manifests/web.yaml", &in_wave(broken, "0").to_string());
+    let after = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "after-web" } });
+    fixture.repo.write("manifests/after-web.yaml", &in_wave(after, "1").to_string());
+    fixture.repo.remove("manifests/settings.yaml");
+    let bad = fixture.repo.commit("web, then what needs it, and no settings");
+
+    let errors = eventually("the sync to fail on wave 0", || async {
+        let status = fixture.agent.status().await;
+        let errors = status["errors"].as_array().filter(|e| !e.is_empty())?.clone();
+        Some(Value::Array(errors).to_string())
+    })
+    .await;
+    let web = format!("wave 0: Deployment {}/web: Degraded: ", fixture.ns);
+    assert!(errors.contains(&web), "{errors}");
+    assert!(errors.contains("ImagePullBackOff") || errors.contains("ErrImagePull"), "{errors}");
+    assert!(errors.contains("container app"), "{errors}");
+    let status = fixture.health(&bad, "Degraded").await;
+    assert_eq!(status["revision"], json!(good), "the revision that failed is not the applied one: {status:#}");
+    let cms: Api<ConfigMap> = Api::namespaced(fixture.client.clone(), &fixture.ns);
+    assert!(cms.get_opt("after-web").await.unwrap().is_none(), "wave 1 was applied after a Degraded wave 0");
+    assert!(cms.get_opt("settings").await.unwrap().is_some(), "a sync stopped at a wave prunes nothing");
+    fixture.agent.stop().await;
+}
+
 /// Measurement, not part of the suite (`cargo test -p gitops-tests --test health --
 /// --ignored --nocapture`): how soon after a rollout's new pod is Ready the agent's
 /// revision health says Healthy, over 20 rollouts. The pod's Ready condition carries a

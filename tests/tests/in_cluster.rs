@@ -9,34 +9,20 @@
 
 use std::time::Duration;
 
-use gitops_bootstrap::install::{self, AGENT_NAMESPACE, InstallOptions};
-use gitops_bootstrap::local::agent::{InClusterOptions, install_in_cluster};
-use gitops_bootstrap::local::{Lifetime, dockerfile};
+use gitops_bootstrap::install::{self, AGENT_NAMESPACE};
+use gitops_bootstrap::local::agent::install_in_cluster;
+use gitops_bootstrap::local::dockerfile;
 use gitops_tests::cluster::{self, configmap, eventually, http_get, value};
 use gitops_tests::git::GitRepo;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 /// The agent's pods, by the Deployment's label.
 const SELECTOR: &str = "app.kubernetes.io/name=gitops-agent";
-
-/// The names of the agent's pods that are Ready.
-async fn ready_pods(pods: &Api<Pod>) -> Vec<String> {
-    let list = pods.list(&ListParams::default().labels(SELECTOR)).await.unwrap();
-    list.items
-        .into_iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-            conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .map(|pod| pod.metadata.name.unwrap())
-        .collect()
-}
 
 async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
     leases.get_opt("gitops-agent").await.unwrap()?.spec?.holder_identity
@@ -50,20 +36,7 @@ async fn the_agent_runs_in_the_cluster_and_its_standby_takes_over_when_the_leade
     repo.write("manifests/first.yaml", &configmap("first", "one"));
     let first = repo.commit("first");
 
-    let options = InClusterOptions {
-        binary: gitops_tests::agent::binary(),
-        install: InstallOptions {
-            repo: repo.path().display().to_string(),
-            branch: "main".into(),
-            path: ".".into(),
-            image: String::new(),
-            git_token_file: None,
-            git_username: "git".into(),
-            ssh_key_file: None,
-            ssh_known_hosts_file: None,
-        },
-        lifetime: Lifetime::TiedToThisProcess,
-    };
+    let options = cluster::in_cluster_options(&repo.path(), ".");
     let installed = install_in_cluster(plane, &options).await.unwrap();
     assert!(installed.image.starts_with(plane.registry().unwrap()), "the image comes from the node's registry");
     let applied = install::wait_synced(&client, Duration::from_secs(180), "").await.unwrap();
@@ -72,7 +45,7 @@ async fn the_agent_runs_in_the_cluster_and_its_standby_takes_over_when_the_leade
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let ready = eventually("both replicas to be Ready", || async {
-        let ready = ready_pods(&pods).await;
+        let ready = cluster::ready_pods(&pods, SELECTOR).await;
         (ready.len() == 2).then_some(ready)
     })
     .await;
@@ -135,12 +108,7 @@ async fn the_scale_images_built_from_their_dockerfiles_run_on_the_node() {
     let client = plane.client().await.unwrap();
     let ns = cluster::namespace(&client, "scale-images").await;
     let cache = gitops_bootstrap::local::build::cache_dir();
-    let built = tokio::task::spawn_blocking(move || {
-        let base = gitops_bootstrap::local::image::debian_base(&cache).unwrap();
-        dockerfile::scale().iter().map(|image| dockerfile::build(&cache, &base, image).unwrap()).collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_scale(&cache)).await.unwrap().unwrap();
     let image = |name: &str| plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
     let (viewer, batch) = (image("scale-viewer"), image("scale-midi-batch"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);

@@ -207,30 +207,41 @@ fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate()
     let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
     let cache = tempfile::tempdir().unwrap();
     let built = gitops_tests::render::binaries();
-    for cluster in ["local", "eks"] {
-        let path_in_repo = PathBuf::from("clusters").join(cluster);
-        let tools = render::Tools { path_in_repo: path_in_repo.clone(), ..gitops_tests::render::tools(cache.path()) };
-        let rendered = Renderer::new(tools)
-            .render(&template.join(&path_in_repo), "monitoring", &Capabilities::default())
-            .unwrap_or_else(|e| panic!("{cluster}: {e:#?}"));
-        let agent: Vec<Value> = rendered.manifests.iter().map(|m| m.object.clone()).collect();
-        assert_eq!(agent, kubectl_kustomize(&template.join(&path_in_repo)), "clusters/{cluster}");
-        assert!(agent.iter().all(|o| o["metadata"]["labels"]["gitops.scale.dev/cluster"] == cluster));
-
-        // `gitops-agent validate` renders it the same way, offline.
+    let validate = |dir: &Path| {
         let output = Command::new(gitops_tests::agent::binary())
             .arg("validate")
-            .arg(template.join(&path_in_repo))
+            .arg(dir)
             .arg("--kustomize-bin")
             .arg(&built.kustomize)
             .arg("--helm-bin")
             .arg(&built.helm)
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-        assert!(stdout.ends_with(&format!("{} objects, 0 batch jobs, no errors\n", agent.len())), "{stdout}");
+        stdout
+    };
+    for cluster in ["local", "eks"] {
+        let path_in_repo = PathBuf::from("clusters").join(cluster);
+        let tools = render::Tools { path_in_repo: path_in_repo.clone(), ..gitops_tests::render::tools(cache.path()) };
+        let rendered = Renderer::new(tools)
+            .render(&template.join(&path_in_repo), "monitoring", &Capabilities::default())
+            .unwrap_or_else(|e| panic!("{cluster}: {e:#?}"));
+        // The overlay, then the repository's dashboards (linked from the cluster's directory).
+        let (dashboards, overlay): (Vec<_>, Vec<_>) =
+            rendered.manifests.iter().partition(|m| m.location.file.starts_with("dashboards"));
+        let agent: Vec<Value> = overlay.iter().map(|m| m.object.clone()).collect();
+        assert_eq!(agent, kubectl_kustomize(&template.join(&path_in_repo)), "clusters/{cluster}");
+        assert!(agent.iter().all(|o| o["metadata"]["labels"]["gitops.scale.dev/cluster"] == cluster));
+        assert_eq!(dashboards.len(), 2, "clusters/{cluster}/dashboards: the pipeline's and the pods' dashboards");
+
+        // `gitops-agent validate` renders it the same way, offline, with the cluster's job.
+        let stdout = validate(&template.join(&path_in_repo));
+        let objects = rendered.manifests.len();
+        assert!(stdout.ends_with(&format!("{objects} objects, 1 batch jobs, no errors\n")), "{stdout}");
     }
+    // So does the repository's root, the layout for any other cluster.
+    assert!(validate(&template).ends_with(" 1 batch jobs, no errors\n"), "the midi batch job spec");
 
     // And refuses what the agent refuses, at the file and line.
     let bad = tempfile::tempdir().unwrap();

@@ -5,8 +5,7 @@
 //! dashboard makes its ConfigMap.
 //!
 //! The control plane has no operators: the stand-in CRDs of `manifests/crds/` serve
-//! SparkApplication and ServiceMonitor, and the test ends a run as the spark operator
-//! would, by setting its `status.applicationState`.
+//! ServiceMonitor. Runs of the batch Job run for real in `scale_e2e` (on the node).
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +13,7 @@ use gitops_tests::agent::{Agent, AgentConfig};
 use gitops_tests::cluster::{self, eventually};
 use gitops_tests::git::GitRepo;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::discovery::Discovery;
 use serde_json::json;
 
@@ -56,13 +55,20 @@ async fn the_repo_template_syncs_and_a_job_spec_edit_makes_one_run() {
 
     let agent = Agent::start(
         client.clone(),
-        AgentConfig { local_repo: Some(repo.path()), ..AgentConfig::new(repo.file_url(), &ns) },
+        AgentConfig {
+            local_repo: Some(repo.path()),
+            render: gitops_tests::render::tools(&repo.path().join(".charts")),
+            ..AgentConfig::new(repo.file_url(), &ns)
+        },
     )
     .await;
     synced(&agent, &first).await;
 
     // Every object of the template is live and the agent's.
-    let rendered = gitops_agent::render::render(&template_dir(), &ns).unwrap_or_else(|e| panic!("{e:?}"));
+    let renderer = gitops_agent::render::Renderer::new(gitops_tests::render::tools(&repo.path().join(".charts")));
+    let rendered = renderer
+        .render(&template_dir(), &ns, &gitops_agent::render::Capabilities::default())
+        .unwrap_or_else(|e| panic!("{e:?}"));
     let discovery = Discovery::new(client.clone()).run_aggregated().await.unwrap();
     for manifest in &rendered.manifests {
         let (resource, caps) = discovery.resolve_gvk(&manifest.gvk()).expect("a served kind");
@@ -80,7 +86,7 @@ async fn the_repo_template_syncs_and_a_job_spec_edit_makes_one_run() {
     let [spec] = rendered.jobs.as_slice() else { panic!("one job spec: {:?}", rendered.jobs) };
     assert_eq!(spec.name(), "midi-batch");
     let namespace = spec.template.namespace().unwrap_or(&ns).to_owned();
-    let resource = discovery.resolve_gvk(&spec.template.gvk()).expect("the stand-in CRD").0;
+    let resource = discovery.resolve_gvk(&spec.template.gvk()).expect("batch/v1 Job").0;
     let apps: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
     let runs = || async {
         let listed = apps.list(&ListParams::default().labels("gitops.scale.dev/job=midi-batch")).await.unwrap();
@@ -103,23 +109,22 @@ async fn the_repo_template_syncs_and_a_job_spec_edit_makes_one_run() {
     .await;
     assert!(waiting["waits_for"].as_array().unwrap().contains(&json!("StatefulSet postgres")), "{waiting:#}");
     assert_eq!(runs().await, [], "no run before PostgreSQL is Ready");
-    // Opted out, the job runs at once.
+    // Opted out, the job runs at once; and with no node its run never ends, so the
+    // next spec may start beside it (Allow) rather than wait for it (Forbid).
     let spec_path = template_dir().join("jobs/midi-batch.yaml");
     let limit = "    gitops.scale.dev/history-limit: \"5\"\n";
     let text = std::fs::read_to_string(&spec_path)
         .unwrap()
-        .replace(limit, &format!("{limit}    gitops.scale.dev/wait-for: none\n"));
+        .replace(limit, &format!("{limit}    gitops.scale.dev/wait-for: none\n"))
+        .replace("concurrency-policy: Forbid", "concurrency-policy: Allow");
     repo.write("jobs/midi-batch.yaml", &text);
     let first = repo.commit("midi-batch: start without waiting for PostgreSQL");
     synced(&agent, &first).await;
     eventually("run midi-batch-1", || async { (runs().await.len() == 1).then_some(()) }).await;
     assert_eq!(runs().await, [("midi-batch-1".to_owned(), first.clone())]);
-    // As the spark operator would when the job ends (the policy may hold a new run back).
-    let completed = json!({ "status": { "applicationState": { "state": "COMPLETED" } } });
-    apps.patch_status("midi-batch-1", &PatchParams::default(), &Patch::Merge(&completed)).await.unwrap();
 
-    let edited = text.replace("\"0.5\"", "\"0.6\"");
-    assert_ne!(edited, text, "the spec passes --threshold \"0.5\"");
+    let edited = text.replace("--threshold=0.5", "--threshold=0.6");
+    assert_ne!(edited, text, "the spec passes --threshold=0.5");
     repo.write("jobs/midi-batch.yaml", &edited);
     let second = repo.commit("raise the similarity threshold");
     synced(&agent, &second).await;

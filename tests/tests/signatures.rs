@@ -80,9 +80,15 @@ async fn only_heads_signed_by_an_allowed_key_are_applied() {
     assert!(agent.metric("gitops_unverified_commits_total").await >= 2.0);
 
     repo.write("manifests/app.yaml", &config_map("2"));
-    repo.commit_signed("signed again", &trusted);
+    let again = repo.commit_signed("signed again", &trusted);
     eventually("the next signed commit applied", || async { (value().await.as_deref() == Some("2")).then_some(()) })
         .await;
-    assert_eq!(agent.status().await["errors"], serde_json::json!([]));
+    // /status is written when the sync ends, a moment after its objects are applied.
+    let status = eventually("/status to report the signed commit", || async {
+        let status = agent.status().await;
+        (status["revision"] == again.as_str()).then_some(status)
+    })
+    .await;
+    assert_eq!(status["errors"], serde_json::json!([]));
     agent.stop().await;
 }

@@ -462,3 +462,17 @@ async fn dashboards_follow_git_as_configmaps_for_grafanas_sidecar() {
     assert_eq!(error, "dashboards/bad.json:1: missing title");
     assert_eq!(dashboards(&f.client, &f.ns).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_sync_that_cannot_wait_for_health_refuses_several_waves_and_applies_nothing() {
+    let f = Fixture::with_a_good_revision("waves").await;
+    let second = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n  annotations:\n    \
+                  gitops.scale.dev/wave: \"1\"\ndata:\n  value: \"1\"\n";
+    f.repo.write("manifests/b.yaml", second);
+    f.repo.write("manifests/a.yaml", &f.config_map("a", "2"));
+    f.repo.commit("two waves");
+    let error = f.sync().await.unwrap_err();
+    assert!(matches!(error, SyncError::WavesNeedHealth(2)), "{error}");
+    assert!(error.to_string().contains("gitops.scale.dev/wave"), "{error}");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]));
+}

@@ -10,6 +10,11 @@
 //! 3. other cluster-scoped objects;
 //! 4. namespaced objects.
 //!
+//! Stages 3 and 4 are split in sync waves ([`WAVE_ANNOTATION`], default 0), in
+//! ascending order: each wave holds its cluster-scoped objects, then its namespaced
+//! ones. Definitions and roles come before every wave, since the dry run of the whole
+//! revision needs them; a wave annotation on one of them is refused.
+//!
 //! Pruning runs the other way round: namespaced objects, then cluster-scoped ones,
 //! then Namespaces and CRDs last (deleting those first would cascade).
 
@@ -23,11 +28,22 @@ use crate::access::Access;
 use crate::apply::Planned;
 use crate::inventory::{Entries, Inventory, Origin};
 use crate::object::ObjectId;
-use crate::render::{Manifest, RenderError};
+use crate::render::{Manifest, Problem, RenderError};
 use crate::{FIELD_MANAGER, MANAGED_BY_LABEL};
 
 mod scope;
 pub use scope::resolve_scope;
+
+/// Annotation: the sync wave of an object (a whole number; none is wave 0).
+pub const WAVE_ANNOTATION: &str = "gitops.scale.dev/wave";
+
+/// One sync wave: slices of [`Plan::cluster_scoped`] and [`Plan::namespaced`].
+#[derive(Debug, Clone, Copy)]
+pub struct Wave<'a> {
+    pub number: i32,
+    pub cluster_scoped: &'a [Planned],
+    pub namespaced: &'a [Planned],
+}
 
 /// What one revision applies, stage by stage, and what it prunes.
 #[derive(Debug, Default)]
@@ -36,8 +52,11 @@ pub struct Plan {
     pub definitions: Vec<Planned>,
     /// ClusterRoles and Roles.
     pub roles: Vec<Planned>,
+    /// In ascending wave order, as is `namespaced`.
     pub cluster_scoped: Vec<Planned>,
     pub namespaced: Vec<Planned>,
+    /// The wave of each object of `cluster_scoped` and `namespaced`.
+    wave_of: BTreeMap<ObjectId, i32>,
     /// Objects the agent created for an earlier revision that this one no longer has,
     /// in deletion stages: each stage is deleted before the next starts.
     pub prune: Vec<Vec<Planned>>,
@@ -47,6 +66,46 @@ impl Plan {
     /// Every object to apply, in stage order.
     pub fn objects(&self) -> impl Iterator<Item = &Planned> {
         self.definitions.iter().chain(&self.roles).chain(&self.cluster_scoped).chain(&self.namespaced)
+    }
+
+    /// The waves of stages 3 and 4, in ascending order (none if both are empty).
+    pub fn waves(&self) -> Vec<Wave<'_>> {
+        let wave = |p: &Planned| self.wave_of.get(&p.id).copied().unwrap_or_default();
+        let mut numbers: Vec<i32> = self.cluster_scoped.iter().chain(&self.namespaced).map(wave).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        numbers
+            .into_iter()
+            .map(|number| {
+                let of = |objects: &'_ [Planned]| {
+                    let start = objects.partition_point(|p| wave(p) < number);
+                    let end = objects.partition_point(|p| wave(p) <= number);
+                    start..end
+                };
+                Wave {
+                    number,
+                    cluster_scoped: &self.cluster_scoped[of(&self.cluster_scoped)],
+                    namespaced: &self.namespaced[of(&self.namespaced)],
+                }
+            })
+            .collect()
+    }
+
+    /// The objects applied once the first `cluster_scoped` objects of stage 3 and
+    /// `namespaced` of stage 4 are (with stages 1 and 2), and the others.
+    pub fn split_applied(&self, cluster_scoped: usize, namespaced: usize) -> (Vec<Planned>, Vec<Planned>) {
+        let (cluster_scoped, later_cluster_scoped) = self.cluster_scoped.split_at(cluster_scoped);
+        let (namespaced, later_namespaced) = self.namespaced.split_at(namespaced);
+        let applied = self.definitions.iter().chain(&self.roles).chain(cluster_scoped).chain(namespaced);
+        (applied.cloned().collect(), later_cluster_scoped.iter().chain(later_namespaced).cloned().collect())
+    }
+
+    /// Puts stages 3 and 4 in wave order. Stable: within a wave, objects keep the
+    /// order of the repository.
+    fn sort_by_wave(&mut self) {
+        let wave_of = &self.wave_of;
+        self.cluster_scoped.sort_by_key(|p| wave_of[&p.id]);
+        self.namespaced.sort_by_key(|p| wave_of[&p.id]);
     }
 
     /// The CRDs among the definitions, which must be Established before stage 2.
@@ -135,11 +194,27 @@ pub fn plan(
 
     let mut plan = Plan::default();
     let mut desired = BTreeSet::new();
+    let mut bad_waves = Vec::new();
     for manifest in manifests {
         let gvk = manifest.gvk();
         let (resource, namespaced) = kinds.resolve(&gvk).expect("resolve_scope rejected unknown kinds");
+        let at = manifest.location.clone();
         let planned = planned(manifest, resource);
         desired.insert(planned.id.clone());
+        let wave = match wave(&planned) {
+            Ok(wave) => wave,
+            Err(problem) => {
+                bad_waves.push(RenderError { at, problem });
+                continue;
+            }
+        };
+        let early = is_definition(&planned.id) || is_role(&planned.id);
+        if early && wave.is_some() {
+            let problem = Problem::EarlyWave { kind: planned.id.kind.clone() };
+            bad_waves.push(RenderError { at, problem });
+            continue;
+        }
+        plan.wave_of.insert(planned.id.clone(), wave.unwrap_or_default());
         match (is_definition(&planned.id), namespaced) {
             (true, _) => plan.definitions.push(planned),
             _ if is_role(&planned.id) => plan.roles.push(planned),
@@ -147,6 +222,10 @@ pub fn plan(
             (false, true) => plan.namespaced.push(planned),
         }
     }
+    if !bad_waves.is_empty() {
+        return Err(bad_waves);
+    }
+    plan.sort_by_wave();
 
     let mut prune: Vec<Planned> = inventory
         .owned()
@@ -161,6 +240,13 @@ pub fn plan(
     prune.sort_by_key(|p| (prune_order(&p.id), p.id.clone()));
     plan.prune = prune.chunk_by(|a, b| prune_order(&a.id) == prune_order(&b.id)).map(<[Planned]>::to_vec).collect();
     Ok(plan)
+}
+
+/// The object's [`WAVE_ANNOTATION`], if it has one.
+fn wave(planned: &Planned) -> Result<Option<i32>, Problem> {
+    let annotations = planned.object.metadata.annotations.as_ref();
+    let Some(value) = annotations.and_then(|a| a.get(WAVE_ANNOTATION)) else { return Ok(None) };
+    value.trim().parse().map(Some).map_err(|_| Problem::Wave(value.clone()))
 }
 
 fn is_role(id: &ObjectId) -> bool {
@@ -220,4 +306,72 @@ pub fn entries(objects: &[Planned], exists: impl Fn(usize) -> bool, inventory: &
             (p.id.clone(), origin)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use serde_json::json;
+
+    use super::*;
+    use crate::render::Location;
+
+    fn config_map(name: &str, wave: Option<&str>) -> Planned {
+        let mut object =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "shop"}});
+        if let Some(wave) = wave {
+            object["metadata"]["annotations"] = json!({ WAVE_ANNOTATION: wave });
+        }
+        let location = Location { file: "manifests/a.yaml".into(), line: 1 };
+        planned(Manifest { object, location, default_namespace: None }, ApiResource::erase::<ConfigMap>(&()))
+    }
+
+    fn plan_of(objects: Vec<Planned>) -> Plan {
+        let mut plan = Plan::default();
+        for p in objects {
+            plan.wave_of.insert(p.id.clone(), wave(&p).unwrap().unwrap_or_default());
+            plan.namespaced.push(p);
+        }
+        plan.sort_by_wave();
+        plan
+    }
+
+    #[test]
+    fn waves_ascend_and_unannotated_objects_are_wave_0() {
+        let plan = plan_of(vec![
+            config_map("late", Some("2")),
+            config_map("plain", None),
+            config_map("early", Some("-1")),
+            config_map("also-late", Some(" 2 ")),
+            config_map("zero", Some("0")),
+        ]);
+        let waves: Vec<(i32, Vec<&str>)> = plan
+            .waves()
+            .iter()
+            .map(|w| (w.number, w.namespaced.iter().map(|p| p.id.name.as_str()).collect()))
+            .collect();
+        assert_eq!(waves, vec![(-1, vec!["early"]), (0, vec!["plain", "zero"]), (2, vec!["late", "also-late"])]);
+    }
+
+    #[test]
+    fn what_a_wave_applied_is_its_objects_and_the_earlier_waves() {
+        let plan = plan_of(vec![config_map("b1", Some("1")), config_map("a0", None), config_map("c2", Some("2"))]);
+        let names = |objects: &[Planned]| objects.iter().map(|p| p.id.name.clone()).collect::<Vec<_>>();
+        let waves = plan.waves();
+        let through_1 = waves[0].namespaced.len() + waves[1].namespaced.len();
+        let (applied, later) = plan.split_applied(0, through_1);
+        assert_eq!((names(&applied), names(&later)), (vec!["a0".into(), "b1".into()], vec!["c2".to_owned()]));
+    }
+
+    #[test]
+    fn a_wave_that_is_not_a_number_is_refused() {
+        let error = wave(&config_map("bad", Some("first"))).unwrap_err();
+        assert_eq!(error.to_string(), "annotation gitops.scale.dev/wave must be a whole number, found \"first\"");
+        assert!(wave(&config_map("bad", Some("1.5"))).is_err());
+    }
+
+    #[test]
+    fn a_revision_without_objects_has_no_waves() {
+        assert!(Plan::default().waves().is_empty());
+    }
 }

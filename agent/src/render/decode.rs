@@ -169,12 +169,61 @@ fn document(text: &str, first_line: usize, dialect: Dialect) -> Result<Option<Do
 
 fn item_lines(root: &Node) -> Vec<usize> {
     let Content::Mapping(entries) = &root.content else { return Vec::new() };
-    let items =
-        entries.iter().rev().find(|(key, _)| matches!(&key.content, Content::Scalar(Scalar::Str(k)) if k == "items"));
+    let items = entries.iter().rev().find(|(key, _)| is_key(key, "items"));
     match items.map(|(_, value)| &value.content) {
         Some(Content::Sequence(elements)) => elements.iter().map(|e| e.line).collect(),
         _ => Vec::new(),
     }
+}
+
+/// One step of a field path: a mapping key or a sequence index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// The line of the field at `path` in the object whose document (or `items` element)
+/// starts on `object_line` of `text`: the line of its key, or of its element; the
+/// deepest line found if the path goes on where the text does not (through a merge).
+/// `None` if no object starts there. Errors are rare, so the text is decoded again
+/// rather than every object carrying the lines of all its fields.
+pub fn field_line(text: &str, object_line: usize, path: &[Segment]) -> Option<usize> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (dialect, frames) = if text.trim_start().starts_with('{') {
+        (Dialect::Json, json_frames(text))
+    } else {
+        (Dialect::Yaml, yaml_frames(text))
+    };
+    let object = frames.into_iter().flatten().find_map(|(first_line, frame)| {
+        let root = compose(frame, first_line, dialect).ok()??;
+        if root.line == object_line {
+            return Some(root);
+        }
+        let Content::Mapping(entries) = &root.content else { return None };
+        let (_, items) = entries.iter().rev().find(|(key, _)| is_key(key, "items"))?;
+        let Content::Sequence(elements) = &items.content else { return None };
+        elements.iter().find(|element| element.line == object_line).cloned()
+    })?;
+    let (mut node, mut line) = (object, object_line);
+    for segment in path {
+        let next = match (&node.content, segment) {
+            (Content::Mapping(entries), Segment::Key(wanted)) => {
+                entries.iter().rev().find(|(key, _)| is_key(key, wanted)).map(|(key, value)| (key.line, value.clone()))
+            }
+            (Content::Sequence(elements), Segment::Index(index)) => {
+                elements.get(*index).map(|element| (element.line, element.clone()))
+            }
+            _ => None,
+        };
+        let Some((at, value)) = next else { break };
+        (line, node) = (at, value);
+    }
+    Some(line)
+}
+
+fn is_key(node: &Node, wanted: &str) -> bool {
+    matches!(&node.content, Content::Scalar(scalar) if scalar.to_key().is_ok_and(|key| key == wanted))
 }
 
 /// A YAML node with its scalars resolved. Aliases share their anchor's node.

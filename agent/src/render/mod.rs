@@ -55,7 +55,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
-pub use decode::DecodeError;
+pub use decode::{DecodeError, Segment, field_line};
 pub use helm::{Capabilities, ChartCredentials, HelmProblem};
 pub use jobs::{CONCURRENCY_ANNOTATION, ConcurrencyPolicy, HISTORY_LIMIT_ANNOTATION, JobSpec};
 pub use kustomize::KustomizeProblem;
@@ -122,7 +122,7 @@ impl Manifest {
     }
 
     /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let gvk = self.gvk();
         let group = if gvk.group.is_empty() { String::new() } else { format!(".{}", gvk.group) };
         let namespace = self.namespace().map(|ns| format!("{ns}/")).unwrap_or_default();
@@ -180,6 +180,13 @@ pub enum Problem {
     Refused { object: String, refusal: crate::access::Refusal },
     #[error("invalid JSON: {0}")]
     Json(String),
+    #[error("annotation gitops.scale.dev/wave must be a whole number, found {0:?}")]
+    Wave(String),
+    #[error(
+        "a {kind} is applied before every wave (the dry run of the revision needs it); \
+         remove its gitops.scale.dev/wave annotation"
+    )]
+    EarlyWave { kind: String },
     #[error("{0}")]
     Dashboard(#[from] dashboards::DashboardProblem),
     #[error("{0}")]
@@ -316,7 +323,7 @@ impl Renderer {
         dashboards_namespace: &str,
         capabilities: &Capabilities,
     ) -> Result<Rendered, Vec<RenderError>> {
-        let mut findings = Findings::default();
+        let mut findings = Findings { repo_root: Some(self.tools.repo_root(root)), ..Findings::default() };
         let mut used = HashSet::new();
         let kustomizations = self.kustomizations(root, &mut findings, &mut used);
         let mut files = HashSet::new();
@@ -576,6 +583,10 @@ pub fn render_text(file: &Path, text: &str) -> Result<Vec<Manifest>, Vec<RenderE
 struct Findings {
     manifests: Vec<Manifest>,
     errors: Vec<RenderError>,
+    /// Where symlinks may point: the whole repository, not only `--path`, so that a
+    /// cluster's directory can link the repository's shared `dashboards/` (as kustomize
+    /// bases reach `../../manifests`). None: `--path` is the repository.
+    repo_root: Option<PathBuf>,
 }
 
 impl Findings {
@@ -592,9 +603,9 @@ impl Findings {
     }
 
     /// The files under `root/dir` with one of `extensions`, relative to `root`, in
-    /// sorted path order. Symlinks are followed as long as they stay inside `root`.
+    /// sorted path order. Symlinks are followed as long as they stay inside the repository.
     fn files(&mut self, root: &Path, dir: &str, extensions: &[&str]) -> Vec<PathBuf> {
-        let real_root = match root.canonicalize() {
+        let real_root = match self.repo_root.as_deref().unwrap_or(root).canonicalize() {
             Ok(real_root) => real_root,
             Err(e) => {
                 // Said once, for the first directory.
@@ -848,7 +859,7 @@ pub(crate) fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -861,7 +872,7 @@ mod tests {
     }
 
     /// A repository with `files` (path from the root, content).
-    pub(super) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
+    pub(crate) fn repo_at_root<P: AsRef<Path>>(files: &[(P, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
             let path = dir.path().join(path);
@@ -1161,5 +1172,25 @@ mod tests {
                 format!("manifests/outdir:1: symlink resolves to {}, outside the repository", real_outside.display()),
             ]
         );
+    }
+
+    #[test]
+    fn a_symlink_may_reach_outside_path_but_not_outside_the_repository() {
+        // A cluster's directory links the repository's shared dashboards/, as
+        // repo-template's clusters/local does.
+        let dir = repo_at_root(&[("dashboards/scale/a.json", dashboard("a", "A").as_str())]);
+        let cluster = dir.path().join("clusters/local");
+        fs::create_dir_all(&cluster).unwrap();
+        std::os::unix::fs::symlink("../../dashboards", cluster.join("dashboards")).unwrap();
+        let tools = Tools { path_in_repo: "clusters/local".into(), ..Tools::default() };
+        let rendered = Renderer::new(tools).render(&cluster, "monitoring", &Capabilities::default()).unwrap();
+        assert_eq!(
+            summary(&rendered.manifests),
+            [("dashboards/scale/a.json:1".into(), "ConfigMap monitoring/dashboard-a".into())]
+        );
+
+        // Without the repository around it, the same link leaves the root.
+        let errors = render(&cluster, "monitoring").unwrap_err();
+        assert!(errors[0].to_string().contains("outside the repository"), "{errors:?}");
     }
 }

@@ -46,6 +46,17 @@ fn name(program: &Path) -> std::path::Display<'_> {
     Path::new(program.file_name().unwrap_or(program.as_os_str())).display()
 }
 
+/// `program` itself, or for a bare name (`kustomize`) where the agent's own `PATH` has
+/// it: the tool runs with a cleared environment, whose lookup would search only
+/// `/bin:/usr/bin` and miss images that install tools in `/usr/local/bin`.
+fn on_path(program: &Path, path: Option<OsString>) -> PathBuf {
+    if program.components().count() != 1 {
+        return program.to_owned();
+    }
+    path.and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|path| path.is_file()))
+        .unwrap_or_else(|| program.to_owned())
+}
+
 /// One invocation: the program, its arguments, its working directory and the only
 /// environment variables it sees.
 pub struct Run<'a> {
@@ -63,7 +74,7 @@ impl Run<'_> {
     /// (stderr, trimmed), with every string of `secrets` blanked out.
     pub fn output(self, limits: &Limits, secrets: &[&str]) -> Result<String, ToolError> {
         let program = self.program.to_owned();
-        let mut command = Command::new(self.program);
+        let mut command = Command::new(on_path(self.program, std::env::var_os("PATH")));
         command
             .args(&self.args)
             .current_dir(self.dir)
@@ -170,6 +181,14 @@ mod tests {
             stdin: None,
         };
         assert_eq!(run.output(&Limits::default(), &[]).unwrap(), "found\n");
+        // Wherever PATH has it, not only in the cleared environment's /bin:/usr/bin (the
+        // agent's image installs kustomize and helm in /usr/local/bin).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kustomize"), "").unwrap();
+        let path = std::env::join_paths(["/nowhere".into(), dir.path().to_owned()]).unwrap();
+        assert_eq!(on_path(Path::new("kustomize"), Some(path)), dir.path().join("kustomize"));
+        assert_eq!(on_path(Path::new("kustomize"), None), Path::new("kustomize"));
+        assert_eq!(on_path(Path::new("/opt/kustomize"), Some("/bin".into())), Path::new("/opt/kustomize"));
     }
 
     #[test]

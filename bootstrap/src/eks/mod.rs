@@ -22,7 +22,7 @@ pub mod network;
 pub mod resources;
 pub mod token;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -149,6 +149,8 @@ pub struct UpOptions {
     /// Provision only.
     pub no_install: bool,
     pub no_wait: bool,
+    /// How long to wait, after the first sync, for the revision to be Healthy (`None`: not).
+    pub health_wait: Option<Duration>,
     pub install: InstallOptions,
     /// How long the cluster and node group may take to become ACTIVE, each.
     pub timeout: Duration,
@@ -226,23 +228,31 @@ pub async fn up(options: &UpOptions) -> Result<(), Error> {
     let client = crate::local::client_from_kubeconfig(&target)
         .await
         .map_err(|e| Error::Connect { path: target.clone(), message: e.to_string() })?;
-    install_agent(&client, &options.install, options.no_wait, options.timeout, &options.resume).await
+    install_agent(&client, options, &target).await
 }
 
-async fn install_agent(
-    client: &kube::Client,
-    options: &InstallOptions,
-    no_wait: bool,
-    timeout: Duration,
-    resume: &str,
-) -> Result<(), Error> {
-    install::install_and_report(client, options).await?;
-    if no_wait {
+/// Installs the agent through `kubeconfig`, then waits for its first sync and for the
+/// revision it applied to be Healthy (unless told not to).
+async fn install_agent(client: &kube::Client, options: &UpOptions, kubeconfig: &Path) -> Result<(), Error> {
+    install::install_and_report(client, &options.install).await?;
+    if options.no_wait {
         println!("agent installed; not waiting for its first sync (--no-wait)");
         return Ok(());
     }
-    let revision = install::wait_synced(client, timeout, resume).await?;
+    let revision = install::wait_synced(client, options.timeout, &options.resume).await?;
     println!("the agent has synced {revision}");
+    if let Some(timeout) = options.health_wait {
+        let kubeconfig = kubeconfig.display();
+        let look = format!(
+            "  kubectl --kubeconfig {kubeconfig} -n {namespace} get configmap {status} -o yaml\n  \
+             kubectl --kubeconfig {kubeconfig} get pods -A\n  \
+             kubectl --kubeconfig {kubeconfig} -n NAMESPACE describe KIND NAME",
+            namespace = install::AGENT_NAMESPACE,
+            status = gitops_agent::report::STATUS_NAME,
+        );
+        let healthy = install::wait_healthy(client, timeout, &look).await?;
+        println!("{healthy} is Healthy");
+    }
     Ok(())
 }
 

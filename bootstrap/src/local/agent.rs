@@ -28,6 +28,8 @@ pub struct AgentOptions {
     pub binary: PathBuf,
     /// The repository to follow (URL or path).
     pub repo: String,
+    /// The directory in it holding manifests/ (`--path`).
+    pub path: String,
     /// Address of the agent's HTTP endpoints.
     pub listen: String,
 }
@@ -42,11 +44,42 @@ pub fn find_agent_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("gitops-agent"))
 }
 
+/// repo-template's symlinks (path, target), which `include_dir!` embeds as copies.
+const TEMPLATE_SYMLINKS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/template_symlinks.rs"));
+
+/// The local cluster's directory in repo-template, the agent's `--path` there.
+pub const LOCAL_CLUSTER_PATH: &str = "clusters/local";
+
+/// What only `up` knows, written into the local cluster's files before the first commit.
+#[derive(Debug, Clone, Default)]
+pub struct LocalSettings {
+    /// The node's registry (`host:port`), for `LOCAL-REGISTRY` in image names.
+    pub registry: Option<String>,
+    /// The directory on the node whose MIDI files the local S3 endpoint serves, for
+    /// `LOCAL-MIDI-DIR`.
+    pub midi_dir: Option<PathBuf>,
+}
+
 /// Writes `repo-template/` into a new git repository at `dir` with one commit on
-/// `main`, and returns its path.
-pub fn repo_from_template(dir: &Path) -> Result<PathBuf, Error> {
+/// `main`, and returns its path. The local cluster's files (`clusters/local`) get
+/// `settings` in that first commit, so that its first sync pulls from the node's
+/// registry and reads the corpus.
+pub fn repo_from_template(dir: &Path, settings: &LocalSettings) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     REPO_TEMPLATE.extract(dir).map_err(|e| Error::io(dir, e))?;
+    for (link, target) in TEMPLATE_SYMLINKS {
+        let link = dir.join(link);
+        std::fs::remove_dir_all(&link).or_else(|_| std::fs::remove_file(&link)).map_err(|e| Error::io(&link, e))?;
+        std::os::unix::fs::symlink(target, &link).map_err(|e| Error::io(&link, e))?;
+    }
+    let mut placeholders = Vec::new();
+    if let Some(registry) = &settings.registry {
+        placeholders.push(("LOCAL-REGISTRY", registry.clone()));
+    }
+    if let Some(midi_dir) = &settings.midi_dir {
+        placeholders.push(("LOCAL-MIDI-DIR", midi_dir.display().to_string()));
+    }
+    fill_in(&dir.join(LOCAL_CLUSTER_PATH), &placeholders)?;
     let git = |e: git2::Error| Error::Git { path: dir.to_owned(), message: e.message().to_owned() };
     let repo =
         git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main")).map_err(git)?;
@@ -59,6 +92,25 @@ pub fn repo_from_template(dir: &Path) -> Result<PathBuf, Error> {
     Ok(dir.to_owned())
 }
 
+/// Replaces each placeholder in every file under `dir` (symlinks not followed: they lead
+/// to what every cluster shares).
+fn fill_in(dir: &Path, placeholders: &[(&str, String)]) -> Result<(), Error> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let (path, kind) = (entry.path(), entry.file_type().map_err(|e| Error::io(dir, e))?);
+        if kind.is_dir() {
+            fill_in(&path, placeholders)?;
+        } else if kind.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let filled = placeholders.iter().fold(text.clone(), |text, (name, value)| text.replace(name, value));
+            if filled != text {
+                std::fs::write(&path, filled).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Starts the agent against the cluster of `kubeconfig` and waits for its first
 /// successful sync (`/readyz`). On failure the error carries the agent's log.
 pub async fn start(state_dir: &Path, kubeconfig: &Path, options: &AgentOptions) -> Result<Process, Error> {
@@ -66,6 +118,7 @@ pub async fn start(state_dir: &Path, kubeconfig: &Path, options: &AgentOptions) 
     let args: Vec<String> = vec![
         "run".into(),
         format!("--repo={}", options.repo),
+        format!("--path={}", options.path),
         format!("--listen={}", options.listen),
         format!("--namespace={AGENT_NAMESPACE}"),
         format!("--work-dir={}", work_dir.display()),

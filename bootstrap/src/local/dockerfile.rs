@@ -77,9 +77,28 @@ pub fn agent(binary: &Path, tools: &super::build::RenderTools) -> Result<Dockerf
     })
 }
 
-/// The Scale pipeline's images, which `up` pushes to the node's registry.
-pub fn scale() -> [Dockerfile; 2] {
-    [scale_viewer(), scale_midi_batch()]
+/// The Scale pipeline's images, which `up` pushes to the node's registry, and the local
+/// cluster's S3 endpoint that its batch job reads.
+pub fn scale() -> [Dockerfile; 4] {
+    [scale_viewer(), scale_midi_batch(), scale_postgres(), local_s3()]
+}
+
+/// Builds (or finds in the cache) every image of [`scale()`] on the Debian base.
+pub fn build_scale(cache: &Path) -> Result<Vec<Built>, Error> {
+    let base = super::image::debian_base(cache)?;
+    scale().iter().map(|image| build(cache, &base, image)).collect()
+}
+
+/// The pipeline's PostgreSQL from repo-template's `apps/scale/postgres/Dockerfile`:
+/// Debian's postgresql-15, laid out as the public `postgres:15-bookworm` the manifest names.
+fn scale_postgres() -> Dockerfile {
+    Dockerfile {
+        name: "scale-postgres",
+        text: include_str!("../../../repo-template/apps/scale/postgres/Dockerfile"),
+        context: template_context("apps/scale", &["postgres"]),
+        args: Vec::new(),
+        bases: &["BASE_IMAGE"],
+    }
 }
 
 /// The Scale viewer's image, from repo-template's `apps/scale/viewer/Dockerfile`.
@@ -87,7 +106,7 @@ fn scale_viewer() -> Dockerfile {
     Dockerfile {
         name: "scale-viewer",
         text: include_str!("../../../repo-template/apps/scale/viewer/Dockerfile"),
-        context: scale_context(),
+        context: template_context("apps/scale", &["viewer", "requirements-viewer.txt"]),
         args: Vec::new(),
         bases: &["PYTHON_IMAGE"],
     }
@@ -99,27 +118,43 @@ fn scale_midi_batch() -> Dockerfile {
     Dockerfile {
         name: "scale-midi-batch",
         text: include_str!("../../../repo-template/apps/scale/batch/Dockerfile"),
-        context: scale_context(),
+        context: template_context("apps/scale", &["batch", "requirements-batch.txt"]),
         args: vec![("SPARK_FROM", "pip".to_owned())],
         bases: &["BASE_IMAGE"],
     }
 }
 
-/// `apps/scale/` of repo-template, the Scale images' build context, without its tests
-/// (which no image holds, so changing them builds nothing).
-fn scale_context() -> Vec<ContextFile> {
-    fn files(dir: &include_dir::Dir<'_>, base: &Path, out: &mut Vec<ContextFile>) {
-        for file in dir.files() {
-            let path = file.path().strip_prefix(base).expect("under apps/scale").to_owned();
-            out.push(ContextFile { path, contents: file.contents().to_vec(), executable: false });
-        }
-        for sub in dir.dirs().filter(|d| d.path().file_name().is_some_and(|n| n != "tests")) {
-            files(sub, base, out);
+/// moto's S3 server holding the MIDI corpus, from repo-template's `apps/local-s3/`.
+fn local_s3() -> Dockerfile {
+    Dockerfile {
+        name: "scale-local-s3",
+        text: include_str!("../../../repo-template/apps/local-s3/Dockerfile"),
+        context: template_context("apps/local-s3", &["serve.py"]),
+        args: Vec::new(),
+        bases: &["BASE_IMAGE"],
+    }
+}
+
+/// The files and directories `entries` of repo-template's `dir`, an image's build
+/// context: only what its Dockerfile copies, so that changing another image's files
+/// (or the pipeline's tests) rebuilds nothing here.
+fn template_context(dir: &str, entries: &[&str]) -> Vec<ContextFile> {
+    fn add(entry: &include_dir::DirEntry<'_>, base: &Path, out: &mut Vec<ContextFile>) {
+        match entry {
+            include_dir::DirEntry::Dir(dir) => dir.entries().iter().for_each(|entry| add(entry, base, out)),
+            include_dir::DirEntry::File(file) => {
+                let path = file.path().strip_prefix(base).expect("under the context").to_owned();
+                out.push(ContextFile { path, contents: file.contents().to_vec(), executable: false });
+            }
         }
     }
-    let scale = super::agent::REPO_TEMPLATE.get_dir("apps/scale").expect("repo-template has apps/scale");
+    let root = super::agent::REPO_TEMPLATE.get_dir(dir).expect("repo-template has the context");
     let mut out = Vec::new();
-    files(scale, scale.path(), &mut out);
+    for entry in root.entries() {
+        if entries.iter().any(|name| entry.path().file_name().is_some_and(|n| n == *name)) {
+            add(entry, root.path(), &mut out);
+        }
+    }
     out
 }
 

@@ -1,0 +1,443 @@
+//! The whole Scale deployment from git on the real node, as `gitops-bootstrap up
+//! --provider local` makes it: a repository from repo-template following
+//! `clusters/local`, the agent in the cluster, the pipeline's images built from their
+//! Dockerfiles. PostgreSQL becomes Ready on its volume, the local S3 endpoint serves the
+//! corpus, the viewer answers through its Service, and the agent's batch run (the
+//! Spark driver in a Job's pod, its executors as pods) fills the tables with exactly
+//! what the test computes on its own. A commit that changes the job spec makes exactly
+//! one more run, and so does its `git revert`.
+//!
+//! Then chaos, as the original deployment proved itself: under 100 requests a second
+//! to the viewer through its Service, a viewer pod is deleted every few seconds, then
+//! the PostgreSQL pod, then the agent's leader pod, then an executor pod in the middle
+//! of a run. The test prints each one's error count and recovery time, and checks that
+//! nothing is lost: the run that lost an executor still writes exactly the right
+//! tables, and the agent, under its new leader, makes no run twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use gitops_bootstrap::install;
+use gitops_bootstrap::local::agent::{LOCAL_CLUSTER_PATH, LocalSettings, install_in_cluster};
+use gitops_bootstrap::local::dockerfile;
+use gitops_tests::cluster::{self, http_get};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams};
+use serde_json::Value;
+
+const NAMESPACE: &str = "scale";
+const SONGS: usize = 30;
+const THRESHOLD: f64 = 0.5;
+const MIN_INSTRUMENTS: usize = 3;
+/// Long enough for a Spark run on two busy cores; only keeps a broken run from hanging CI.
+const RUN_BOUND: Duration = Duration::from_secs(900);
+
+/// What the corpus holds and which pairs are similar, computed by the pipeline's test
+/// generator (`repo-template/apps/scale/tests/midigen.py`: it writes each song from a
+/// chosen instrument set, and finds the pairs by brute force), not by the job.
+struct Truth {
+    songs: BTreeMap<String, BTreeSet<String>>,
+    pairs: BTreeMap<(String, String), f64>,
+}
+
+fn write_corpus(dir: &Path) -> Truth {
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template/apps/scale/tests");
+    let script = format!(
+        "import json, pathlib, sys\n\
+         sys.path.insert(0, {tests:?})\n\
+         import midigen\n\
+         root = pathlib.Path({dir:?})\n\
+         known = midigen.random_corpus(root, {SONGS}, seed=7)\n\
+         (root / 'broken').mkdir()\n\
+         (root / 'broken' / 'noise.mid').write_bytes(b'RIFF' + bytes(300))\n\
+         pairs = midigen.exact_similar_pairs(known, {THRESHOLD}, {MIN_INSTRUMENTS})\n\
+         print(json.dumps({{'songs': {{p: sorted(s) for p, s in known.items()}},\n\
+                           'pairs': [[a, b, j] for (a, b), j in pairs.items()]}}))\n",
+        tests = tests.display().to_string(),
+        dir = dir.display().to_string(),
+    );
+    let out = Command::new("python3").arg("-c").arg(script).output().expect("python3 runs");
+    assert!(out.status.success(), "midigen: {}", String::from_utf8_lossy(&out.stderr));
+    let truth: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let songs = truth["songs"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(path, set)| (path.clone(), set.as_array().unwrap().iter().map(|i| i.as_str().unwrap().into()).collect()))
+        .collect();
+    let pairs = truth["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ((p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into()), p[2].as_f64().unwrap()))
+        .collect();
+    Truth { songs, pairs }
+}
+
+/// Rows of `sql` run by psql in the PostgreSQL pod (local socket: no password here).
+fn query(kubeconfig: &str, sql: &str) -> Vec<Vec<String>> {
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig, "-n", NAMESPACE, "exec", "postgres-0", "--", "sh", "-c"])
+        .arg(format!("psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -At -F '|' -c \"{sql}\""))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|line| line.split('|').map(str::to_owned).collect()).collect()
+}
+
+fn git(repo: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
+        .args(args)
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// How run `name` went: whether it succeeded, the executor pods seen while it ran (each
+/// owned by the run's driver pod), and how those that failed ended.
+struct Run {
+    succeeded: bool,
+    executors: BTreeSet<String>,
+    executor_exits: BTreeMap<String, String>,
+}
+
+/// Waits for run `name` to end.
+async fn wait_for_run(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) -> Run {
+    let mut run = Run { succeeded: false, executors: BTreeSet::new(), executor_exits: BTreeMap::new() };
+    let deadline = tokio::time::Instant::now() + RUN_BOUND;
+    loop {
+        let listed = pods.list(&ListParams::default().labels("spark-role=executor")).await.unwrap();
+        for pod in listed.items {
+            let owners = pod.metadata.owner_references.clone().unwrap_or_default();
+            if owners.iter().any(|o| o.kind == "Pod" && o.name.starts_with(&format!("{name}-"))) {
+                let pod_name = pod.metadata.name.clone().unwrap();
+                let statuses = pod.status.and_then(|s| s.container_statuses).unwrap_or_default();
+                // Not those the driver stops at the end (SIGTERM, 143) or that finish.
+                let ended = statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref());
+                if let Some(ended) = ended.filter(|ended| ![0, 143].contains(&ended.exit_code)) {
+                    let reason = ended.reason.clone().unwrap_or_default();
+                    run.executor_exits.insert(pod_name.clone(), format!("{reason} (exit code {})", ended.exit_code));
+                }
+                run.executors.insert(pod_name);
+            }
+        }
+        let status = jobs.get_opt(name).await.unwrap().and_then(|job| job.status).unwrap_or_default();
+        if status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+            run.succeeded = status.succeeded.unwrap_or(0) > 0;
+            return run;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run {name} did not end");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The run's driver log, for a failed run's message.
+fn driver_log(kubeconfig: &str, run: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig, "-n", NAMESPACE, "logs", &format!("job/{run}"), "--tail=80"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The runs of midi-batch, by name.
+async fn runs(jobs: &Api<Job>) -> Vec<String> {
+    let listed = jobs.list(&ListParams::default().labels("gitops.scale.dev/job=midi-batch")).await.unwrap();
+    let mut names: Vec<String> = listed.items.into_iter().map(|job| job.metadata.name.unwrap()).collect();
+    names.sort();
+    names
+}
+
+/// Asserts the tables hold exactly the corpus' songs, instruments and similar pairs.
+fn assert_tables(kubeconfig: &str, truth: &Truth) {
+    let mut songs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in query(kubeconfig, "SELECT s.path, i.instrument FROM songs s JOIN song_instruments i USING (song_id)") {
+        songs.entry(row[0].clone()).or_default().insert(row[1].clone());
+    }
+    assert_eq!(songs, truth.songs, "instruments per song (drums as 'drums', never as program 0)");
+    let pairs: BTreeMap<(String, String), f64> = query(
+        kubeconfig,
+        "SELECT a.path, b.path, p.jaccard FROM similar_songs p \
+         JOIN songs a ON a.song_id = p.song_a JOIN songs b ON b.song_id = p.song_b",
+    )
+    .into_iter()
+    .map(|row| {
+        let (a, b) = if row[0] < row[1] { (row[0].clone(), row[1].clone()) } else { (row[1].clone(), row[0].clone()) };
+        ((a, b), row[2].parse().unwrap())
+    })
+    .collect();
+    assert_eq!(
+        pairs.keys().collect::<Vec<_>>(),
+        truth.pairs.keys().collect::<Vec<_>>(),
+        "every similar pair, no other"
+    );
+    for (pair, jaccard) in &truth.pairs {
+        assert!((pairs[pair] - jaccard).abs() < 1e-9, "{pair:?}: {} vs {jaccard}", pairs[pair]);
+    }
+    assert_eq!(query(kubeconfig, "SELECT path FROM rejected_files"), [["broken/noise.mid"]]);
+}
+
+#[tokio::test]
+async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
+    let plane = cluster::node();
+    let client = plane.client().await.unwrap();
+    let kubeconfig = plane.kubeconfig().display().to_string();
+    let registry = plane.registry().unwrap().to_owned();
+
+    // The corpus on the node, readable by the S3 endpoint's unprivileged user.
+    let corpus = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(corpus.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let truth = write_corpus(corpus.path());
+    assert!(truth.pairs.len() >= 5, "a corpus with similar songs: {}", truth.pairs.len());
+
+    let cache = gitops_bootstrap::local::build::cache_dir();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_scale(&cache)).await.unwrap().unwrap();
+    for image in &built {
+        plane.push_built(image).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let settings = LocalSettings { registry: Some(registry), midi_dir: Some(corpus.path().to_owned()) };
+    let repo = gitops_bootstrap::local::agent::repo_from_template(&work.path().join("repo"), &settings).unwrap();
+    let options = cluster::in_cluster_options(&repo, LOCAL_CLUSTER_PATH);
+    install_in_cluster(plane, &options).await.unwrap();
+    install::wait_synced(&client, Duration::from_secs(180), "").await.unwrap();
+
+    // The first run starts once the revision is healthy: PostgreSQL Ready on its volume,
+    // the S3 endpoint holding the corpus, the viewer Ready.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let run = wait_for_run(&jobs, &pods, "midi-batch-1").await;
+    assert!(run.succeeded, "run 1 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-1"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 2, "spark.executor.instances=2, as pods: {:?}", run.executors);
+    assert!(cluster::is_ready(&pods.get("postgres-0").await.unwrap()), "PostgreSQL is Ready");
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE).get("data-postgres-0").await;
+    assert_eq!(claim.unwrap().status.unwrap().phase.as_deref(), Some("Bound"), "on a local-path volume");
+    assert_tables(&kubeconfig, &truth);
+    // Executors go with their run.
+    cluster::eventually("the executor pods to go", || async {
+        let left = pods.list(&ListParams::default().labels("spark-role=executor")).await.unwrap();
+        left.items.is_empty().then_some(())
+    })
+    .await;
+
+    // The viewer, through its Service as a user's browser on this machine reaches it:
+    // the song with the most similar songs lists each of them.
+    let service = Api::<Service>::namespaced(client.clone(), NAMESPACE).get("viewer").await.unwrap();
+    let address = format!("{}:80", service.spec.unwrap().cluster_ip.unwrap());
+    let mut similar: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (a, b) in truth.pairs.keys() {
+        similar.entry(a).or_default().push(b);
+        similar.entry(b).or_default().push(a);
+    }
+    let (song, others) = similar.iter().max_by_key(|(_, others)| others.len()).unwrap();
+    let id = &query(&kubeconfig, &format!("SELECT song_id FROM songs WHERE path = '{song}'"))[0][0];
+    let path = format!("/songs/{id}");
+    let page = cluster::eventually("the viewer's song page", || http_get(&address, &path)).await;
+    assert!(page.contains(song), "the page names its song {song}");
+    for other in others {
+        assert!(page.contains(other), "the page of {song} lists its similar song {other}");
+    }
+
+    // A commit that changes the job spec: exactly one more run, and the tables stay exact.
+    let spec = repo.join(LOCAL_CLUSTER_PATH).join("jobs/midi-batch.yaml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let edited = text.replace("spark.executor.instances=2", "spark.executor.instances=1");
+    assert_ne!(edited, text);
+    std::fs::write(&spec, edited).unwrap();
+    git(&repo, &["commit", "-qam", "midi-batch: one executor"]);
+    let run = wait_for_run(&jobs, &pods, "midi-batch-2").await;
+    assert!(run.succeeded, "run 2 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-2"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 1, "{:?}", run.executors);
+    assert_tables(&kubeconfig, &truth);
+
+    // Its revert: one more run, with two executors again.
+    git(&repo, &["revert", "--no-edit", "HEAD"]);
+    let run = wait_for_run(&jobs, &pods, "midi-batch-3").await;
+    assert!(run.succeeded, "run 3 failed: {:?}\n{}", run.executor_exits, driver_log(&kubeconfig, "midi-batch-3"));
+    assert_eq!(run.executor_exits, BTreeMap::new(), "no executor was lost");
+    assert_eq!(run.executors.len(), 2, "{:?}", run.executors);
+    assert_eq!(runs(&jobs).await, ["midi-batch-1", "midi-batch-2", "midi-batch-3"], "one run per change");
+    assert_eq!(query(&kubeconfig, "SELECT count(*) FROM runs WHERE status = 'succeeded'"), [["3"]]);
+    assert_tables(&kubeconfig, &truth);
+
+    chaos(&client, &kubeconfig, &repo, &truth, &address, id).await;
+}
+
+/// A user's browser at 100 requests a second on one page, each on a new connection
+/// through the viewer's Service, every outcome kept with the time it was sent.
+struct Load {
+    running: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<(Instant, bool)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What users saw of one disruption: the requests sent from its start until all was
+/// well again, how many failed, and how long after its start the last one did.
+#[derive(Debug)]
+struct Disruption {
+    what: &'static str,
+    requests: usize,
+    errors: usize,
+    recovered_after: Duration,
+}
+
+impl Load {
+    fn start(address: String, path: String) -> Load {
+        let running = Arc::new(AtomicBool::new(true));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let (still, seen) = (running.clone(), outcomes.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut requests = tokio::task::JoinSet::new();
+            while still.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (address, path, seen) = (address.clone(), path.clone(), seen.clone());
+                requests.spawn(async move {
+                    let sent = Instant::now();
+                    let ok = http_get(&address, &path).await.is_some();
+                    seen.lock().unwrap().push((sent, ok));
+                });
+                while requests.try_join_next().is_some() {}
+            }
+            while requests.join_next().await.is_some() {}
+        });
+        Load { running, outcomes, task }
+    }
+
+    /// The requests sent since `from`.
+    fn since(&self, what: &'static str, from: Instant) -> Disruption {
+        let outcomes = self.outcomes.lock().unwrap();
+        let window: Vec<_> = outcomes.iter().filter(|(sent, _)| *sent >= from).collect();
+        let last_error = window.iter().filter(|(_, ok)| !ok).map(|(sent, _)| *sent).max();
+        Disruption {
+            what,
+            requests: window.len(),
+            errors: window.iter().filter(|(_, ok)| !ok).count(),
+            recovered_after: last_error.map_or(Duration::ZERO, |at| at - from),
+        }
+    }
+
+    async fn stop(self) {
+        self.running.store(false, Ordering::Relaxed);
+        self.task.await.unwrap();
+    }
+}
+
+/// Waits until the load has had `quiet` of successes in a row, as a user would judge
+/// that things work again.
+async fn settled(load: &Load, quiet: Duration) {
+    cluster::eventually("the viewer to answer every request again", || async {
+        let outcomes = load.outcomes.lock().unwrap();
+        let last_error = outcomes.iter().filter(|(_, ok)| !ok).map(|(sent, _)| *sent).max();
+        last_error.is_none_or(|at| at.elapsed() > quiet).then_some(())
+    })
+    .await;
+}
+
+async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Truth, viewer: &str, song: &str) {
+    let scale: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let agents: Api<Pod> = Api::namespaced(client.clone(), install::AGENT_NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), install::AGENT_NAMESPACE);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
+    let quiet = Duration::from_secs(3);
+    // A page that reads PostgreSQL.
+    let load = Load::start(viewer.to_owned(), format!("/api/songs/{song}"));
+    settled(&load, quiet).await;
+    let mut disruptions = Vec::new();
+
+    // A viewer pod deleted every five seconds, three times.
+    let from = Instant::now();
+    for _ in 0..3 {
+        let ready = cluster::ready_pods(&scale, "app.kubernetes.io/name=viewer").await;
+        scale.delete(&ready[0], &DeleteParams::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    cluster::eventually("two viewer pods Ready", || async {
+        (cluster::ready_pods(&scale, "app.kubernetes.io/name=viewer").await.len() == 2).then_some(())
+    })
+    .await;
+    settled(&load, quiet).await;
+    disruptions.push(load.since("a viewer pod deleted every 5 s, 3 times", from));
+
+    // PostgreSQL: the viewer cannot answer until it is back on its volume.
+    let from = Instant::now();
+    let before = scale.get("postgres-0").await.unwrap().metadata.uid;
+    scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
+    cluster::eventually("PostgreSQL back and Ready", || async {
+        let pod = scale.get_opt("postgres-0").await.unwrap()?;
+        (pod.metadata.uid != before && cluster::is_ready(&pod)).then_some(())
+    })
+    .await;
+    settled(&load, quiet).await;
+    disruptions.push(load.since("the PostgreSQL pod deleted", from));
+    assert_tables(kubeconfig, truth);
+
+    // The agent's leader: the standby takes the Lease; the viewer does not notice.
+    let holder = || async { leases.get_opt("gitops-agent").await.unwrap()?.spec?.holder_identity };
+    let leader = cluster::eventually("a leader", holder).await;
+    let runs_before = runs(&jobs).await;
+    let from = Instant::now();
+    agents.delete(&leader, &DeleteParams::default()).await.unwrap();
+    cluster::eventually("another replica to take the Lease", || async {
+        holder().await.filter(|next| *next != leader)
+    })
+    .await;
+    let new_leader_after = from.elapsed();
+    settled(&load, quiet).await;
+    let mut disruption = load.since("the agent's leader pod deleted", from);
+    disruption.recovered_after = disruption.recovered_after.max(new_leader_after);
+    disruptions.push(disruption);
+    assert_eq!(runs(&jobs).await, runs_before, "the new leader starts no run for a spec that did not change");
+
+    // An executor in the middle of a run: Spark asks for another and the run still
+    // writes exactly the right tables.
+    let spec = repo.join(LOCAL_CLUSTER_PATH).join("jobs/midi-batch.yaml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("--name=midi-batch", "--name=midi-batch-chaos")).unwrap();
+    git(repo, &["commit", "-qam", "midi-batch: a run to lose an executor in"]);
+    let victim = cluster::eventually("run 4's executors at work", || async {
+        let listed = scale.list(&ListParams::default().labels("spark-role=executor")).await.unwrap();
+        listed.items.into_iter().find(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+    })
+    .await;
+    let from = Instant::now();
+    scale.delete(victim.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+    let run = wait_for_run(&jobs, &scale, "midi-batch-4").await;
+    assert!(run.succeeded, "run 4 failed: {:?}\n{}", run.executor_exits, driver_log(kubeconfig, "midi-batch-4"));
+    assert!(run.executors.len() >= 3, "a new executor took the lost one's place: {:?}", run.executors);
+    disruptions.push(Disruption {
+        what: "an executor pod deleted mid-run (to the run's end)",
+        requests: 0,
+        errors: 0,
+        recovered_after: from.elapsed(),
+    });
+    assert_tables(kubeconfig, truth);
+    let runs_now = runs(&jobs).await;
+    assert_eq!(runs_now, ["midi-batch-1", "midi-batch-2", "midi-batch-3", "midi-batch-4"], "no run twice");
+    load.stop().await;
+
+    println!("\nchaos under 100 requests/s to the viewer:");
+    for d in &disruptions {
+        println!(
+            "  {:<52} {:>6} requests {:>5} errors  recovered after {:.1} s",
+            d.what,
+            d.requests,
+            d.errors,
+            d.recovered_after.as_secs_f64()
+        );
+    }
+}
