@@ -198,9 +198,9 @@ impl Syncer {
         stages.since(Stage::Apply, started);
 
         // Everything else is dry-run before any of it is written.
-        let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let verdicts = self.dry_run(&rest, in_line, &mut stages).await?;
-        let planned = plan::entries(&rest, |i| exists(&verdicts[i]), &inventory);
+        let rest = || plan.cluster_scoped.iter().chain(&plan.namespaced);
+        let verdicts = self.dry_run(rest(), in_line, &mut stages).await?;
+        let planned = plan::entries(rest(), |i| exists(&verdicts[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let (mut cluster_scoped, mut namespaced) = verdicts.split_at(plan.cluster_scoped.len());
         let (mut applied_cluster_scoped, mut applied_namespaced) = (0, 0);
@@ -224,8 +224,7 @@ impl Syncer {
         }
 
         let started = Instant::now();
-        let all: Vec<Planned> = plan.objects().cloned().collect();
-        let mut owned = plan::entries(&all, |_| true, &inventory);
+        let mut owned = plan::entries(plan.objects(), |_| true, &inventory);
         if self.options.prune {
             for stage in &plan.prune {
                 changes.extend(self.applier.delete(stage).await.map_err(SyncError::Prune)?);
@@ -241,7 +240,7 @@ impl Syncer {
         if changes.changes.iter().any(|c| c.action != Action::Unchanged && changes_kinds(&c.id)) {
             self.kinds.invalidate();
         }
-        Ok(Synced { changes, objects: all, jobs, stages })
+        Ok(Synced { changes, objects: plan.into_objects(), jobs, stages })
     }
 
     /// Records the objects a stage will create as pending in the inventory.
@@ -362,15 +361,16 @@ impl Syncer {
     }
 
     /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does.
-    async fn dry_run(
+    async fn dry_run<'a>(
         &self,
-        objects: &[Planned],
+        objects: impl IntoIterator<Item = &'a Planned>,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
         stages: &mut StageTimes,
     ) -> Result<Vec<Option<Verdict>>, SyncError> {
         let started = Instant::now();
-        let vouched: Vec<bool> = objects.iter().map(in_line).collect();
-        let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
+        let objects: Vec<&Planned> = objects.into_iter().collect();
+        let vouched: Vec<bool> = objects.iter().map(|o| in_line(o)).collect();
+        let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| *o).collect();
         let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
         stages.since(Stage::DryRun, started);
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
@@ -380,7 +380,7 @@ impl Syncer {
 /// An empty revision prunes everything the agent owns: refused unless the repository
 /// says it means it ([`ALLOW_EMPTY_FILE`]).
 fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), SyncError> {
-    let owned = inventory.owned().len();
+    let owned = inventory.owned().count();
     if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
         return Err(SyncError::EmptyRevision(owned));
     }
