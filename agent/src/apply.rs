@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
+use sha2::Digest;
 
 use crate::object::ObjectId;
 use crate::write::{WriteError, Writer};
@@ -170,6 +171,43 @@ impl Preview {
     }
 }
 
+/// What a sync keeps of one object's dry run: the action applying it would be, and
+/// the live state's fingerprint and generation (for the drift and health watches),
+/// not the objects, so a cold sync of thousands holds no copy of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: Action,
+    pub fingerprint: Option<u64>,
+    pub generation: Option<i64>,
+}
+
+/// What a dry run is compared with: a digest of the live object's [`comparable`]
+/// state, with its fingerprint and generation.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    digest: [u8; 32],
+    fingerprint: u64,
+    generation: Option<i64>,
+}
+
+impl Live {
+    fn of(object: &DynamicObject) -> Live {
+        let value = comparable(object);
+        let digest = sha2::Sha256::digest(serde_json::to_vec(&value).unwrap_or_default()).into();
+        Live { digest, fingerprint: fingerprint_of(value), generation: object.metadata.generation }
+    }
+
+    /// The verdict on a dry run's `result` against this live state (`None`: there is none).
+    fn verdict(live: Option<Live>, result: &DynamicObject) -> Verdict {
+        let Some(live) = live else {
+            return Verdict { action: Action::Created, fingerprint: None, generation: None };
+        };
+        let digest: [u8; 32] = sha2::Sha256::digest(serde_json::to_vec(&comparable(result)).unwrap_or_default()).into();
+        let action = if digest == live.digest { Action::Unchanged } else { Action::Configured };
+        Verdict { action, fingerprint: Some(live.fingerprint), generation: live.generation }
+    }
+}
+
 /// An object as far as git is concerned: without what the API server changes on every
 /// write or dry run (resourceVersion, generation, the timestamps of field ownership),
 /// without its status (which no one applies from git), and without apiVersion and kind
@@ -198,8 +236,12 @@ pub fn comparable(object: &DynamicObject) -> serde_json::Value {
 /// one applies from git). Two states with the same fingerprint hold the same values
 /// and owners of everything git can set.
 pub fn fingerprint(object: &DynamicObject) -> u64 {
+    fingerprint_of(comparable(object))
+}
+
+/// [`fingerprint`] of an object's [`comparable`] value.
+fn fingerprint_of(mut value: serde_json::Value) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut value = comparable(object);
     if let Some(fields) = value.pointer_mut("/metadata/managedFields").and_then(|m| m.as_array_mut()) {
         fields.retain(|entry| entry.get("subresource").and_then(|s| s.as_str()) != Some("status"));
     }
@@ -239,17 +281,22 @@ impl Applier {
         if self.force { params.force() } else { params }
     }
 
-    /// Reads each object and dry-runs its apply. Fails with every rejection when any
-    /// object is rejected; nothing is written either way.
-    pub async fn dry_run(&self, objects: &[&Planned]) -> Result<Vec<Preview>, Vec<ApplyError>> {
-        split(self.previews(objects).await)
-    }
-
-    /// Each object's dry run on its own, for `diff`, which shows what it can.
-    pub async fn previews(&self, objects: &[&Planned]) -> Vec<Result<Preview, ApplyError>> {
-        let mut listed = self.list_live(objects).await;
+    /// Reads each object and dry-runs its apply; keeps only each [`Verdict`]. Fails
+    /// with every rejection when any object is rejected; nothing is written either way.
+    pub async fn dry_run(&self, objects: &[&Planned]) -> Result<Vec<Verdict>, Vec<ApplyError>> {
+        let mut listed = self.list_live(objects, |live| Live::of(&live)).await;
         // Built in a loop, not a closure: a closure here makes the future not Send
         // (rust-lang/rust#102211), and the sync loop runs on a multi-threaded runtime.
+        let mut requests = Vec::with_capacity(objects.len());
+        for object in objects {
+            requests.push(self.verdict_one(object, listed.remove(&object.id)));
+        }
+        split(concurrently(requests).await)
+    }
+
+    /// Each object's dry run on its own, with the objects, for `diff`, which shows what it can.
+    pub async fn previews(&self, objects: &[&Planned]) -> Vec<Result<Preview, ApplyError>> {
+        let mut listed = self.list_live(objects, |live| live).await;
         let mut requests = Vec::with_capacity(objects.len());
         for object in objects {
             requests.push(self.dry_run_one(object, listed.remove(&object.id)));
@@ -257,10 +304,15 @@ impl Applier {
         concurrently(requests).await
     }
 
-    /// The live state of the objects that come [`LIST_FROM`] or more of a kind to a
-    /// namespace, by one paged list per kind and namespace: `Ok(None)` for one that
-    /// does not exist. The others are left out, to be read one by one.
-    async fn list_live(&self, objects: &[&Planned]) -> HashMap<ObjectId, Result<Option<DynamicObject>, ApplyError>> {
+    /// What `keep` takes of the live state of the objects that come [`LIST_FROM`] or
+    /// more of a kind to a namespace, by one paged list per kind and namespace, page by
+    /// page: `Ok(None)` for one that does not exist. The others are left out, to be read
+    /// one by one.
+    async fn list_live<T>(
+        &self,
+        objects: &[&Planned],
+        keep: impl Fn(DynamicObject) -> T,
+    ) -> HashMap<ObjectId, Result<Option<T>, ApplyError>> {
         let mut groups: BTreeMap<(&str, &str, &str, Option<&str>), Vec<&Planned>> = BTreeMap::new();
         for &object in objects {
             let r = &object.resource;
@@ -270,7 +322,7 @@ impl Applier {
         }
         let mut live = HashMap::new();
         for members in groups.into_values().filter(|members| members.len() >= LIST_FROM) {
-            match self.list(members[0]).await {
+            match self.list(members[0], &keep).await {
                 Ok(mut listed) => {
                     live.extend(members.iter().map(|m| (m.id.clone(), Ok(listed.remove(&m.id.name)))));
                 }
@@ -285,14 +337,18 @@ impl Applier {
         live
     }
 
-    /// Every object of `like`'s kind in its namespace, by name.
-    async fn list(&self, like: &Planned) -> Result<HashMap<String, DynamicObject>, kube::Error> {
+    /// What `keep` takes of every object of `like`'s kind in its namespace, by name.
+    async fn list<T>(
+        &self,
+        like: &Planned,
+        keep: impl Fn(DynamicObject) -> T,
+    ) -> Result<HashMap<String, T>, kube::Error> {
         let api = self.api(like);
         let mut objects = HashMap::new();
         let mut params = ListParams::default().limit(500);
         loop {
             let page = api.list(&params).await?;
-            objects.extend(page.items.into_iter().filter_map(|o| Some((o.metadata.name.clone()?, o))));
+            objects.extend(page.items.into_iter().filter_map(|o| Some((o.metadata.name.clone()?, keep(o)))));
             match page.metadata.continue_.filter(|token| !token.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
                 None => return Ok(objects),
@@ -300,16 +356,16 @@ impl Applier {
         }
     }
 
-    /// Applies the objects whose preview differs from the live object. No preview: the
+    /// Applies the objects whose dry run differs from the live object. No verdict: the
     /// caller knows the object is in line, unchanged without a request.
     pub async fn apply(
         &self,
         objects: &[Planned],
-        previews: &[Option<Preview>],
+        verdicts: &[Option<Verdict>],
     ) -> Result<Vec<Change>, Vec<ApplyError>> {
         let mut requests = Vec::with_capacity(objects.len());
-        for (object, preview) in objects.iter().zip(previews) {
-            requests.push(self.apply_one(object, preview.as_ref()));
+        for (object, verdict) in objects.iter().zip(verdicts) {
+            requests.push(self.apply_one(object, *verdict));
         }
         all(requests).await
     }
@@ -324,6 +380,25 @@ impl Applier {
         }
         let deleted = all(requests).await?;
         Ok(deleted.into_iter().flatten().collect())
+    }
+
+    /// [`Self::dry_run_one`], keeping only the verdict.
+    async fn verdict_one(
+        &self,
+        object: &Planned,
+        listed: Option<Result<Option<Live>, ApplyError>>,
+    ) -> Result<Verdict, ApplyError> {
+        let api = self.api(object);
+        let name = &object.id.name;
+        let live = match listed {
+            Some(listed) => listed?,
+            None => api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?.as_ref().map(Live::of),
+        };
+        let result = api
+            .patch(name, &self.params().dry_run(), &Patch::Apply(&object.object))
+            .await
+            .map_err(|e| ApplyError::new(object, "dry-run apply", e))?;
+        Ok(Live::verdict(live, &result))
     }
 
     /// `listed`: the object's live state from [`Self::list_live`], if it was listed.
@@ -360,12 +435,14 @@ impl Applier {
         })
     }
 
-    async fn apply_one(&self, object: &Planned, preview: Option<&Preview>) -> Result<Change, ApplyError> {
-        let action = preview.map_or(Action::Unchanged, Preview::action);
-        let seen = |state: &DynamicObject| (Some(fingerprint(state)), state.metadata.generation);
-        let (fingerprint, generation) = match preview {
-            Some(_) if action != Action::Unchanged => seen(&self.write(object).await?),
-            Some(preview) => preview.live.as_ref().map_or((None, None), seen),
+    async fn apply_one(&self, object: &Planned, verdict: Option<Verdict>) -> Result<Change, ApplyError> {
+        let action = verdict.map_or(Action::Unchanged, |v| v.action);
+        let (fingerprint, generation) = match verdict {
+            Some(_) if action != Action::Unchanged => {
+                let stored = self.write(object).await?;
+                (Some(fingerprint(&stored)), stored.metadata.generation)
+            }
+            Some(verdict) => (verdict.fingerprint, verdict.generation),
             None => (None, None),
         };
         Ok(Change { id: object.id.clone(), action, origin: object.origin.clone(), fingerprint, generation })

@@ -79,11 +79,17 @@ pub struct Inventory {
 
 impl Inventory {
     /// Every object the agent may have written and still owns: `entries` and `pending`.
-    pub fn owned(&self) -> Entries {
-        let mut all = self.pending.clone();
+    /// Borrowed, not collected: a sync asked for it once per stage, and each time copied
+    /// every identity the agent owns.
+    pub fn owned(&self) -> impl Iterator<Item = (&ObjectId, Origin)> {
+        let pending = self.pending.iter().filter(|(id, _)| !self.entries.contains_key(*id));
+        self.entries.iter().chain(pending).map(|(id, origin)| (id, *origin))
+    }
+
+    /// How the agent came to own `id`, if it does.
+    pub fn origin(&self, id: &ObjectId) -> Option<Origin> {
         // Where both list an object, `entries` knows it longer, so its origin holds.
-        all.extend(self.entries.iter().map(|(id, origin)| (id.clone(), *origin)));
-        all
+        self.entries.get(id).or_else(|| self.pending.get(id)).copied()
     }
 }
 

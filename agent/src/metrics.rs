@@ -21,12 +21,16 @@ use prometheus::{
 use serde::Serialize;
 
 use crate::health::HealthStatus;
+use crate::stages::{Stage, StageTimes};
 
 /// Content type of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// A sync usually takes seconds; a large first apply against a slow API server can take minutes.
 const SYNC_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// A stage of a small commit takes milliseconds; of a cold sync, up to minutes.
+const STAGE_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0];
 
 /// Batch runs (Spark jobs and the like) take from seconds to several hours.
 const BATCH_RUN_BUCKETS: &[f64] =
@@ -72,6 +76,7 @@ pub struct Metrics {
     registry: Registry,
     sync_total: IntCounterVec,
     sync_duration: Histogram,
+    sync_stage_duration: HistogramVec,
     last_sync_success: Gauge,
     applied_revision: IntGaugeVec,
     /// The revision `applied_revision` holds a series for; the lock also keeps two
@@ -119,6 +124,17 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new("gitops_sync_duration_seconds", "Wall-clock time of a sync, successful or not.")
                         .buckets(SYNC_BUCKETS.to_vec()),
+                ),
+            ),
+            sync_stage_duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "gitops_sync_stage_seconds",
+                        "Wall-clock time of each stage of a successful sync that applied a new commit.",
+                    )
+                    .buckets(STAGE_BUCKETS.to_vec()),
+                    &["stage"],
                 ),
             ),
             last_sync_success: register(
@@ -241,6 +257,13 @@ impl Metrics {
     fn sync_finished(&self, result: SyncResult, duration: Duration) {
         self.sync_total.with_label_values(&[result.label()]).inc();
         self.sync_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Where a sync's time went, one observation per stage.
+    pub fn sync_stages(&self, stages: &StageTimes) {
+        for stage in Stage::ALL {
+            self.sync_stage_duration.with_label_values(&[stage.label()]).observe(stages.get(stage).as_secs_f64());
+        }
     }
 
     /// Fetching the git repository failed.

@@ -19,7 +19,8 @@ use tokio::sync::{Notify, watch};
 use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
 use crate::rollout::RolloutWatch;
-use crate::source::{self, GitSource};
+use crate::source::{self, GitSource, Worktree};
+use crate::stages::{Stage, StageTimes};
 use crate::status::{AppState, Outcome, UnhealthyObject};
 use crate::sync::{AppliedWave, Synced, Syncer, WaveGate};
 
@@ -57,6 +58,7 @@ pub async fn run(
     mut suspended: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let worktree = Arc::new(Worktree::open(config.work_dir.join("tree")));
     let config = Arc::new(config);
     let local_change = Arc::new(Notify::new());
     // Dropping the watcher stops it, so it lives as long as the loop.
@@ -74,7 +76,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
         tokio::select! {
-            outcome = reconcile(&config, &syncer, &drift, &rollout, &runs, &state, applied) => match outcome {
+            outcome = reconcile(&config, &worktree, &syncer, &drift, &rollout, &runs, &state, applied) => match outcome {
                 Ok(head) => {
                     applied = Some(head);
                     failures = 0;
@@ -111,8 +113,10 @@ pub async fn run(
 
 /// One look at the source. Returns the head now applied, or `Err` after recording
 /// the failure (the cluster stays at the last good revision).
+#[allow(clippy::too_many_arguments)]
 async fn reconcile(
     config: &Arc<Config>,
+    worktree: &Arc<Worktree>,
     syncer: &Syncer,
     drift: &DriftWatch,
     rollout: &RolloutWatch,
@@ -122,12 +126,12 @@ async fn reconcile(
 ) -> Result<Oid, ()> {
     let started = Instant::now();
     let fetched = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || fetch_and_checkout(&config, applied)
+        let (config, worktree) = (config.clone(), worktree.clone());
+        move || fetch_and_checkout(&config, &worktree, applied)
     })
     .await
     .expect("fetch does not panic");
-    let (head, tree) = match fetched {
+    let (head, tree, fetch_stages) = match fetched {
         Ok(Some(fetched)) => fetched,
         Ok(None) => {
             // The source answered and the cluster holds its head: that is a successful
@@ -150,14 +154,19 @@ async fn reconcile(
     let gate = HealthGate { drift, rollout, revision: &revision };
     let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned), Some(&gate)).await;
     crate::release_memory();
-    let _ = std::fs::remove_dir_all(&tree);
     match result {
-        Ok(Synced { changes, objects, jobs }) => {
-            tracing::info!(revision, %changes, duration_ms = started.elapsed().as_millis() as u64, "synced");
+        Ok(Synced { changes, objects, jobs, mut stages }) => {
+            stages.extend(&fetch_stages);
             rollout.track(&revision, &objects, &changes);
             drift.track(objects, &changes);
+            let summary = changes.to_string();
             let outcome = Outcome::Synced { revision: revision.clone(), changes: Some(changes) };
+            let recording = Instant::now();
             state.record(outcome, started.elapsed()).await;
+            stages.since(Stage::Status, recording);
+            state.metrics.sync_stages(&stages);
+            let duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(revision, changes = summary, duration_ms, %stages, "synced");
             runs.update(jobs, &revision).await;
             Ok(head)
         }
@@ -195,14 +204,22 @@ impl WaveGate for HealthGate<'_> {
     }
 }
 
-/// Asks the remote for the head; when it differs from `applied`, fetches and checks it
-/// out into a fresh directory. `None` when there is nothing new.
-fn fetch_and_checkout(config: &Config, applied: Option<Oid>) -> Result<Option<(Oid, PathBuf)>, source::SourceError> {
-    let head = config.source.remote_head()?;
-    if Some(head) == applied {
-        return Ok(None);
-    }
-    source::fetch_tree(&config.source, &config.work_dir).map(Some)
+/// Asks the remote for the head; when it differs from `applied`, fetches it and brings
+/// the working tree to it (writing only what changed). `None` when there is nothing new.
+fn fetch_and_checkout(
+    config: &Config,
+    worktree: &Worktree,
+    applied: Option<Oid>,
+) -> Result<Option<(Oid, PathBuf, StageTimes)>, source::SourceError> {
+    let mut stages = StageTimes::default();
+    let started = Instant::now();
+    let Some(head) = source::fetch_verified(&config.source, &config.work_dir, applied)? else { return Ok(None) };
+    stages.since(Stage::Fetch, started);
+    let started = Instant::now();
+    let update = worktree.update(&source::mirror_of(&config.work_dir), head)?;
+    tracing::debug!(?update, "checked out");
+    stages.since(Stage::Checkout, started);
+    Ok(Some((head, worktree.dir().to_owned(), stages)))
 }
 
 /// Watches a local repository's git directory (refs, packed-refs) and wakes the loop

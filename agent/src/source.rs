@@ -10,6 +10,7 @@
 
 mod known_hosts;
 mod signatures;
+mod worktree;
 
 use std::cell::Cell;
 use std::fmt;
@@ -22,6 +23,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use git2::cert::Cert;
 pub use signatures::{AllowedSigners, SignatureError};
+pub use worktree::{Update, Worktree};
 
 use git2::{
     AutotagOption, CertificateCheckStatus, Cred, CredentialType, Direction, ErrorCode, FetchOptions, Oid, Remote,
@@ -109,6 +111,15 @@ pub enum SourceError {
         action: &'static str,
         /// libgit2's error.
         source: git2::Error,
+    },
+
+    /// The commit's files could not be written where the render reads them.
+    #[error("working tree {path}: {message}")]
+    Worktree {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// What failed.
+        message: String,
     },
 
     /// `--verify-signatures` is on and the head is unsigned, or not signed by an
@@ -241,12 +252,22 @@ impl GitSource {
     /// repositories are fetched whole. A force-pushed branch is followed like any other
     /// move.
     pub fn fetch(&self, mirror: &Path) -> Result<Oid, SourceError> {
+        Ok(self.fetch_unless(mirror, None)?.expect("no head to skip"))
+    }
+
+    /// [`Self::fetch`], unless the branch's head is `applied`: then `None`, and nothing
+    /// is downloaded. One connection either way, where asking [`Self::remote_head`]
+    /// first and then fetching would make two.
+    pub fn fetch_unless(&self, mirror: &Path, applied: Option<Oid>) -> Result<Option<Oid>, SourceError> {
         let session = Session::open(self)?;
         let branch_ref = self.branch_ref();
         let repo = open_or_init_mirror(mirror)?;
         let mut remote = repo.remote_anonymous(&self.url).map_err(|error| session.error("reading the URL", error))?;
         let mut connection = session.connect(&mut remote)?;
         let head = session.branch_head(&connection)?;
+        if Some(head) == applied {
+            return Ok(None);
+        }
         // A depth-1 fetch would download the snapshot again even when it is here.
         if !repo.odb().is_ok_and(|odb| odb.exists(head)) {
             connection
@@ -260,7 +281,7 @@ impl GitSource {
             action: "updating the branch",
             source,
         })?;
-        Ok(head)
+        Ok(Some(head))
     }
 
     fn branch_ref(&self) -> String {
@@ -311,8 +332,24 @@ pub unsafe fn set_network_timeout(timeout: std::time::Duration) -> Result<(), gi
 /// tree the render stage reads. With [`GitSource::verify_signatures`], a head that is
 /// not signed by an allowed key is refused before it is checked out.
 pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf), SourceError> {
-    let mirror = work_dir.join("mirror");
-    let head = source.fetch(&mirror)?;
+    let head = fetch_verified(source, work_dir, None)?.expect("no head to skip");
+    let tree = work_dir.join(format!("tree-{head}"));
+    let _ = fs::remove_dir_all(&tree);
+    checkout(&mirror_of(work_dir), head, &tree)?;
+    Ok((head, tree))
+}
+
+/// The mirror [`fetch_verified`] keeps in `work_dir`.
+pub fn mirror_of(work_dir: &Path) -> PathBuf {
+    work_dir.join("mirror")
+}
+
+/// Fetches the branch into `work_dir/mirror` and returns its head, once verified when
+/// [`GitSource::verify_signatures`] is on: a head that is not signed by an allowed key
+/// is refused, so it is never checked out. `None` when the head is `applied`.
+pub fn fetch_verified(source: &GitSource, work_dir: &Path, applied: Option<Oid>) -> Result<Option<Oid>, SourceError> {
+    let mirror = mirror_of(work_dir);
+    let Some(head) = source.fetch_unless(&mirror, applied)? else { return Ok(None) };
     if let Some(signers) = &source.signers {
         let repo = Repository::open_bare(&mirror).map_err(|source| SourceError::Mirror {
             path: mirror.clone(),
@@ -322,10 +359,7 @@ pub fn fetch_tree(source: &GitSource, work_dir: &Path) -> Result<(Oid, PathBuf),
         let signer = signers.verify(&repo, head)?;
         tracing::info!(commit = %head, signer, "verified the head's signature");
     }
-    let tree = work_dir.join(format!("tree-{head}"));
-    let _ = fs::remove_dir_all(&tree);
-    checkout(&mirror, head, &tree)?;
-    Ok((head, tree))
+    Ok(Some(head))
 }
 
 /// Writes the files of `commit` from a mirror written by [`GitSource::fetch`] into
@@ -334,9 +368,7 @@ pub fn checkout(mirror: &Path, commit: Oid, dir: &Path) -> Result<(), SourceErro
     let mirror_error = |action| move |source| SourceError::Mirror { path: mirror.to_owned(), action, source };
     let repo = Repository::open_bare(mirror).map_err(mirror_error("opening"))?;
     let tree = repo.find_commit(commit).and_then(|commit| commit.tree()).map_err(mirror_error("reading the commit"))?;
-    let mut options = git2::build::CheckoutBuilder::new();
-    options.target_dir(dir).force().recreate_missing(true);
-    repo.checkout_tree(tree.as_object(), Some(&mut options)).map_err(mirror_error("checking out the commit"))
+    worktree::write_tree(&repo, &tree, dir).map_err(|e| e.at(dir))
 }
 
 /// `url` without its userinfo (`user:password@` or `token@`), fit for logs and

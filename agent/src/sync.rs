@@ -14,16 +14,19 @@
 //! applied and nothing is pruned.
 
 use std::path::Path;
+use std::time::Instant;
 
 use futures::future::BoxFuture;
-use kube::discovery::Discovery;
 
 use crate::access::Access;
-use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Preview};
+use crate::apply::{Action, Applier, ApplyError, ChangeSet, Planned, Verdict};
+use crate::discovery::Kinds;
+pub use crate::discovery::capabilities;
 use crate::inventory::{Inventory, InventoryError, Store};
 use crate::object::ObjectId;
 use crate::plan::{self, Plan};
-use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
+use crate::render::{self, JobSpec, Problem, RenderError, Renderer};
+use crate::stages::{Stage, StageTimes};
 use crate::status::UnhealthyObject;
 use crate::write::Writer;
 
@@ -104,7 +107,8 @@ pub struct Options {
 
 /// Applies revisions to one cluster.
 pub struct Syncer {
-    client: kube::Client,
+    /// The API server's kinds, between syncs.
+    kinds: Kinds,
     applier: Applier,
     store: Store,
     options: Options,
@@ -127,7 +131,7 @@ impl Syncer {
 
     fn with_store(writer: Writer, options: Options, store: Store) -> Syncer {
         Syncer {
-            client: writer.client().clone(),
+            kinds: Kinds::new(writer.client().clone()),
             applier: Applier::new(writer, crate::FIELD_MANAGER, options.force_conflicts),
             store,
             options,
@@ -169,7 +173,8 @@ impl Syncer {
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
         gate: Option<&dyn WaveGate>,
     ) -> Result<Synced, SyncError> {
-        let (plan, mut inventory, jobs) = self.plan(root).await?;
+        let mut stages = StageTimes::default();
+        let (plan, mut inventory, jobs) = self.plan(root, &mut stages).await?;
         refuse_empty(&plan, &inventory, root)?;
         let waves = plan.waves();
         if gate.is_none() && waves.len() > 1 {
@@ -177,33 +182,40 @@ impl Syncer {
         }
 
         let mut changes = ChangeSet::default();
-        let definitions = self.dry_run(&plan.definitions, in_line).await?;
+        let definitions = self.dry_run(&plan.definitions, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let started = Instant::now();
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
+        stages.since(Stage::Apply, started);
         // Roles before the bindings' dry runs, which look them up (see `plan`).
-        let roles = self.dry_run(&plan.roles, in_line).await?;
+        let roles = self.dry_run(&plan.roles, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let started = Instant::now();
         changes.extend(self.applier.apply(&plan.roles, &roles).await.map_err(SyncError::Apply)?);
+        stages.since(Stage::Apply, started);
 
         // Everything else is dry-run before any of it is written.
-        let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let previews = self.dry_run(&rest, in_line).await?;
-        let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
-        self.store.begin(&mut inventory, &planned).await?;
-        let (mut cluster_scoped, mut namespaced) = previews.split_at(plan.cluster_scoped.len());
+        let rest = || plan.cluster_scoped.iter().chain(&plan.namespaced);
+        let verdicts = self.dry_run(rest(), in_line, &mut stages).await?;
+        let planned = plan::entries(rest(), |i| exists(&verdicts[i]), &inventory);
+        self.begin(&mut inventory, &planned, &mut stages).await?;
+        let (mut cluster_scoped, mut namespaced) = verdicts.split_at(plan.cluster_scoped.len());
         let (mut applied_cluster_scoped, mut applied_namespaced) = (0, 0);
         for (i, wave) in waves.iter().enumerate() {
-            let (previews, rest) = cluster_scoped.split_at(wave.cluster_scoped.len());
+            let started = Instant::now();
+            let (verdicts, rest) = cluster_scoped.split_at(wave.cluster_scoped.len());
             cluster_scoped = rest;
-            changes.extend(self.applier.apply(wave.cluster_scoped, previews).await.map_err(SyncError::Apply)?);
-            let (previews, rest) = namespaced.split_at(wave.namespaced.len());
+            changes.extend(self.applier.apply(wave.cluster_scoped, verdicts).await.map_err(SyncError::Apply)?);
+            let (verdicts, rest) = namespaced.split_at(wave.namespaced.len());
             namespaced = rest;
-            changes.extend(self.applier.apply(wave.namespaced, previews).await.map_err(SyncError::Apply)?);
+            changes.extend(self.applier.apply(wave.namespaced, verdicts).await.map_err(SyncError::Apply)?);
+            stages.since(Stage::Apply, started);
             applied_cluster_scoped += wave.cluster_scoped.len();
             applied_namespaced += wave.namespaced.len();
+            // The wait for a wave's health is no stage: it is the workloads' time, not the agent's.
             let Some(gate) = gate.filter(|_| i + 1 < waves.len()) else { continue };
             let (applied, later) = plan.split_applied(applied_cluster_scoped, applied_namespaced);
             let wave = AppliedWave { number: wave.number, applied: &applied, later: &later, changes: &changes };
@@ -211,8 +223,8 @@ impl Syncer {
             gate.healthy(wave).await.map_err(|unhealthy| SyncError::Wave { wave: number, unhealthy })?;
         }
 
-        let all: Vec<Planned> = plan.objects().cloned().collect();
-        let mut owned = plan::entries(&all, |_| true, &inventory);
+        let started = Instant::now();
+        let mut owned = plan::entries(plan.objects(), |_| true, &inventory);
         if self.options.prune {
             for stage in &plan.prune {
                 changes.extend(self.applier.delete(stage).await.map_err(SyncError::Prune)?);
@@ -221,24 +233,62 @@ impl Syncer {
             // Kept while pruning is off, and still owned: a later revision may prune them.
             owned.extend(plan.prune.iter().flatten().map(|p| (p.id.clone(), crate::inventory::Origin::Created)));
         }
+        stages.since(Stage::Prune, started);
+        let started = Instant::now();
         self.store.commit(&mut inventory, revision, owned).await?;
-        Ok(Synced { changes, objects: all, jobs })
+        stages.since(Stage::Inventory, started);
+        if changes.changes.iter().any(|c| c.action != Action::Unchanged && changes_kinds(&c.id)) {
+            self.kinds.invalidate();
+        }
+        Ok(Synced { changes, objects: plan.into_objects(), jobs, stages })
+    }
+
+    /// Records the objects a stage will create as pending in the inventory.
+    async fn begin(
+        &self,
+        inventory: &mut Inventory,
+        planned: &crate::inventory::Entries,
+        stages: &mut StageTimes,
+    ) -> Result<(), SyncError> {
+        let started = Instant::now();
+        self.store.begin(inventory, planned).await?;
+        stages.since(Stage::Inventory, started);
+        Ok(())
     }
 
     /// Renders the tree and plans it against the cluster and the stored inventory.
-    async fn plan(&self, root: &Path) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
-        let discovery = Discovery::new(self.client.clone()).run_aggregated().await.map_err(SyncError::Discovery)?;
-        let version = self.client.apiserver_version().await.map_err(SyncError::Discovery)?;
-        let capabilities = capabilities(&discovery, version.git_version);
-        let rendered =
-            self.renderer.render(root, &self.options.dashboards_namespace, &capabilities).map_err(SyncError::Render)?;
-        let inventory = self.store.load().await?;
+    async fn plan(&self, root: &Path, stages: &mut StageTimes) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
+        let started = Instant::now();
+        let (mut known, mut fresh) = self.kinds.get().await.map_err(SyncError::Discovery)?;
+        stages.since(Stage::Plan, started);
         let options = &self.options;
-        let plan = plan::plan(rendered.manifests, &discovery, &options.default_namespace, &options.access, &inventory)
-            .map_err(SyncError::Render)?;
+        let (jobs, inventory, plan) = loop {
+            let started = Instant::now();
+            let rendered = self
+                .renderer
+                .render(root, &options.dashboards_namespace, &known.capabilities)
+                .map_err(SyncError::Render)?;
+            stages.since(Stage::Render, started);
+            let started = Instant::now();
+            let inventory = self.store.load().await?;
+            let (manifests, jobs) = (rendered.manifests, rendered.jobs);
+            let planned =
+                plan::plan(manifests, &known.discovery, &options.default_namespace, &options.access, &inventory);
+            stages.since(Stage::Plan, started);
+            match planned {
+                // A kind the cached discovery lacks may be one installed since: look again, once.
+                Err(errors) if !fresh && errors.iter().any(|e| matches!(e.problem, Problem::UnknownKind { .. })) => {
+                    let started = Instant::now();
+                    known = self.kinds.refresh().await.map_err(SyncError::Discovery)?;
+                    fresh = true;
+                    stages.since(Stage::Plan, started);
+                }
+                planned => break (jobs, inventory, planned.map_err(SyncError::Render)?),
+            }
+        };
+        let started = Instant::now();
         // Runs go where their spec says, so the spec is checked like an object.
-        let refused: Vec<RenderError> = rendered
-            .jobs
+        let refused: Vec<RenderError> = jobs
             .iter()
             .filter_map(|spec| {
                 let namespace = spec.template.namespace().unwrap_or(&options.default_namespace);
@@ -247,10 +297,11 @@ impl Syncer {
                 Some(RenderError { at: spec.template.location.clone(), problem: Problem::Refused { object, refusal } })
             })
             .collect();
+        stages.since(Stage::Plan, started);
         if !refused.is_empty() {
             return Err(SyncError::Render(refused));
         }
-        Ok((plan, inventory, rendered.jobs))
+        Ok((plan, inventory, jobs))
     }
 
     /// What [`Self::sync`] would change, without writing anything: every object that
@@ -258,7 +309,7 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, inventory, _) = self.plan(root).await?;
+        let (plan, inventory, _) = self.plan(root, &mut StageTimes::default()).await?;
         refuse_empty(&plan, &inventory, root)?;
         let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();
@@ -310,14 +361,18 @@ impl Syncer {
     }
 
     /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does.
-    async fn dry_run(
+    async fn dry_run<'a>(
         &self,
-        objects: &[Planned],
+        objects: impl IntoIterator<Item = &'a Planned>,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
-    ) -> Result<Vec<Option<Preview>>, SyncError> {
-        let vouched: Vec<bool> = objects.iter().map(in_line).collect();
-        let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
+        stages: &mut StageTimes,
+    ) -> Result<Vec<Option<Verdict>>, SyncError> {
+        let started = Instant::now();
+        let objects: Vec<&Planned> = objects.into_iter().collect();
+        let vouched: Vec<bool> = objects.iter().map(|o| in_line(o)).collect();
+        let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| *o).collect();
         let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
+        stages.since(Stage::DryRun, started);
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }
 }
@@ -325,31 +380,24 @@ impl Syncer {
 /// An empty revision prunes everything the agent owns: refused unless the repository
 /// says it means it ([`ALLOW_EMPTY_FILE`]).
 fn refuse_empty(plan: &Plan, inventory: &Inventory, root: &Path) -> Result<(), SyncError> {
-    let owned = inventory.owned().len();
+    let owned = inventory.owned().count();
     if plan.objects().next().is_none() && owned > 0 && !root.join(ALLOW_EMPTY_FILE).exists() {
         return Err(SyncError::EmptyRevision(owned));
     }
     Ok(())
 }
 
-/// What charts are told of the cluster: its version and every `GROUP/VERSION` and
-/// `GROUP/VERSION/Kind` it serves, as helm's own client would discover them.
-pub fn capabilities(discovery: &Discovery, kube_version: String) -> Capabilities {
-    let mut api_versions = std::collections::BTreeSet::new();
-    for group in discovery.groups() {
-        for version in group.versions() {
-            for (resource, _) in group.versioned_resources(version) {
-                api_versions.insert(resource.api_version.clone());
-                api_versions.insert(format!("{}/{}", resource.api_version, resource.kind));
-            }
-        }
-    }
-    Capabilities { kube_version: Some(kube_version), api_versions: api_versions.into_iter().collect() }
+/// Whether a change to this object changes the kinds the API server serves.
+fn changes_kinds(id: &ObjectId) -> bool {
+    matches!(
+        (id.group.as_str(), id.kind.as_str()),
+        ("apiextensions.k8s.io", "CustomResourceDefinition") | ("apiregistration.k8s.io", "APIService")
+    )
 }
 
 /// Whether an object exists: it does if it is in line (no preview).
-fn exists(preview: &Option<Preview>) -> bool {
-    preview.as_ref().is_none_or(|p| p.live.is_some())
+fn exists(verdict: &Option<Verdict>) -> bool {
+    verdict.is_none_or(|v| v.action != Action::Created)
 }
 
 /// What a sync did, the objects the revision holds now (what drift is measured
@@ -359,6 +407,8 @@ pub struct Synced {
     pub changes: ChangeSet,
     pub objects: Vec<Planned>,
     pub jobs: Vec<JobSpec>,
+    /// Where the sync's time went (fetch, checkout and status are the loop's).
+    pub stages: StageTimes,
 }
 
 /// One object `sync` would change.

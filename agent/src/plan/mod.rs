@@ -18,11 +18,12 @@
 //! Pruning runs the other way round: namespaced objects, then cluster-scoped ones,
 //! then Namespaces and CRDs last (deleting those first would cascade).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use kube::api::{ApiResource, DynamicObject};
+use kube::api::{ApiResource, DynamicObject, ObjectMeta, TypeMeta};
 use kube::core::GroupVersionKind;
 use kube::discovery::{Discovery, Scope};
+use serde_json::Value;
 
 use crate::access::Access;
 use crate::apply::Planned;
@@ -68,6 +69,15 @@ impl Plan {
         self.definitions.iter().chain(&self.roles).chain(&self.cluster_scoped).chain(&self.namespaced)
     }
 
+    /// [`Self::objects`], moved out rather than copied.
+    pub fn into_objects(self) -> Vec<Planned> {
+        let mut objects = self.definitions;
+        objects.extend(self.roles);
+        objects.extend(self.cluster_scoped);
+        objects.extend(self.namespaced);
+        objects
+    }
+
     /// The waves of stages 3 and 4, in ascending order (none if both are empty).
     pub fn waves(&self) -> Vec<Wave<'_>> {
         let wave = |p: &Planned| self.wave_of.get(&p.id).copied().unwrap_or_default();
@@ -104,8 +114,9 @@ impl Plan {
     /// order of the repository.
     fn sort_by_wave(&mut self) {
         let wave_of = &self.wave_of;
-        self.cluster_scoped.sort_by_key(|p| wave_of[&p.id]);
-        self.namespaced.sort_by_key(|p| wave_of[&p.id]);
+        // Cached: `sort_by_key` looks the key up at every comparison, a map lookup each.
+        self.cluster_scoped.sort_by_cached_key(|p| wave_of[&p.id]);
+        self.namespaced.sort_by_cached_key(|p| wave_of[&p.id]);
     }
 
     /// The CRDs among the definitions, which must be Established before stage 2.
@@ -140,15 +151,26 @@ fn is_crd(id: &ObjectId) -> bool {
     id.group == "apiextensions.k8s.io" && id.kind == "CustomResourceDefinition"
 }
 
-/// Kinds the API serves, plus those the revision's own CRDs are about to add.
-struct Kinds<'a> {
-    discovery: &'a Discovery,
-    from_revision: BTreeMap<(String, String, String), (ApiResource, bool)>,
+/// Kinds the API serves, plus those the revision's own CRDs are about to add, with
+/// whether each is namespaced. Indexed once per plan: `Discovery::resolve_gvk` copies
+/// every resource of the group version (and their subresources) on each call, and the
+/// plan looked up every object twice.
+struct Kinds {
+    by_gvk: HashMap<GroupVersionKind, (ApiResource, bool)>,
 }
 
-impl<'a> Kinds<'a> {
-    fn new(discovery: &'a Discovery, manifests: &[Manifest]) -> Kinds<'a> {
-        let mut from_revision = BTreeMap::new();
+impl Kinds {
+    fn new(discovery: &Discovery, manifests: &[Manifest]) -> Kinds {
+        let mut by_gvk = HashMap::new();
+        for group in discovery.groups() {
+            for version in group.versions() {
+                for (resource, caps) in group.versioned_resources(version) {
+                    let gvk = GroupVersionKind::gvk(&resource.group, &resource.version, &resource.kind);
+                    // As `resolve_gvk`: the first of a version's resources with the kind.
+                    by_gvk.entry(gvk).or_insert((resource, caps.scope == Scope::Namespaced));
+                }
+            }
+        }
         for m in manifests.iter().filter(|m| m.kind() == "CustomResourceDefinition") {
             let spec = &m.object["spec"];
             let (Some(group), Some(kind), Some(plural)) =
@@ -161,17 +183,15 @@ impl<'a> Kinds<'a> {
                 let Some(version) = version["name"].as_str() else { continue };
                 let gvk = GroupVersionKind::gvk(group, version, kind);
                 let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
-                from_revision.insert((group.to_owned(), version.to_owned(), kind.to_owned()), (resource, namespaced));
+                // What the API server serves wins over what the revision says of it.
+                by_gvk.entry(gvk).or_insert((resource, namespaced));
             }
         }
-        Kinds { discovery, from_revision }
+        Kinds { by_gvk }
     }
 
-    fn resolve(&self, gvk: &GroupVersionKind) -> Option<(ApiResource, bool)> {
-        if let Some((resource, caps)) = self.discovery.resolve_gvk(gvk) {
-            return Some((resource, caps.scope == Scope::Namespaced));
-        }
-        self.from_revision.get(&(gvk.group.clone(), gvk.version.clone(), gvk.kind.clone())).cloned()
+    fn resolve(&self, gvk: &GroupVersionKind) -> Option<&(ApiResource, bool)> {
+        self.by_gvk.get(gvk)
     }
 }
 
@@ -187,7 +207,7 @@ pub fn plan(
     let kinds = Kinds::new(discovery, &manifests);
     scope::resolve_scope(
         &mut manifests,
-        |gvk| kinds.resolve(gvk).map(|(_, namespaced)| namespaced),
+        |gvk| kinds.resolve(gvk).map(|(_, namespaced)| *namespaced),
         default_namespace,
         access,
     )?;
@@ -198,6 +218,7 @@ pub fn plan(
     for manifest in manifests {
         let gvk = manifest.gvk();
         let (resource, namespaced) = kinds.resolve(&gvk).expect("resolve_scope rejected unknown kinds");
+        let (resource, namespaced) = (resource.clone(), *namespaced);
         let at = manifest.location.clone();
         let planned = planned(manifest, resource);
         desired.insert(planned.id.clone());
@@ -229,12 +250,11 @@ pub fn plan(
 
     let mut prune: Vec<Planned> = inventory
         .owned()
-        .into_iter()
-        .filter(|(id, origin)| *origin == Origin::Created && !desired.contains(id))
+        .filter(|(id, origin)| *origin == Origin::Created && !desired.contains(*id))
         .filter_map(|(id, _)| {
             // A kind the API no longer serves took its objects with it.
             let (resource, _) = discovery.groups().find(|g| g.name() == id.group)?.recommended_kind(&id.kind)?;
-            Some(Planned { object: identity(&id, &resource), id, resource, origin: "inventory".to_owned() })
+            Some(Planned { object: identity(id, &resource), id: id.clone(), resource, origin: "inventory".to_owned() })
         })
         .collect();
     prune.sort_by_key(|p| (prune_order(&p.id), p.id.clone()));
@@ -273,8 +293,7 @@ fn prune_order(id: &ObjectId) -> u8 {
 /// The manifest as the agent applies it: labelled as managed by the agent.
 fn planned(manifest: Manifest, resource: ApiResource) -> Planned {
     let origin = manifest.location.to_string();
-    let mut object: DynamicObject =
-        serde_json::from_value(manifest.object).expect("render checked apiVersion, kind and metadata.name");
+    let mut object = dynamic_object(manifest.object);
     object.metadata.labels.get_or_insert_default().insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
     let id = ObjectId {
         group: resource.group.clone(),
@@ -283,6 +302,22 @@ fn planned(manifest: Manifest, resource: ApiResource) -> Planned {
         name: object.metadata.name.clone().unwrap_or_default(),
     };
     Planned { id, resource, object, origin }
+}
+
+/// The object as `serde_json::from_value` would give it, taken apart by hand: serde's
+/// flattened fields (`types`, `data`) buffer every field of the object first.
+fn dynamic_object(object: Value) -> DynamicObject {
+    let Value::Object(mut fields) = object else { unreachable!("render keeps only objects") };
+    let mut text = |field| match fields.remove(field) {
+        Some(Value::String(text)) => text,
+        _ => unreachable!("render checked apiVersion and kind"),
+    };
+    let types = TypeMeta { api_version: text("apiVersion"), kind: text("kind") };
+    let metadata: ObjectMeta = fields
+        .remove("metadata")
+        .map(|metadata| serde_json::from_value(metadata).expect("render checked metadata"))
+        .unwrap_or_default();
+    DynamicObject { types: Some(types), metadata, data: Value::Object(fields) }
 }
 
 /// Just enough of an object to name it in a request.
@@ -296,13 +331,16 @@ fn identity(id: &ObjectId, resource: &ApiResource) -> DynamicObject {
 
 /// What the inventory records for the planned objects once previews say which exist:
 /// those already owned keep their origin, new ones are Created or Adopted.
-pub fn entries(objects: &[Planned], exists: impl Fn(usize) -> bool, inventory: &Inventory) -> Entries {
-    let owned = inventory.owned();
+pub fn entries<'a>(
+    objects: impl IntoIterator<Item = &'a Planned>,
+    exists: impl Fn(usize) -> bool,
+    inventory: &Inventory,
+) -> Entries {
     objects
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, p)| {
-            let origin = owned.get(&p.id).copied().unwrap_or(if exists(i) { Origin::Adopted } else { Origin::Created });
+            let origin = inventory.origin(&p.id).unwrap_or(if exists(i) { Origin::Adopted } else { Origin::Created });
             (p.id.clone(), origin)
         })
         .collect()

@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex};
 
 use kube::core::{GroupVersionKind, ObjectMeta};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 pub use dashboards::{DASHBOARD_LABEL, FOLDER_ANNOTATION};
 pub use decode::{DecodeError, Segment, field_line};
@@ -269,14 +270,26 @@ pub struct RenderStats {
     pub cache_hits: u64,
 }
 
-/// Renders revisions, keeping the tools' output by the hash of its inputs.
+/// Renders revisions, keeping the tools' output by the hash of its inputs, and each
+/// plain file's objects by the digest of its text.
 #[derive(Debug)]
 pub struct Renderer {
     tools: Tools,
     /// Output by input hash: only the entries the last revision used are kept.
     cache: Mutex<HashMap<String, Arc<str>>>,
+    /// The last revision's files of `manifests/`, by path relative to the rendered directory.
+    files: Mutex<HashMap<PathBuf, DecodedFile>>,
     /// Shared with whoever asked for [`Renderer::stats_handle`].
     stats: Arc<Mutex<RenderStats>>,
+}
+
+/// A file of `manifests/` as last decoded, without errors: the SHA-256 of its text, and
+/// each object's line and compact JSON (smaller than the decoded values, and read back
+/// faster than the YAML is decoded).
+#[derive(Debug)]
+struct DecodedFile {
+    digest: [u8; 32],
+    objects: Vec<(usize, Box<str>)>,
 }
 
 /// Reads a [`Renderer`]'s stats from elsewhere (the agent, once its syncer runs in the loop).
@@ -291,7 +304,7 @@ impl StatsHandle {
 
 impl Renderer {
     pub fn new(tools: Tools) -> Renderer {
-        Renderer { tools, cache: Mutex::default(), stats: Arc::default() }
+        Renderer { tools, cache: Mutex::default(), files: Mutex::default(), stats: Arc::default() }
     }
 
     pub fn stats(&self) -> RenderStats {
@@ -313,15 +326,17 @@ impl Renderer {
         let mut findings = Findings { repo_root: Some(self.tools.repo_root(root)), ..Findings::default() };
         let mut used = HashSet::new();
         let kustomizations = self.kustomizations(root, &mut findings, &mut used);
+        let mut files = HashSet::new();
         if kustomize::kustomization_file(root).is_none() {
             for file in findings.files(root, "manifests", &["yaml", "yml", "json"]) {
                 if !kustomizations.iter().any(|dir| file.starts_with(dir)) {
-                    findings.objects(root, &file);
+                    self.file_objects(root, &file, &mut findings, &mut files);
                 }
             }
         }
         self.charts(root, capabilities, &mut findings, &mut used);
         self.cache.lock().expect("not poisoned").retain(|key, _| used.contains(key));
+        self.files.lock().expect("not poisoned").retain(|file, _| files.contains(file));
         findings.rest(root, dashboards_namespace)
     }
 
@@ -438,6 +453,38 @@ impl Renderer {
                 }
             }
         }
+    }
+
+    /// The objects of one file of `manifests/`: decoded again only when its text differs
+    /// from the last render's, so a commit decodes the files it changed and reuses the
+    /// objects of the rest. What decoding a file gives depends on its path and text
+    /// alone (the checks across files, such as duplicates, run on the whole revision
+    /// every time), so the reused objects are the ones decoding would give.
+    fn file_objects(&self, root: &Path, file: &Path, findings: &mut Findings, used: &mut HashSet<PathBuf>) {
+        let Some(text) = findings.read(root, file) else { return };
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        used.insert(file.to_owned());
+        if let Some(decoded) = self.files.lock().expect("not poisoned").get(file).filter(|d| d.digest == digest) {
+            for (line, json) in &decoded.objects {
+                let object = serde_json::from_str(json).expect("JSON that serde_json wrote");
+                let location = Location { file: file.to_owned(), line: *line };
+                findings.manifests.push(Manifest { object, location, default_namespace: None });
+            }
+            return;
+        }
+        let (manifests, errors) = (findings.manifests.len(), findings.errors.len());
+        findings.text_objects(file, &text);
+        let mut files = self.files.lock().expect("not poisoned");
+        if findings.errors.len() > errors {
+            // A broken file is decoded again each time, so its errors are always the file's own.
+            files.remove(file);
+            return;
+        }
+        let objects = findings.manifests[manifests..]
+            .iter()
+            .map(|m| (m.location.line, serde_json::to_string(&m.object).expect("JSON values serialize").into()))
+            .collect();
+        files.insert(file.to_owned(), DecodedFile { digest, objects });
     }
 
     /// The output cached under `key`, else what `render` makes of it (kept on success).

@@ -62,7 +62,8 @@ struct Args {
     readme: Option<PathBuf>,
     sizes: Vec<usize>,
     noop_size: usize,
-    push_objects: usize,
+    /// The repository sizes push → applied runs at.
+    push_objects: Vec<usize>,
     commits: usize,
     edits: usize,
     phases: Vec<String>,
@@ -75,8 +76,11 @@ struct Args {
     /// files; `-v=6` shows the gap): 10,000 objects would take it over 20 minutes, so by
     /// default it runs up to this size only.
     kubectl_max: usize,
-    /// Measure this `gitops-agent` instead of building one (another commit's, to compare).
+    /// The `gitops-agent` binary to measure, instead of building this tree's.
     agent: Option<PathBuf>,
+    /// Another `gitops-agent` binary (an earlier build) run side by side with it in the
+    /// push phase, on the same control plane and repository, for before/after ratios.
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -85,7 +89,7 @@ fn parse_args() -> Result<Args> {
         readme: None,
         sizes: vec![1_000, 5_000, 10_000],
         noop_size: 5_000,
-        push_objects: 1_000,
+        push_objects: vec![1_000],
         commits: 50,
         edits: 50,
         phases: vec!["cold".into(), "push".into()],
@@ -94,6 +98,7 @@ fn parse_args() -> Result<Args> {
         kubectl_max: 1_000,
         render: false,
         agent: None,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -104,20 +109,22 @@ fn parse_args() -> Result<Args> {
             "--readme" => args.readme = Some(value()?.into()),
             "--sizes" => args.sizes = list(value()?)?,
             "--noop-size" => args.noop_size = value()?.parse()?,
-            "--push-objects" => args.push_objects = value()?.parse()?,
+            "--push-objects" => args.push_objects = list(value()?)?,
             "--commits" => args.commits = value()?.parse()?,
             "--edits" => args.edits = value()?.parse()?,
             "--phases" => args.phases = value()?.split(',').map(str::to_owned).collect(),
             "--keep-state" => args.keep_state = true,
             "--render" => args.render = true,
             "--kubectl-max-objects" => args.kubectl_max = value()?.parse()?,
-            "--agent" => args.agent = Some(value()?.into()),
             "--triggers" => args.triggers = value()?.split(',').map(str::to_owned).collect(),
+            "--agent" => args.agent = Some(value()?.into()),
+            "--baseline-agent" => args.baseline = Some(value()?.into()),
             "-h" | "--help" => {
                 println!(
                     "gitops-bench [--out PREFIX] [--readme README.md] [--sizes 1000,5000,10000] \
-                     [--noop-size 5000] [--push-objects 1000] [--commits 50] [--edits 50] [--phases cold,push] \
-                     [--triggers webhook,notify,poll] [--kubectl-max-objects 1000] [--agent PATH] [--keep-state] [--render]"
+                     [--noop-size 5000] [--push-objects 1000,10000] [--commits 50] [--edits 50] [--phases cold,push] \
+                     [--triggers webhook,notify,poll] [--kubectl-max-objects 1000] [--agent BIN] \
+                     [--baseline-agent BIN] [--keep-state] [--render]"
                 );
                 std::process::exit(0);
             }
@@ -144,8 +151,8 @@ async fn main() -> Result<()> {
         println!("{}", results.markdown());
         return Ok(());
     }
-    let agent = match args.agent.clone() {
-        Some(agent) => agent,
+    let agent = match &args.agent {
+        Some(agent) => agent.clone(),
         None => {
             eprintln!("building gitops-agent (release)");
             probe::agent_binary()?
@@ -239,6 +246,7 @@ impl Bench {
         let requests_before = Requests::scrape(&client).await?;
         let cpu_before = agent.cpu()?;
         let sync_seconds_before = agent.metric("gitops_sync_duration_seconds_sum").await?;
+        let stages_before = agent.stage_seconds().await?;
         let revision = repo.push();
         let t0 = Instant::now();
         agent.webhook().await?;
@@ -247,6 +255,7 @@ impl Bench {
         let agent_cpu = agent.cpu()? - cpu_before;
         let agent_sync = agent.metric("gitops_sync_duration_seconds_sum").await? - sync_seconds_before;
         let agent_requests = Requests::scrape(&client).await?.since(&requests_before);
+        let stages_ms = agent.stage_seconds().await?.mean_ms_since(&stages_before);
         check_applied(&client, workload, "agent", n).await?;
 
         // Memory: the peak is the sync's; steady is after the drift watchers' first list.
@@ -295,14 +304,23 @@ impl Bench {
             agent_cpu_seconds: agent_cpu.as_secs_f64(),
             kubectl_seconds: kubectl.map(|d| d.as_secs_f64()),
             agent_requests: agent_requests.only(&workload_resources(workload)).by_verb(),
+            stages_ms,
         };
         Ok(((cold, plane.kubernetes_version().to_owned()), memory, resync))
     }
 
-    /// Items 3, 4 and 5: one 1,000-object repository, one control plane.
+    /// Items 3, 4 and 5: one repository of each `--push-objects` size, one control plane
+    /// each; the baseline agent (`--baseline-agent`), if any, runs before this one on
+    /// the same repository, so their figures compare within the hour.
     async fn push_and_drift(&self, results: &mut Results) -> Result<()> {
-        let n = self.args.push_objects;
-        let plane = self.control_plane("push").await?;
+        for &n in &self.args.push_objects {
+            self.push_at(n, results).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_at(&self, n: usize, results: &mut Results) -> Result<()> {
+        let plane = self.control_plane(&format!("push-{n}")).await?;
         let client = plane.client().await?;
         let ns = "push";
         create_namespace(&client, ns).await?;
@@ -316,6 +334,8 @@ impl Bench {
             cm.data["data"]["version"].as_str().unwrap_or_default().to_owned()
         });
         results.kubernetes_version = plane.kubernetes_version().to_owned();
+        let agents: Vec<(&str, &PathBuf)> =
+            self.args.baseline.iter().map(|b| ("baseline", b)).chain([("agent", &self.agent)]).collect();
         for mode in [Trigger::Webhook, Trigger::Notify, Trigger::Poll] {
             if !self.args.triggers.iter().any(|t| t.eq_ignore_ascii_case(&format!("{mode:?}"))) {
                 continue;
@@ -326,49 +346,60 @@ impl Bench {
                 Trigger::Notify => (repo.path().display().to_string(), "1h"),
                 Trigger::Poll => (daemon.url(repo.name()), "1s"),
             };
-            eprintln!("[push] {mode:?}");
-            let agent = AgentProcess::start(
-                &self.agent,
-                plane.kubeconfig(),
-                AgentArgs { repo: &url, namespace: ns, interval },
-                plane.state_dir(),
-                &format!("gitops-agent-{mode:?}").to_lowercase(),
-            )
-            .await?;
-            agent.wait_applied(&head, APPLY_TIMEOUT).await?;
-            tokio::time::sleep(SETTLE).await;
-            let mut latencies = Vec::new();
-            for k in 0..self.args.commits {
-                let i = (k * 37 + mode as usize * 11) % n;
-                let version = format!("{mode:?}-{k}");
-                let name = workload::config_map_name(i);
-                repo.write(&Workload::ConfigMaps.file_name(i), &workload::to_yaml(&workload::config_map(i, &version)));
-                repo.commit_unpushed(&format!("{name} → {version}"));
-                let t0 = Instant::now();
-                head = repo.push();
-                if mode == Trigger::Webhook {
-                    agent.webhook().await?;
+            for (label, binary) in &agents {
+                eprintln!("[push {n}] {mode:?}, {label}");
+                let agent = AgentProcess::start(
+                    binary,
+                    plane.kubeconfig(),
+                    AgentArgs { repo: &url, namespace: ns, interval },
+                    plane.state_dir(),
+                    &format!("gitops-agent-{label}-{mode:?}").to_lowercase(),
+                )
+                .await?;
+                agent.wait_applied(&head, APPLY_TIMEOUT).await?;
+                tokio::time::sleep(SETTLE).await;
+                let stages_before = agent.stage_seconds().await?;
+                let mut latencies = Vec::new();
+                for k in 0..self.args.commits {
+                    let i = (k * 37 + mode as usize * 11) % n;
+                    let version = format!("{label}-{mode:?}-{k}");
+                    let name = workload::config_map_name(i);
+                    repo.write(
+                        &Workload::ConfigMaps.file_name(i),
+                        &workload::to_yaml(&workload::config_map(i, &version)),
+                    );
+                    repo.commit_unpushed(&format!("{name} → {version}"));
+                    let t0 = Instant::now();
+                    head = repo.push();
+                    if mode == Trigger::Webhook {
+                        agent.webhook().await?;
+                    }
+                    let at = seen.wait_for(&name, &version, EVENT_TIMEOUT).await?;
+                    latencies.push(at - t0);
+                    // The next push finds the agent idle, as after any single push.
+                    agent.wait_applied(&head, EVENT_TIMEOUT).await?;
                 }
-                let at = seen.wait_for(&name, &version, EVENT_TIMEOUT).await?;
-                latencies.push(at - t0);
-                // The next push finds the agent idle, as after any single push.
-                agent.wait_applied(&head, EVENT_TIMEOUT).await?;
+                let stages_ms = agent.stage_seconds().await?.mean_ms_since(&stages_before);
+                let stats = Stats::of(&latencies);
+                eprintln!("[push {n}] {mode:?}, {label}: {stats:?}, stages {stages_ms:?}");
+                results.push_to_applied.push(PushLatency {
+                    trigger: mode,
+                    objects: n,
+                    commits: latencies.len(),
+                    latency: stats,
+                    agent: label.to_string(),
+                    stages_ms,
+                });
+                // The batch trigger and drift are measured once, with the agent under test.
+                let last = *label == "agent" && Some(&n) == self.args.push_objects.first();
+                if last && mode == Trigger::Webhook {
+                    results.batch_trigger = Some(self.batch_trigger(&client, &agent, &repo, &mut head, ns, n).await?);
+                }
+                if last && mode == Trigger::Notify {
+                    results.drift = Some(self.drift(&client, &agent, ns, n).await?);
+                }
+                results.write(&self.args)?;
             }
-            let stats = Stats::of(&latencies);
-            eprintln!("[push] {mode:?}: {stats:?}");
-            results.push_to_applied.push(PushLatency {
-                trigger: mode,
-                objects: n,
-                commits: latencies.len(),
-                latency: stats,
-            });
-            if mode == Trigger::Webhook {
-                results.batch_trigger = Some(self.batch_trigger(&client, &agent, &repo, &mut head, ns, n).await?);
-            }
-            if mode == Trigger::Notify {
-                results.drift = Some(self.drift(&client, &agent, ns, n).await?);
-            }
-            results.write(&self.args)?;
         }
         Ok(())
     }

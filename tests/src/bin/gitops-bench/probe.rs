@@ -2,6 +2,7 @@
 //! endpoints, `/proc/PID/status` and `/proc/PID/stat`); the API server's request
 //! counters are [`gitops_tests::requests`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,6 +118,26 @@ impl AgentProcess {
         }
     }
 
+    /// `gitops_sync_stage_seconds` as it stands: each stage's sum and count.
+    pub async fn stage_seconds(&self) -> Result<StageSeconds> {
+        let metrics = self.get("/metrics").await?;
+        let mut stages = StageSeconds::default();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("gitops_sync_stage_seconds_") else { continue };
+            let Some((series, value)) = rest.rsplit_once(' ') else { continue };
+            let Some((which, labels)) = series.split_once("{stage=\"") else { continue };
+            let stage = labels.trim_end_matches("\"}").to_owned();
+            let value: f64 = value.parse().unwrap_or(0.0);
+            let entry = stages.0.entry(stage).or_default();
+            match which {
+                "sum" => entry.0 = value,
+                "count" => entry.1 = value,
+                _ => {}
+            }
+        }
+        Ok(stages)
+    }
+
     /// (VmRSS, VmHWM) in bytes.
     pub fn memory(&self) -> Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
@@ -144,6 +165,25 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.process.stop();
+    }
+}
+
+/// Each stage's (seconds in all, syncs) from `gitops_sync_stage_seconds`; none for an
+/// agent that has no such metric (a build from before it).
+#[derive(Debug, Default)]
+pub struct StageSeconds(BTreeMap<String, (f64, f64)>);
+
+impl StageSeconds {
+    /// Each stage's mean milliseconds per sync since `before`.
+    pub fn mean_ms_since(&self, before: &StageSeconds) -> BTreeMap<String, f64> {
+        self.0
+            .iter()
+            .filter_map(|(stage, (sum, count))| {
+                let (sum_before, count_before) = before.0.get(stage).copied().unwrap_or_default();
+                let syncs = count - count_before;
+                (syncs > 0.0).then(|| (stage.clone(), (sum - sum_before) * 1000.0 / syncs))
+            })
+            .collect()
     }
 }
 

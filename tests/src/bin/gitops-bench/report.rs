@@ -1,5 +1,5 @@
 //! The benchmark's results: JSON for machines, a Markdown table for README, and the
-//! targets of issue 9 checked as ratios.
+//! targets of issues 9 and 18 checked as ratios.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,6 +56,9 @@ pub struct ColdSync {
     pub kubectl_seconds: Option<f64>,
     /// The agent's requests for the workload's resources during the sync.
     pub agent_requests: BTreeMap<String, u64>,
+    /// `gitops_sync_stage_seconds` of that sync, by stage (ms).
+    #[serde(default)]
+    pub stages_ms: BTreeMap<String, f64>,
 }
 
 impl ColdSync {
@@ -119,7 +122,21 @@ pub struct PushLatency {
     pub objects: usize,
     pub commits: usize,
     pub latency: Stats,
+    /// `agent` (the one under test) or `baseline` (`--baseline-agent`).
+    #[serde(default = "agent_label")]
+    pub agent: String,
+    /// Mean milliseconds per commit in each stage (`gitops_sync_stage_seconds`); empty
+    /// for a baseline built before that metric.
+    #[serde(default)]
+    pub stages_ms: BTreeMap<String, f64>,
 }
+
+fn agent_label() -> String {
+    "agent".to_owned()
+}
+
+/// The stages of `gitops_sync_stage_seconds`, in the order a sync runs them.
+const STAGES: [&str; 9] = ["fetch", "checkout", "render", "plan", "dry_run", "apply", "prune", "inventory", "status"];
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Drift {
@@ -229,11 +246,23 @@ impl Results {
                 met: r.lists == 0,
             });
         }
-        for p in self.push_to_applied.iter().filter(|p| p.trigger != Trigger::Poll) {
+        let pushes = || self.push_to_applied.iter().filter(|p| p.trigger != Trigger::Poll && p.agent == "agent");
+        for p in pushes() {
+            let limit = if p.objects >= 50_000 { 1000.0 } else { 500.0 };
             targets.push(Target {
-                target: format!("push → applied p99 < 1 s, {:?}", p.trigger).to_lowercase(),
+                target: format!("push → applied p99 < {limit:.0} ms at {}, {:?}", p.objects, p.trigger).to_lowercase(),
                 measured: format!("{:.0} ms", p.latency.p99_ms),
-                met: p.latency.p99_ms < 1000.0,
+                met: p.latency.p99_ms < limit,
+            });
+        }
+        for large in pushes().filter(|p| p.objects == 10_000) {
+            let Some(small) = pushes().find(|p| p.objects == 1_000 && p.trigger == large.trigger) else { continue };
+            let ratio = large.latency.p50_ms / small.latency.p50_ms;
+            targets.push(Target {
+                target: format!("push → applied p50 at 10,000 within 1.2× of 1,000, {:?}", large.trigger)
+                    .to_lowercase(),
+                measured: format!("{ratio:.2}×"),
+                met: ratio <= 1.2,
             });
         }
         if let Some(d) = &self.drift {
@@ -244,6 +273,11 @@ impl Results {
             });
         }
         for m in self.memory.iter().filter(|m| m.objects == 10_000) {
+            targets.push(Target {
+                target: format!("peak RSS < 128 MiB at 10,000 {}", m.workload.name()),
+                measured: format!("{:.1} MiB", m.peak_mib),
+                met: m.peak_mib < 128.0,
+            });
             targets.push(Target {
                 target: format!("steady RSS < 64 MiB at 10,000 {}", m.workload.name()),
                 measured: format!("{:.1} MiB", m.steady_mib),
@@ -328,6 +362,13 @@ impl Results {
                     c.agent_cpu_seconds,
                 ));
             }
+            let measured: Vec<&ColdSync> = self.cold_sync.iter().filter(|c| !c.stages_ms.is_empty()).collect();
+            if !measured.is_empty() {
+                out.push_str("\nWhere the cold sync's time goes in the agent (`gitops_sync_stage_seconds`, ms):\n\n");
+                out.push_str(&stage_table(
+                    measured.iter().map(|c| (format!("{} {}", c.objects, c.workload.name()), &c.stages_ms)),
+                ));
+            }
             if let Some(c) = self.cold_sync.iter().max_by_key(|c| (c.workload == Workload::ConfigMaps, c.objects)) {
                 out.push_str(&format!(
                     "\nThe agent's requests for {} {} (API server's counters): {}.\n",
@@ -356,20 +397,38 @@ impl Results {
         if !self.push_to_applied.is_empty() {
             out.push_str(
                 "**Push → applied**, one ConfigMap changed per commit, from the start of `git push` until a watch \
-                 sees the new value (ms; p99 of 50 is the largest):\n\n| trigger | objects | commits | p50 | p99 | mean |\n|---|---:|---:|---:|---:|---:|\n",
+                 sees the new value (ms; p99 of 50 is the largest). `baseline` is `--baseline-agent`, run just before the agent on the same \
+                 control plane and repository; ÷ baseline compares their p50:\n\n\
+                 | trigger | objects | agent | commits | p50 | p99 | mean | ÷ baseline |\n|---|---:|---|---:|---:|---:|---:|---:|\n",
             );
             for p in &self.push_to_applied {
+                let baseline = self.push_to_applied.iter().find(|b| {
+                    b.agent == "baseline" && p.agent != "baseline" && b.trigger == p.trigger && b.objects == p.objects
+                });
+                let ratio = baseline.map_or(String::new(), |b| format!("{:.2}×", p.latency.p50_ms / b.latency.p50_ms));
                 out.push_str(&format!(
-                    "| {} | {} | {} | {:.0} | {:.0} | {:.0} |\n",
+                    "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |\n",
                     p.trigger.label(),
                     p.objects,
+                    p.agent,
                     p.commits,
                     p.latency.p50_ms,
                     p.latency.p99_ms,
-                    p.latency.mean_ms
+                    p.latency.mean_ms,
+                    ratio
                 ));
             }
             out.push('\n');
+            let measured: Vec<&PushLatency> = self.push_to_applied.iter().filter(|p| !p.stages_ms.is_empty()).collect();
+            if !measured.is_empty() {
+                out.push_str(
+                    "Where a commit's time goes in the agent (`gitops_sync_stage_seconds`, mean ms per commit):\n\n",
+                );
+                out.push_str(&stage_table(
+                    measured.iter().map(|p| (format!("{} {} {:?}", p.objects, p.agent, p.trigger), &p.stages_ms)),
+                ));
+                out.push('\n');
+            }
         }
 
         if let Some(d) = &self.drift {
@@ -408,7 +467,7 @@ impl Results {
         }
 
         if !self.targets.is_empty() {
-            out.push_str("**Targets** (issue 9):\n\n| target | measured | met |\n|---|---:|---|\n");
+            out.push_str("**Targets** (issues 9 and 18):\n\n| target | measured | met |\n|---|---:|---|\n");
             for t in &self.targets {
                 out.push_str(&format!(
                     "| {} | {} | {} |\n",
@@ -420,6 +479,17 @@ impl Results {
         }
         out
     }
+}
+
+/// One row a run: each stage's milliseconds, and their sum.
+fn stage_table<'a>(rows: impl Iterator<Item = (String, &'a BTreeMap<String, f64>)>) -> String {
+    let mut out = format!("| run | {} | sum |\n|---|{}---:|\n", STAGES.join(" | "), "---:|".repeat(STAGES.len()));
+    for (run, stages) in rows {
+        let cells: Vec<String> = STAGES.iter().map(|s| format!("{:.1}", stages.get(*s).unwrap_or(&0.0))).collect();
+        let sum: f64 = stages.values().sum();
+        out.push_str(&format!("| {run} | {} | {sum:.1} |\n", cells.join(" | ")));
+    }
+    out
 }
 
 fn mark(met: bool) -> &'static str {
