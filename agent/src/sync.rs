@@ -25,6 +25,7 @@ use crate::object::ObjectId;
 use crate::plan::{self, Plan};
 use crate::render::{self, Capabilities, JobSpec, Problem, RenderError, Renderer};
 use crate::status::UnhealthyObject;
+use crate::validate;
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -177,20 +178,20 @@ impl Syncer {
         }
 
         let mut changes = ChangeSet::default();
-        let definitions = self.dry_run(&plan.definitions, in_line).await?;
+        let definitions = self.dry_run(root, &plan.definitions, in_line).await?;
         let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
         // Roles before the bindings' dry runs, which look them up (see `plan`).
-        let roles = self.dry_run(&plan.roles, in_line).await?;
+        let roles = self.dry_run(root, &plan.roles, in_line).await?;
         let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
         changes.extend(self.applier.apply(&plan.roles, &roles).await.map_err(SyncError::Apply)?);
 
         // Everything else is dry-run before any of it is written.
         let rest: Vec<Planned> = plan.cluster_scoped.iter().chain(&plan.namespaced).cloned().collect();
-        let previews = self.dry_run(&rest, in_line).await?;
+        let previews = self.dry_run(root, &rest, in_line).await?;
         let planned = plan::entries(&rest, |i| exists(&previews[i]), &inventory);
         self.store.begin(&mut inventory, &planned).await?;
         let (mut cluster_scoped, mut namespaced) = previews.split_at(plan.cluster_scoped.len());
@@ -286,7 +287,7 @@ impl Syncer {
             }
         }
         if !rejected.is_empty() {
-            return Err(SyncError::Rejected(rejected));
+            return Err(SyncError::Rejected(validate::place_rejections(root, &objects, rejected)));
         }
         if self.options.prune {
             for object in plan.prune.iter().flatten() {
@@ -309,15 +310,18 @@ impl Syncer {
         Ok(differences)
     }
 
-    /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does.
+    /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does. The
+    /// API server's rejections are placed at the line of the field they name.
     async fn dry_run(
         &self,
+        root: &Path,
         objects: &[Planned],
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
     ) -> Result<Vec<Option<Preview>>, SyncError> {
         let vouched: Vec<bool> = objects.iter().map(in_line).collect();
         let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| o).collect();
-        let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
+        let placed = |errors| SyncError::Rejected(validate::place_rejections(root, &checked, errors));
+        let mut previews = self.applier.dry_run(&checked).await.map_err(placed)?.into_iter();
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }
 }
