@@ -55,7 +55,7 @@ async fn a_sync_shows_its_revision_and_what_it_created_and_pruned_and_a_failure_
         "the second revision's event says what it did, not the first one's"
     );
 
-    // The second document of the file, at line 6, has no name.
+    // The second document of the file, from line 8, has no name.
     repo.write(
         "manifests/bad.yaml",
         &format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n", config_map("c")),
@@ -63,7 +63,7 @@ async fn a_sync_shows_its_revision_and_what_it_created_and_pruned_and_a_failure_
     let bad = repo.commit("a nameless ConfigMap");
     let failed = event_line(&ns, &["configmap/gitops-agent-status", "SyncFailed"]).await;
     assert!(failed.contains("Warning") && failed.contains(&format!("revision {bad} not applied")), "{failed}");
-    assert!(failed.contains("manifests/bad.yaml:6"), "names the file and line: {failed}");
+    assert!(failed.contains("manifests/bad.yaml:8:"), "names the file and line: {failed}");
     agent.stop().await;
 }
 
