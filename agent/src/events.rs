@@ -1,5 +1,4 @@
-//! Kubernetes Events for what the agent does, where `kubectl get events` and `kubectl
-//! describe` show them: each revision applied and each sync that failed on the status
+//! Kubernetes Events for what the agent does, where `kubectl get events` shows them: each revision applied and each sync that failed on the status
 //! ConfigMap, and on the objects themselves what a sync created, configured or pruned,
 //! each drift corrected and each batch run started.
 //!
@@ -148,9 +147,12 @@ async fn send(writer: Writer, mut queued: mpsc::Receiver<Queued>) {
 }
 
 /// A token bucket per object, as client-go's `EventSourceObjectSpamFilter`.
+/// An object's kind, namespace and name.
+type ObjectKey = (Option<String>, Option<String>, Option<String>);
+
 #[derive(Default)]
 struct SpamFilter {
-    buckets: HashMap<(Option<String>, Option<String>, Option<String>), (f64, Instant)>,
+    buckets: HashMap<ObjectKey, (f64, Instant)>,
 }
 
 impl SpamFilter {
