@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::access::Access;
 use crate::batch::BatchRuns;
 use crate::drift::{self, DriftWatch};
+use crate::events::Events;
 use crate::leader::{LeaderError, Leadership};
 use crate::reconcile::{self, Config};
 use crate::render;
@@ -53,7 +54,8 @@ pub struct Options {
     pub webhook_secret: Option<WebhookSecret>,
     /// Compete for the Lease; `None`: this is the only replica.
     pub leader_election: Option<LeaderElection>,
-    /// Write each reconcile's outcome into ConfigMap `gitops-agent-status`.
+    /// Write each reconcile's outcome into ConfigMap `gitops-agent-status`, and emit
+    /// Kubernetes Events ([`crate::events`]).
     pub status_report: bool,
     /// kustomize, helm and their settings; `path_in_repo` is taken from `path`.
     pub render: render::Tools,
@@ -114,7 +116,9 @@ impl Agent {
         let writer = Writer::new(client, leadership.lead());
         let state = AppState::new(&options.branch, options.webhook_secret);
         let state = Arc::new(match options.status_report {
-            true => state.with_report(StatusReport::new(writer.clone(), &namespace)),
+            true => state
+                .with_report(StatusReport::new(writer.clone(), &namespace))
+                .with_events(Events::start(writer.clone(), &namespace)),
             false => state,
         });
         let access = options.sync.access.clone();

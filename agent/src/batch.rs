@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::WatchStreamExt;
@@ -245,8 +246,9 @@ impl Shared {
                     let name = object.metadata.name.clone().expect("runs are named");
                     let params = PostParams { field_manager: Some(crate::FIELD_MANAGER.to_owned()), dry_run: false };
                     match self.writer.create(&api, &params, &object).await {
-                        Ok(_) => {
+                        Ok(run) => {
                             self.state.metrics.batch_run_triggered(job);
+                            self.state.events().run_started(run.object_ref(&resource), job, revision);
                             tracing::info!(job, run = name, revision, "started a batch run");
                         }
                         // Another replica made this run first: the one run of this change.

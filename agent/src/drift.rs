@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::Resource;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -487,6 +488,8 @@ impl Shared {
             match self.applier.correct(planned, live).await {
                 Ok(change) => {
                     self.state.metrics.drift_corrected(&id.kind);
+                    let object = live.unwrap_or(&planned.object).object_ref(&planned.resource);
+                    self.state.events().drift_corrected(object, &planned.origin, &finding.fields);
                     tracing::info!(object = %id, action = ?change.action, "drift corrected from git");
                     self.record_settled(id, change.fingerprint);
                     self.corrected(id);

@@ -12,6 +12,7 @@
 //! - [`health`] says how one live object is doing; [`rollout`] follows the applied revision's health;
 //! - [`jobs`] makes a batch run of each job spec that changed, and follows it;
 //! - [`report`] writes each sync's outcome into a ConfigMap, for `kubectl get` and gitops-bootstrap;
+//! - [`events`] emits Kubernetes Events for what the agent does, for `kubectl get events`;
 //! - [`status`] holds what the agent shows, recorded once per outcome; [`metrics`] and
 //!   [`server`] report it over HTTP;
 //! - [`access`] says what the agent may touch: the cluster, or some namespaces;
@@ -26,6 +27,7 @@ pub mod batch;
 pub mod control;
 pub mod discovery;
 pub mod drift;
+pub mod events;
 pub mod health;
 pub mod inventory;
 pub mod leader;

@@ -349,7 +349,7 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
     if !args.cluster {
         return Ok(ExitCode::SUCCESS);
     }
-    runtime()?.block_on(dry_run_on_cluster(dir, &rendered, args.apply, tools))
+    runtime()?.block_on(dry_run_on_cluster(dir, args.apply, tools))
 }
 
 /// A checked-out directory as an absolute path, and where it is in its repository: bases
@@ -364,12 +364,7 @@ fn in_repository(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
 }
 
 /// `validate --cluster`: the revision through `run`'s checks and dry run, writing nothing.
-async fn dry_run_on_cluster(
-    dir: &std::path::Path,
-    rendered: &render::Rendered,
-    apply: ApplyArgs,
-    tools: render::Tools,
-) -> Result<ExitCode> {
+async fn dry_run_on_cluster(dir: &std::path::Path, apply: ApplyArgs, tools: render::Tools) -> Result<ExitCode> {
     // A writer that never leads: nothing is written, whatever happens.
     let writer = Writer::new(cluster_client().await?, Leadership::never().lead());
     let syncer = sync::Syncer::new(writer, apply.options()).with_tools(tools);
@@ -380,7 +375,7 @@ async fn dry_run_on_cluster(
         }
         Err(sync::SyncError::Rejected(errors)) => {
             println!("the API server rejects the revision in a dry run:");
-            for e in validate::place_rejections(dir, rendered, &errors) {
+            for e in errors {
                 println!("{e}");
             }
             Ok(ExitCode::FAILURE)

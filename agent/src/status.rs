@@ -12,6 +12,7 @@ use serde::{Serialize, Serializer};
 use tokio::sync::Notify;
 
 use crate::apply::{Action, ApplyError, ChangeSet};
+use crate::events::Events;
 use crate::health::HealthStatus;
 use crate::metrics::{BatchOutcome, Metrics, SyncResult};
 use crate::render::RenderError;
@@ -32,6 +33,8 @@ pub struct AppState {
     status: Mutex<Status>,
     /// Where reconciles' outcomes are written in the cluster, if anywhere.
     report: Option<StatusReport>,
+    /// Kubernetes Events for what the agent does.
+    events: Events,
     /// A replica that stands by in the leader election is ready without a sync of its
     /// own: it serves /metrics and /status, and takes over when the leader goes.
     stands_by: AtomicBool,
@@ -116,7 +119,7 @@ impl Status {
 }
 
 /// `file:line` as its two parts; neither for an origin that is not one (`inventory`).
-fn file_and_line(origin: &str) -> (Option<String>, Option<usize>) {
+pub(crate) fn file_and_line(origin: &str) -> (Option<String>, Option<usize>) {
     match origin.rsplit_once(':') {
         Some((file, line)) if line.parse::<usize>().is_ok() => (Some(file.to_owned()), line.parse().ok()),
         _ => (None, None),
@@ -191,6 +194,7 @@ impl AppState {
             fetch_now: Notify::new(),
             status: Mutex::new(Status::default()),
             report: None,
+            events: Events::disabled(),
             stands_by: AtomicBool::new(false),
         }
     }
@@ -198,6 +202,15 @@ impl AppState {
     /// Also writes each outcome into the status ConfigMap.
     pub fn with_report(self, report: StatusReport) -> Self {
         Self { report: Some(report), ..self }
+    }
+
+    /// Also emits Kubernetes Events for outcomes, prunes, corrections and runs.
+    pub fn with_events(self, events: Events) -> Self {
+        Self { events, ..self }
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// Records how a reconcile that took `duration` ended, in the metrics, `/status`
@@ -238,6 +251,11 @@ impl AppState {
                 (SyncResult::Failure, shown, message)
             }
         };
+        match &outcome {
+            Outcome::Synced { revision, changes: Some(changes) } => self.events.synced(revision, changes),
+            Outcome::Synced { changes: None, .. } => {}
+            Outcome::Failed { revision, .. } => self.events.sync_failed(revision.as_deref(), &message),
+        }
         if let Some(report) = &self.report {
             report.report(&revision, result, &message).await;
         }

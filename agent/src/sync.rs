@@ -28,6 +28,7 @@ use crate::plan::{self, Plan};
 use crate::render::{self, JobSpec, Problem, RenderError, Renderer};
 use crate::stages::{Stage, StageTimes};
 use crate::status::UnhealthyObject;
+use crate::validate;
 use crate::write::Writer;
 
 /// A file at the root of `--path` that allows a revision with no objects to prune
@@ -182,7 +183,7 @@ impl Syncer {
         }
 
         let mut changes = ChangeSet::default();
-        let definitions = self.dry_run(&plan.definitions, in_line, &mut stages).await?;
+        let definitions = self.dry_run(root, &plan.definitions, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let started = Instant::now();
@@ -190,7 +191,7 @@ impl Syncer {
         self.applier.wait_established(&plan.crds()).await.map_err(SyncError::Apply)?;
         stages.since(Stage::Apply, started);
         // Roles before the bindings' dry runs, which look them up (see `plan`).
-        let roles = self.dry_run(&plan.roles, in_line, &mut stages).await?;
+        let roles = self.dry_run(root, &plan.roles, in_line, &mut stages).await?;
         let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let started = Instant::now();
@@ -199,7 +200,7 @@ impl Syncer {
 
         // Everything else is dry-run before any of it is written.
         let rest = || plan.cluster_scoped.iter().chain(&plan.namespaced);
-        let verdicts = self.dry_run(rest(), in_line, &mut stages).await?;
+        let verdicts = self.dry_run(root, rest(), in_line, &mut stages).await?;
         let planned = plan::entries(rest(), |i| exists(&verdicts[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let (mut cluster_scoped, mut namespaced) = verdicts.split_at(plan.cluster_scoped.len());
@@ -337,7 +338,7 @@ impl Syncer {
             }
         }
         if !rejected.is_empty() {
-            return Err(SyncError::Rejected(rejected));
+            return Err(SyncError::Rejected(validate::place_rejections(root, &objects, rejected)));
         }
         if self.options.prune {
             for object in plan.prune.iter().flatten() {
@@ -360,9 +361,11 @@ impl Syncer {
         Ok(differences)
     }
 
-    /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does.
+    /// Dry-runs the objects `in_line` does not vouch for; `None` for those it does. The
+    /// API server's rejections are placed at the line of the field they name.
     async fn dry_run<'a>(
         &self,
+        root: &Path,
         objects: impl IntoIterator<Item = &'a Planned>,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
         stages: &mut StageTimes,
@@ -371,7 +374,8 @@ impl Syncer {
         let objects: Vec<&Planned> = objects.into_iter().collect();
         let vouched: Vec<bool> = objects.iter().map(|o| in_line(o)).collect();
         let checked: Vec<&Planned> = objects.iter().zip(&vouched).filter(|(_, v)| !**v).map(|(o, _)| *o).collect();
-        let mut previews = self.applier.dry_run(&checked).await.map_err(SyncError::Rejected)?.into_iter();
+        let placed = |errors| SyncError::Rejected(validate::place_rejections(root, &checked, errors));
+        let mut previews = self.applier.dry_run(&checked).await.map_err(placed)?.into_iter();
         stages.since(Stage::DryRun, started);
         Ok(vouched.into_iter().map(|v| if v { None } else { previews.next() }).collect())
     }

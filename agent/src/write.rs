@@ -6,13 +6,15 @@
 //! Lease while its drift watch or a batch-run watcher was busy would otherwise go on
 //! writing its old revision over what the new leader applied: two writers, each undoing
 //! the other. Reads and dry runs change nothing and need no lead; [`crate::apply`] makes
-//! them itself. The one write made before leadership exists is the agent's own
+//! them itself. Events ([`crate::events`]) are writes too: a standby emits none. The one write made before leadership exists is the agent's own
 //! namespace, at start-up ([`crate::agent`]): the Lease lives in it.
 
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::Resource;
+use kube::runtime::events::{Event, Recorder, Reporter};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -46,6 +48,8 @@ pub struct Writer {
     lead: Lead,
     /// Shared by every clone: suspending one suspends all.
     suspended: Arc<watch::Sender<bool>>,
+    /// Shared by every clone too: its cache makes repeats a series.
+    recorder: Recorder,
 }
 
 impl std::fmt::Debug for Writer {
@@ -56,7 +60,9 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     pub fn new(client: kube::Client, lead: Lead) -> Writer {
-        Writer { client, lead, suspended: Arc::new(watch::Sender::new(false)) }
+        // The instance is the host name: in a pod, the pod's name.
+        let recorder = Recorder::new(client.clone(), Reporter::from(crate::FIELD_MANAGER));
+        Writer { client, lead, suspended: Arc::new(watch::Sender::new(false)), recorder }
     }
 
     /// A writer that is the only one by construction (gitops-bootstrap's installer, a
@@ -148,5 +154,12 @@ impl Writer {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Emits `event` about `regarding` (in its namespace; `default` for a cluster-scoped
+    /// object), or adds to the series of the same event emitted lately.
+    pub async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), WriteError> {
+        self.check()?;
+        Ok(self.recorder.publish(event, regarding).await?)
     }
 }

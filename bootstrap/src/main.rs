@@ -24,6 +24,14 @@ enum Provider {
     Eks,
 }
 
+/// The providers `status` and `prepare` serve: EKS keeps no state on this machine to
+/// report or prepare (`up --provider eks --dry-run` shows an EKS cluster's state).
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum LocalProvider {
+    /// A control plane on this machine's loopback, built from Go modules.
+    Local,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the cluster and install the agent, then return, leaving it running.
@@ -90,16 +98,18 @@ enum Cmd {
     },
     /// Say what runs.
     Status {
+        /// Only local: for EKS, `up --provider eks --dry-run` shows the cluster's state.
         #[arg(long, value_enum)]
-        provider: Provider,
+        provider: LocalProvider,
         /// The state directory `up` was given.
         #[arg(long)]
         state_dir: PathBuf,
     },
     /// Build (or find in the cache) the local cluster's binaries and base image, and exit.
     Prepare {
+        /// Only local: EKS needs nothing built here.
         #[arg(long, value_enum)]
-        provider: Provider,
+        provider: LocalProvider,
     },
     /// Print an ExecCredential with an EKS bearer token (kubectl's exec authentication).
     Token {
@@ -341,8 +351,8 @@ async fn main() -> Result<()> {
             println!("cluster {} is gone", options.cluster_name);
             Ok(())
         }
-        Cmd::Status { provider: Provider::Local, state_dir } => print_status(&state_dir).await,
-        Cmd::Prepare { provider: Provider::Local } => {
+        Cmd::Status { provider: LocalProvider::Local, state_dir } => print_status(&state_dir).await,
+        Cmd::Prepare { provider: LocalProvider::Local } => {
             let cache = local::build::cache_dir();
             let agent_binary = agent::find_agent_binary();
             let (binaries, tools, base, agent_image) = tokio::task::spawn_blocking(move || {
@@ -376,11 +386,6 @@ async fn main() -> Result<()> {
                 }
             }
             Ok(())
-        }
-        Cmd::Status { provider: Provider::Eks, .. } | Cmd::Prepare { provider: Provider::Eks } => {
-            bail!(
-                "`status` and `prepare` are for --provider local; `up --provider eks --dry-run` shows an EKS cluster's state"
-            )
         }
         Cmd::Token { cluster, aws } => {
             let token = eks::token::token(&cluster, &aws.options()).await.context("making an EKS token")?;

@@ -210,6 +210,18 @@ pub async fn value(cms: &Api<k8s_openapi::api::core::v1::ConfigMap>, name: &str)
     cms.get_opt(name).await.ok()??.data?.remove("value")
 }
 
+/// `kubectl ARGS` against the shared control plane, as a user runs it: its output.
+pub fn kubectl(args: &[&str]) -> String {
+    let output = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(shared().kubeconfig())
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(output.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Runs pod `name` of `spec` (its first container named after it, never restarted) in
 /// `namespace` to completion, and returns its phase and its log (`kubectl logs`).
 pub async fn run_to_completion(

@@ -204,17 +204,6 @@ async fn an_object_annotated_drift_ignore_is_left_alone() {
     assert_eq!(back.data.unwrap()["value"], "from git");
 }
 
-/// `kubectl` against the shared control plane.
-fn kubectl(args: &[&str]) {
-    let output = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster::shared().kubeconfig())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
 #[tokio::test]
 async fn kubectl_drift_fires_the_shipped_alert_and_a_commit_resolves_it() {
     let f = Fixture::start("drift-alert", Policy::Report).await;
@@ -229,8 +218,17 @@ async fn kubectl_drift_fires_the_shipped_alert_and_a_commit_resolves_it() {
     let prometheus = gitops_tests::prometheus::Prometheus::start(&[target], &[quick]).await;
     prometheus.wait_for_targets_up().await;
 
-    kubectl(&["-n", &f.ns, "patch", "configmap", "settings", "--type=merge", "-p", r#"{"data":{"value":"by hand"}}"#]);
-    kubectl(&["-n", &f.ns, "delete", "service", "web"]);
+    cluster::kubectl(&[
+        "-n",
+        &f.ns,
+        "patch",
+        "configmap",
+        "settings",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"value":"by hand"}}"#,
+    ]);
+    cluster::kubectl(&["-n", &f.ns, "delete", "service", "web"]);
     let firing = eventually("GitOpsDriftDetected to fire for the ConfigMap and the Service", || async {
         let alerts: Vec<String> = prometheus
             .alerts()

@@ -35,3 +35,25 @@ fn every_flag_of_both_binaries_has_a_help_line() {
     }
     assert!(missing.is_empty(), "flags without a help line:\n{}", missing.join("\n"));
 }
+
+/// `status` and `prepare` serve only the local provider: their help offers no other, and
+/// `--provider eks` is refused before anything runs, pointing at what shows an EKS
+/// cluster's state.
+#[test]
+fn status_and_prepare_offer_and_take_only_the_local_provider() {
+    let bootstrap = gitops_tests::agent::binary().with_file_name("gitops-bootstrap");
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "gitops-bootstrap"]).status().unwrap();
+    assert!(status.success(), "building gitops-bootstrap");
+    for command in ["status", "prepare"] {
+        let help = Command::new(&bootstrap).args([command, "-h"]).output().unwrap();
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        assert!(help.contains("[possible values: local]"), "{help}");
+    }
+    let refused =
+        Command::new(&bootstrap).args(["status", "--provider", "eks", "--state-dir", "/nonexistent"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("invalid value 'eks' for '--provider <PROVIDER>'"), "{stderr}");
+    let help = Command::new(&bootstrap).args(["status", "-h"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("up --provider eks --dry-run"), "says where EKS's state is");
+}

@@ -188,3 +188,32 @@ async fn validate_cluster_adds_the_api_servers_dry_run_at_the_line_of_the_field(
     );
     assert!(deployments.get_opt("web").await.unwrap().is_none(), "a dry run writes nothing");
 }
+
+/// `run`'s own dry-run gate places the API server's rejection as `validate --cluster`
+/// does: `/status` names the line of the field, not the start of the document.
+#[tokio::test]
+async fn run_reports_the_api_servers_rejection_at_the_line_of_the_field() {
+    use gitops_tests::agent::{Agent, AgentConfig};
+    let client = cluster::client().await;
+    let namespace = cluster::namespace(&client, "run-rejected").await;
+    let repo = gitops_tests::git::GitRepo::new();
+    repo.write(
+        "manifests/service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: Bogus\n  ports:\n  - port: 80\n",
+    );
+    let rejected = repo.commit("a Service of a type that does not exist");
+    let agent = Agent::start(client, AgentConfig::new(repo.file_url(), &namespace)).await;
+    let errors = cluster::eventually("the sync to fail", || async {
+        let status = agent.status().await;
+        let errors = status["errors"].as_array().filter(|errors| !errors.is_empty())?.clone();
+        Some(errors)
+    })
+    .await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["file"], "manifests/service.yaml", "{errors:?}");
+    assert_eq!(errors[0]["line"], 6, "the line of spec.type: {errors:?}");
+    assert_eq!(errors[0]["object"], format!("Service {namespace}/web"), "{errors:?}");
+    assert!(errors[0]["message"].as_str().unwrap().contains("spec.type"), "{errors:?}");
+    assert!(agent.status().await["revision"].is_null(), "{rejected} was not applied");
+    agent.stop().await;
+}

@@ -24,7 +24,7 @@ use std::path::Path;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use crate::apply::ApplyError;
+use crate::apply::{ApplyError, Planned};
 use crate::render::{Location, Manifest, Rendered, Segment};
 use schema::{Builtin, Type};
 
@@ -263,28 +263,25 @@ fn check_with(builtin: &Builtin, root: &Path, rendered: &Rendered) -> Report {
     report
 }
 
-/// The API server's rejections of `rendered`'s objects (a dry run's), each placed at
-/// the line of the field its message names, where it names one.
-pub fn place_rejections(root: &Path, rendered: &Rendered, errors: &[ApplyError]) -> Vec<ApplyError> {
+/// The API server's rejections of objects `sent` in a dry run, each placed at the line
+/// of the field its message names, where it names one: `run` and `validate --cluster`
+/// both report them so.
+pub fn place_rejections(root: &Path, sent: &[&Planned], errors: Vec<ApplyError>) -> Vec<ApplyError> {
     let mut texts = Texts::default();
-    let manifests: Vec<&Manifest> =
-        rendered.manifests.iter().chain(rendered.jobs.iter().map(|job| &job.template)).collect();
     errors
-        .iter()
+        .into_iter()
         .map(|error| {
-            let sent = manifests.iter().find(|m| {
-                m.location.to_string() == error.origin && m.name() == error.id.name && m.kind() == error.id.kind
+            let placed = sent.iter().find(|p| p.id == error.id && p.origin == error.origin).and_then(|planned| {
+                let (Some(file), Some(line)) = crate::status::file_and_line(&planned.origin) else { return None };
+                let at = Location { file: file.into(), line };
+                let object = serde_json::to_value(&planned.object).ok()?;
+                let path = rejection::field_in(&error.message, &object)?;
+                let line = texts.line(root, &at, &path)?;
+                Some(Location { line, ..at })
             });
-            let line = sent.and_then(|manifest| {
-                let path = rejection::field_in(&error.message, &manifest.object)?;
-                texts.line(root, &manifest.location, &path)
-            });
-            match (sent, line) {
-                (Some(manifest), Some(line)) => {
-                    let at = Location { file: manifest.location.file.clone(), line };
-                    ApplyError { origin: at.to_string(), ..error.clone() }
-                }
-                _ => error.clone(),
+            match placed {
+                Some(at) => ApplyError { origin: at.to_string(), ..error },
+                None => error,
             }
         })
         .collect()
