@@ -455,6 +455,22 @@ async fn settled(load: &Load, quiet: Duration) {
     .await;
 }
 
+/// Deletes PostgreSQL's pod, and returns its uid for [`postgres_back`].
+async fn delete_postgres(scale: &Api<Pod>) -> Option<String> {
+    let before = scale.get("postgres-0").await.unwrap().metadata.uid;
+    scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
+    before
+}
+
+/// Waits until PostgreSQL runs again in a new pod (not `before`), Ready.
+async fn postgres_back(scale: &Api<Pod>, before: &Option<String>) {
+    cluster::eventually("PostgreSQL back and Ready", || async {
+        let pod = scale.get_opt("postgres-0").await.unwrap()?;
+        (pod.metadata.uid != *before && cluster::is_ready(&pod)).then_some(())
+    })
+    .await;
+}
+
 async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Truth, viewer: &str, song: &str) {
     let scale: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let agents: Api<Pod> = Api::namespaced(client.clone(), install::AGENT_NAMESPACE);
@@ -482,13 +498,8 @@ async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Tru
 
     // PostgreSQL: the viewer cannot answer until it is back on its volume.
     let from = Instant::now();
-    let before = scale.get("postgres-0").await.unwrap().metadata.uid;
-    scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
-    cluster::eventually("PostgreSQL back and Ready", || async {
-        let pod = scale.get_opt("postgres-0").await.unwrap()?;
-        (pod.metadata.uid != before && cluster::is_ready(&pod)).then_some(())
-    })
-    .await;
+    let before = delete_postgres(&scale).await;
+    postgres_back(&scale, &before).await;
     settled(&load, quiet).await;
     disruptions.push(load.since("the PostgreSQL pod deleted", from));
     assert_tables(kubeconfig, truth);
@@ -546,14 +557,9 @@ async fn chaos(client: &kube::Client, kubeconfig: &str, repo: &Path, truth: &Tru
     })
     .await;
     let from = Instant::now();
-    let before = scale.get("postgres-0").await.unwrap().metadata.uid;
-    scale.delete("postgres-0", &DeleteParams::default()).await.unwrap();
+    let before = delete_postgres(&scale).await;
     let interrupted = wait_for_run(&jobs, &scale, "midi-batch-5").await;
-    cluster::eventually("PostgreSQL back and Ready", || async {
-        let pod = scale.get_opt("postgres-0").await.unwrap()?;
-        (pod.metadata.uid != before && cluster::is_ready(&pod)).then_some(())
-    })
-    .await;
+    postgres_back(&scale, &before).await;
     settled(&load, quiet).await;
     disruptions.push(load.since("the PostgreSQL pod deleted mid-run", from));
     println!(
