@@ -49,7 +49,7 @@ fn corpus(ns: &str) -> Vec<Case> {
                 "manifests/bad.yaml",
                 "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: three\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx}]\n".into(),
             )],
-            errors: vec![format!("manifests/bad.yaml:1: Deployment.apps {ns}/web: ")],
+            errors: vec![format!("manifests/bad.yaml:6: Deployment.apps {ns}/web: dry-run apply rejected: ")],
         },
         Case {
             name: "unknown kind",
