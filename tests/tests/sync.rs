@@ -165,7 +165,7 @@ async fn an_object_the_api_server_rejects_applies_nothing_and_prunes_nothing() {
     let error = f.sync().await.unwrap_err();
     assert!(matches!(error, SyncError::Rejected(_)), "{error}");
     let message = error.to_string();
-    assert!(message.contains("manifests/c.yaml:1: ConfigMap"), "{message}");
+    assert!(message.contains("manifests/c.yaml:6: ConfigMap"), "the line of the key the API server names: {message}");
     assert_eq!(f.live().await, pairs(&[("a", "1")]), "the cluster stays at the last good revision");
 }
 
