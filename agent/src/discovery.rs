@@ -17,7 +17,7 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Api;
 use kube::core::PartialObjectMeta;
 use kube::discovery::Discovery;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::render::Capabilities;
 
@@ -88,8 +88,10 @@ impl Kinds {
         let stale = self.stale.clone();
         *watch = Some(tokio::spawn(async move {
             let config = watcher::Config::default();
-            let crds = changes(watcher::watcher(crds, config.clone()));
-            let services = changes(watcher::watcher(services, config));
+            // Backoff between retries: without it a watch of an API server that is down
+            // retries at once, thousands of times a second.
+            let crds = changes(watcher::watcher(crds, config.clone()).default_backoff());
+            let services = changes(watcher::watcher(services, config).default_backoff());
             let mut changes = futures::stream::select(crds, services);
             while let Some(changed) = changes.next().await {
                 if changed {
