@@ -23,17 +23,13 @@ async fn event_line(namespace: &str, parts: &[&str]) -> String {
     .await
 }
 
-fn config_map(name: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"1\"\n")
-}
-
 #[tokio::test]
 async fn a_sync_shows_its_revision_and_what_it_created_and_pruned_and_a_failure_its_file_and_line() {
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "events").await;
     let repo = GitRepo::new();
-    repo.write("manifests/a.yaml", &config_map("a"));
-    repo.write("manifests/b.yaml", &config_map("b"));
+    repo.write("manifests/a.yaml", &cluster::configmap("a", "\"1\""));
+    repo.write("manifests/b.yaml", &cluster::configmap("b", "\"1\""));
     let first = repo.commit("a and b");
     let config =
         AgentConfig { local_repo: Some(repo.path()), status_report: true, ..AgentConfig::new(repo.file_url(), &ns) };
@@ -58,7 +54,7 @@ async fn a_sync_shows_its_revision_and_what_it_created_and_pruned_and_a_failure_
     // The second document of the file, from line 8, has no name.
     repo.write(
         "manifests/bad.yaml",
-        &format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n", config_map("c")),
+        &format!("{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{}}\n", cluster::configmap("c", "\"1\"")),
     );
     let bad = repo.commit("a nameless ConfigMap");
     let failed = event_line(&ns, &["configmap/gitops-agent-status", "SyncFailed"]).await;
