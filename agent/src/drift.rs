@@ -17,7 +17,9 @@
 //!    means another manager took a field git sets.
 //!
 //! The annotation `gitops.scale.dev/drift: ignore` (in git or live) exempts an object's
-//! changes; its deletion is drift all the same.
+//! changes; its deletion is drift all the same. `gitops.scale.dev/drift: report` in git
+//! reports the object's drift without correcting it, whatever `--drift` says: for a
+//! field someone tunes live for a while, with the alert reminding them to commit it.
 //!
 //! Corrections go through the sync's [`Applier`], so a replica that lost the Lease
 //! corrects nothing (it does not even check: its revision may be an old one). An object
@@ -43,7 +45,8 @@ use crate::object::ObjectId;
 use crate::rollout::RolloutWatch;
 use crate::status::{AppState, DriftedObject};
 
-/// Annotation that exempts an object from drift detection (`ignore`).
+/// Annotation that exempts an object from drift detection (`ignore`), or from its
+/// correction (`report`).
 pub const DRIFT_ANNOTATION: &str = "gitops.scale.dev/drift";
 
 /// Corrections of one object within [`CONTEST_WINDOW`] beyond which it is contested.
@@ -484,7 +487,7 @@ impl Shared {
             tracing::warn!(object = %id, fields = ?finding.fields, changed_by = ?finding.by, policy = ?self.policy, "drift");
         }
         let contested = self.contested(id);
-        if self.policy == Policy::Correct && !contested {
+        if self.policy_of(&planned.object) == Policy::Correct && !contested {
             match self.applier.correct(planned, live).await {
                 Ok(change) => {
                     self.state.metrics.drift_corrected(&id.kind);
@@ -514,6 +517,12 @@ impl Shared {
         if let Some(tracked) = self.desired.lock().unwrap().get_mut(id) {
             tracked.settled = fingerprint;
         }
+    }
+
+    /// What to do about `desired`'s drift: `--drift`, unless git's annotation says
+    /// `report`. Only git's: an annotation anyone may add live must not stop corrections.
+    fn policy_of(&self, desired: &DynamicObject) -> Policy {
+        if drift_annotation(desired) == Some("report") { Policy::Report } else { self.policy }
     }
 
     /// Whether corrections of `id` pause because it is contested.
@@ -588,7 +597,11 @@ struct Finding {
 }
 
 fn ignored(object: &DynamicObject) -> bool {
-    object.metadata.annotations.as_ref().and_then(|a| a.get(DRIFT_ANNOTATION)).is_some_and(|v| v == "ignore")
+    drift_annotation(object) == Some("ignore")
+}
+
+fn drift_annotation(object: &DynamicObject) -> Option<&str> {
+    object.metadata.annotations.as_ref().and_then(|a| a.get(DRIFT_ANNOTATION)).map(String::as_str)
 }
 
 /// Whether the live object may differ from git: a value git sets differs as written,

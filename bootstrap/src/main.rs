@@ -63,6 +63,12 @@ enum Cmd {
         /// a small generated corpus in STATE_DIR/midi).
         #[arg(long)]
         midi_dir: Option<PathBuf>,
+        /// Local: unpacked charts holding kube-prometheus-stack and the charts it depends
+        /// on (`helm pull --untar`), vendored into the repository made from repo-template
+        /// for its monitoring stack, since the node's pods reach no chart repository
+        /// [env: GITOPS_CHARTS_DIR].
+        #[arg(long)]
+        charts_dir: Option<PathBuf>,
         // Boxed: the EKS flags would make every `Cmd` as large as this variant.
         #[command(flatten)]
         eks: Box<EksUpArgs>,
@@ -274,6 +280,7 @@ async fn main() -> Result<()> {
             no_agent,
             no_node,
             midi_dir,
+            charts_dir,
             install,
             ..
         } => {
@@ -283,7 +290,7 @@ async fn main() -> Result<()> {
                 (false, true) => LocalAgent::Process { listen: agent_listen },
                 (false, false) => LocalAgent::InCluster,
             };
-            up_local(&state_dir, repo, agent, !no_node, midi_dir, &install).await
+            up_local(&state_dir, repo, agent, !no_node, midi_dir, charts_dir, &install).await
         }
         Cmd::Up { provider: Provider::Eks, repo, eks: args, aws, install, .. } => {
             let args = *args;
@@ -362,8 +369,7 @@ async fn main() -> Result<()> {
                     .is_file()
                     .then(|| local::dockerfile::build(&cache, &base, &local::dockerfile::agent(&agent_binary, &tools)?))
                     .transpose()?;
-                for image in local::dockerfile::scale() {
-                    let built = local::dockerfile::build(&cache, &base, &image)?;
+                for built in local::dockerfile::build_local_cluster(&cache)? {
                     println!("{} image: {}", built.name, built.archive.display());
                 }
                 Ok::<_, local::Error>((binaries, tools, base, agent_image))
@@ -415,6 +421,7 @@ async fn up_local(
     agent: LocalAgent,
     node: bool,
     midi_dir: Option<PathBuf>,
+    charts_dir: Option<PathBuf>,
     install_args: &InstallArgs,
 ) -> Result<()> {
     // A partly running control plane (one component crashed) is started afresh.
@@ -428,15 +435,18 @@ async fn up_local(
         .await
         .with_context(|| format!("starting the local cluster in {}", state_dir.display()))?;
     println!("Kubernetes {} is up at {}", plane.kubernetes_version(), plane.server());
+    let mut images = Vec::new();
     if node {
         println!("node {} is Ready", local::network::NODE_NAME);
-        // The Scale pipeline's images, for the repository's workloads to pull.
+        // The Scale pipeline's and the monitoring stack's images, for the repository's
+        // workloads to pull.
         let cache = local::build::cache_dir();
-        let images = tokio::task::spawn_blocking(move || local::dockerfile::build_scale(&cache))
+        let built = tokio::task::spawn_blocking(move || local::dockerfile::build_local_cluster(&cache))
             .await?
-            .context("building the Scale pipeline's images")?;
-        for built in &images {
-            println!("image {} in the node's registry", plane.push_built(built)?);
+            .context("building the local cluster's images")?;
+        for built in built {
+            println!("image {} in the node's registry", plane.push_built(&built)?);
+            images.push((built.name.to_owned(), built.tag));
         }
     }
     let resume = format!("gitops-bootstrap down --provider local --state-dir {}", state_dir.display());
@@ -453,8 +463,16 @@ async fn up_local(
                     }
                 };
                 local::corpus::check_readable(&midi_dir)?;
-                let settings =
-                    agent::LocalSettings { registry: plane.registry().map(str::to_owned), midi_dir: Some(midi_dir) };
+                let charts = charts_dir.or_else(local::charts::charts_dir_from_env).context(
+                    "the repository made from repo-template installs kube-prometheus-stack: \
+                     give --charts-dir DIR (or GITOPS_CHARTS_DIR) holding it and its dependencies, unpacked",
+                )?;
+                let settings = agent::LocalSettings {
+                    registry: plane.registry().map(str::to_owned),
+                    images,
+                    midi_dir: Some(midi_dir),
+                    charts,
+                };
                 let repo = agent::repo_from_template(&state_dir.join("repo"), &settings)?;
                 (repo.display().to_string(), agent::LOCAL_CLUSTER_PATH)
             }

@@ -205,6 +205,39 @@ async fn an_object_annotated_drift_ignore_is_left_alone() {
 }
 
 #[tokio::test]
+async fn an_object_annotated_drift_report_in_git_is_reported_not_corrected() {
+    let f = Fixture::start("drift-report-one", Policy::Correct).await;
+    let (path, settings) = manifests("from git").remove(0);
+    let annotated = settings.replace("  name: settings\n", "  name: settings\n  annotations:\n    gitops.scale.dev/drift: report\n");
+    assert_ne!(annotated, settings);
+    f.repo.write(path, &annotated);
+    f.repo.commit("settings: report its drift, do not correct it");
+    let cms = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns);
+    eventually("the annotation to be applied", || async {
+        let annotations = cms.get("settings").await.ok()?.metadata.annotations?;
+        (annotations.get("gitops.scale.dev/drift")? == "report").then_some(())
+    })
+    .await;
+    f.edit::<ConfigMap>("settings", json!({ "data": { "value": "tuned live" } })).await;
+    // Written live, the same annotation does not stop the correction.
+    let live_annotation = json!({ "gitops.scale.dev/drift": "report" });
+    f.edit::<Deployment>("web", json!({ "metadata": { "annotations": live_annotation }, "spec": { "replicas": 4 } })).await;
+    let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), &f.ns);
+    eventually("the Deployment to be corrected", || async {
+        (deployments.get("web").await.ok()?.spec.replicas == Some(2)).then_some(())
+    })
+    .await;
+    let drifted = eventually("the ConfigMap's drift to be reported", || async {
+        let drifted = f.drifted().await;
+        (!drifted.is_empty()).then_some(drifted)
+    })
+    .await;
+    assert_eq!(drifted, vec![("ConfigMap".into(), "settings".into(), vec!["data.value".into()])]);
+    assert_eq!(cms.get("settings").await.unwrap().data.unwrap()["value"], "tuned live", "not corrected");
+    assert_eq!(f.metric("gitops_drift_corrected_total{kind=\"ConfigMap\"}").await, 0.0);
+}
+
+#[tokio::test]
 async fn kubectl_drift_fires_the_shipped_alert_and_a_commit_resolves_it() {
     let f = Fixture::start("drift-alert", Policy::Report).await;
     // The shipped rules, with `for: 1s` instead of 5 minutes.

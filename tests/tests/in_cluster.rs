@@ -108,7 +108,7 @@ async fn the_scale_images_built_from_their_dockerfiles_run_on_the_node() {
     let client = plane.client().await.unwrap();
     let ns = cluster::namespace(&client, "scale-images").await;
     let cache = gitops_bootstrap::local::build::cache_dir();
-    let built = tokio::task::spawn_blocking(move || dockerfile::build_scale(&cache)).await.unwrap().unwrap();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_local_cluster(&cache)).await.unwrap().unwrap();
     let image = |name: &str| plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
     let (viewer, batch) = (image("scale-viewer"), image("scale-midi-batch"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -141,4 +141,30 @@ async fn the_scale_images_built_from_their_dockerfiles_run_on_the_node() {
     let address = format!("{ip}:8000");
     let health = eventually("the viewer's /healthz", || http_get(&address, "/healthz")).await;
     assert_eq!(health, "ok\n");
+}
+
+#[tokio::test]
+async fn the_monitoring_images_run_their_programs_on_the_node() {
+    let plane = cluster::node();
+    let client = plane.client().await.unwrap();
+    let ns = cluster::namespace(&client, "monitoring-images").await;
+    let cache = gitops_bootstrap::local::build::cache_dir();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_local_cluster(&cache)).await.unwrap().unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let kubeconfig = plane.kubeconfig().display().to_string();
+    // Started as the operator and the chart start them: the image's entrypoint with
+    // arguments only. Each names the version the chart's values and go.mod pin.
+    for (name, version) in [
+        ("prometheus", "version 2.42."),
+        ("alertmanager", "version 0.25."),
+        ("prometheus-operator", "version 0.93.1"),
+        ("prometheus-config-reloader", "version 0.93.1"),
+        ("kube-state-metrics", "version v2.20.0"),
+    ] {
+        let image = plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
+        let spec = json!({ "containers": [{ "image": image, "args": ["--version"] }] });
+        let (phase, logs) = cluster::run_to_completion(&pods, &kubeconfig, &ns, name, spec).await;
+        assert_eq!(phase, "Succeeded", "{name}: {logs}");
+        assert!(logs.contains(version), "{name} --version says {version}: {logs}");
+    }
 }

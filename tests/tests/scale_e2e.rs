@@ -5,7 +5,9 @@
 //! corpus, the viewer answers through its Service, and the agent's batch run (the
 //! Spark driver in a Job's pod, its executors as pods) fills the tables with exactly
 //! what the test computes on its own. A commit that changes the job spec makes exactly
-//! one more run, and so does its `git revert`.
+//! one more run, and so does its `git revert`. The monitoring stack from the same
+//! repository (kube-prometheus-stack, its images built here) fires `GitOpsDriftDetected`
+//! at a kubectl edit, Alertmanager receives it, and a commit resolves it.
 //!
 //! Then chaos, as the original deployment proved itself: under 100 requests a second
 //! to the viewer through its Service, a viewer pod is deleted every few seconds, then
@@ -307,12 +309,17 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     assert!(truth.pairs.len() >= 5, "a corpus with similar songs: {}", truth.pairs.len());
 
     let cache = gitops_bootstrap::local::build::cache_dir();
-    let built = tokio::task::spawn_blocking(move || dockerfile::build_scale(&cache)).await.unwrap().unwrap();
+    let built = tokio::task::spawn_blocking(move || dockerfile::build_local_cluster(&cache)).await.unwrap().unwrap();
     for image in &built {
         plane.push_built(image).unwrap();
     }
     let work = tempfile::tempdir().unwrap();
-    let settings = LocalSettings { registry: Some(registry), midi_dir: Some(corpus.path().to_owned()) };
+    let settings = LocalSettings {
+        registry: Some(registry),
+        images: built.into_iter().map(|image| (image.name.to_owned(), image.tag)).collect(),
+        midi_dir: Some(corpus.path().to_owned()),
+        charts: gitops_tests::render::shared_charts(),
+    };
     let repo = gitops_bootstrap::local::agent::repo_from_template(&work.path().join("repo"), &settings).unwrap();
     let options = cluster::in_cluster_options(&repo, LOCAL_CLUSTER_PATH);
     install_in_cluster(plane, &options).await.unwrap();
@@ -379,8 +386,111 @@ async fn the_scale_pipeline_runs_from_git_with_spark_executors_as_pods() {
     assert_tables(&kubeconfig, &truth);
     assert_runs_reported(&client, &jobs, &["midi-batch-1", "midi-batch-2", "midi-batch-3"]).await;
     executors_against_one_pod(&kubeconfig, &jobs, &pods, &spec, &truth).await;
+    drift_alert_in_the_cluster(&client, &kubeconfig, &repo).await;
 
     chaos(&client, &kubeconfig, &repo, &truth, &address, id).await;
+}
+
+/// The address (`ClusterIP:port`) of Service `name` in `namespace`, which this machine
+/// reaches through kube-proxy as the node does.
+async fn service_address(client: &kube::Client, namespace: &str, name: &str) -> String {
+    let spec = Api::<Service>::namespaced(client.clone(), namespace).get(name).await.unwrap().spec.unwrap();
+    format!("{}:{}", spec.cluster_ip.unwrap(), spec.ports.unwrap()[0].port)
+}
+
+/// The label sets of the alerts named `alert` that `body` (Prometheus' `/api/v1/alerts`
+/// or Alertmanager's `/api/v2/alerts`) lists, with each one's state.
+fn alerts_named(body: &str, alert: &str) -> Vec<(BTreeMap<String, String>, String)> {
+    let body: Value = serde_json::from_str(body).unwrap();
+    let alerts = body.pointer("/data/alerts").unwrap_or(&body).as_array().cloned().unwrap_or_default();
+    alerts
+        .iter()
+        .filter(|a| a["labels"]["alertname"] == alert)
+        .map(|a| {
+            let labels = serde_json::from_value(a["labels"].clone()).unwrap();
+            let state = a.get("state").or_else(|| a.pointer("/status/state")).and_then(Value::as_str);
+            (labels, state.unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+/// The monitoring stack from git at work: a kubectl edit of a managed object fires
+/// `GitOpsDriftDetected` in the in-cluster Prometheus (the agent scraped through its
+/// ServiceMonitor, the rule from its PrometheusRule, both from git), Alertmanager
+/// receives it, and the fix from git resolves it in both.
+async fn drift_alert_in_the_cluster(client: &kube::Client, kubeconfig: &str, repo: &Path) {
+    // Git: the rule without its five minutes' patience, and the quota's drift reported
+    // rather than corrected, so that it lasts until git says otherwise.
+    let rules = repo.join("manifests/monitoring/gitops-agent-alerts.yaml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let (before, after) = text.split_once("alert: GitOpsDriftDetected").unwrap();
+    let next = after.find("- alert:").unwrap();
+    assert!(after[..next].contains("for: 5m"), "GitOpsDriftDetected waits 5 minutes");
+    std::fs::write(&rules, format!("{before}alert: GitOpsDriftDetected{}", after.replacen("for: 5m", "for: 1s", 1)))
+        .unwrap();
+    let policy = repo.join("clusters/base/policy.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let quota = "kind: ResourceQuota\nmetadata:\n  name: scale\n";
+    let reported = text.replace(quota, &format!("{quota}  annotations:\n    gitops.scale.dev/drift: report\n"));
+    assert_ne!(reported, text);
+    std::fs::write(&policy, reported).unwrap();
+    git(repo, &["commit", "-qam", "alerts: drift fires at once; the quota's drift is reported, not corrected"]);
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(client.clone(), NAMESPACE);
+    cluster::eventually("the quota's annotation from git", || async {
+        let annotations = quotas.get("scale").await.ok()?.metadata.annotations?;
+        (annotations.get("gitops.scale.dev/drift")? == "report").then_some(())
+    })
+    .await;
+
+    let edit = Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig, "-n", NAMESPACE, "patch", "resourcequota", "scale", "--type=merge"])
+        .args(["-p", r#"{"spec":{"hard":{"requests.cpu":"1600m"}}}"#])
+        .output()
+        .unwrap();
+    assert!(edit.status.success(), "kubectl patch: {}", String::from_utf8_lossy(&edit.stderr));
+    let started = Instant::now();
+    let prometheus = service_address(client, "monitoring", "kube-prometheus-stack-prometheus").await;
+    let alertmanager = service_address(client, "monitoring", "kube-prometheus-stack-alertmanager").await;
+    let drift = |body: &str| {
+        alerts_named(body, "GitOpsDriftDetected")
+            .into_iter()
+            .filter(|(labels, _)| labels.get("kind").map(String::as_str) == Some("ResourceQuota"))
+            .map(|(labels, state)| (labels["namespace"].clone(), labels["severity"].clone(), state))
+            .collect::<Vec<_>>()
+    };
+    let firing = cluster::eventually("GitOpsDriftDetected to fire in the cluster's Prometheus", || async {
+        let alerts = drift(&http_get(&prometheus, "/api/v1/alerts").await?);
+        alerts.iter().any(|(_, _, state)| state == "firing").then_some(alerts)
+    })
+    .await;
+    assert_eq!(firing, [(NAMESPACE.to_owned(), "warning".to_owned(), "firing".to_owned())]);
+    let fired_after = started.elapsed();
+    let received = cluster::eventually("Alertmanager to receive it", || async {
+        let alerts = drift(&http_get(&alertmanager, "/api/v2/alerts").await?);
+        (!alerts.is_empty()).then_some(alerts)
+    })
+    .await;
+    assert_eq!(received, [(NAMESPACE.to_owned(), "warning".to_owned(), "active".to_owned())]);
+
+    // The fix from git: the annotation goes, and the agent puts the quota back.
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, text.replace("  annotations:\n    gitops.scale.dev/drift: report\n", "")).unwrap();
+    git(repo, &["commit", "-qam", "policy: correct the quota's drift again"]);
+    let fixed = Instant::now();
+    cluster::eventually("the alert to resolve in Prometheus and Alertmanager", || async {
+        let (firing, received) =
+            (http_get(&prometheus, "/api/v1/alerts").await?, http_get(&alertmanager, "/api/v2/alerts").await?);
+        (drift(&firing).is_empty() && drift(&received).is_empty()).then_some(())
+    })
+    .await;
+    let hard = quotas.get("scale").await.unwrap().spec.unwrap().hard.unwrap();
+    assert_eq!(hard["requests.cpu"].0, "1500m", "the quota from git");
+    println!(
+        "\nGitOpsDriftDetected in the cluster's Prometheus {:.0} s after the kubectl edit (scrape 30 s, \
+         evaluation 15 s, `for: 1s`); resolved {:.0} s after the fix was committed",
+        fired_after.as_secs_f64(),
+        fixed.elapsed().as_secs_f64()
+    );
 }
 
 /// A user's browser at 100 requests a second on one page, each on a new connection

@@ -51,19 +51,25 @@ const TEMPLATE_SYMLINKS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/t
 pub const LOCAL_CLUSTER_PATH: &str = "clusters/local";
 
 /// What only `up` knows, written into the local cluster's files before the first commit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LocalSettings {
     /// The node's registry (`host:port`), for `LOCAL-REGISTRY` in image names.
     pub registry: Option<String>,
+    /// The images built for the node's registry (name, content tag), for each
+    /// `LOCAL-TAG-NAME`: a rebuilt image gets a new tag, so committing it rolls it out.
+    pub images: Vec<(String, String)>,
     /// The directory on the node whose MIDI files the local S3 endpoint serves, for
     /// `LOCAL-MIDI-DIR`.
     pub midi_dir: Option<PathBuf>,
+    /// Unpacked charts holding kube-prometheus-stack and its dependencies, vendored
+    /// into the repository (see [`super::charts`]).
+    pub charts: PathBuf,
 }
 
 /// Writes `repo-template/` into a new git repository at `dir` with one commit on
 /// `main`, and returns its path. The local cluster's files (`clusters/local`) get
 /// `settings` in that first commit, so that its first sync pulls from the node's
-/// registry and reads the corpus.
+/// registry, reads the corpus and installs the vendored monitoring stack.
 pub fn repo_from_template(dir: &Path, settings: &LocalSettings) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     REPO_TEMPLATE.extract(dir).map_err(|e| Error::io(dir, e))?;
@@ -72,13 +78,17 @@ pub fn repo_from_template(dir: &Path, settings: &LocalSettings) -> Result<PathBu
         std::fs::remove_dir_all(&link).or_else(|_| std::fs::remove_file(&link)).map_err(|e| Error::io(&link, e))?;
         std::os::unix::fs::symlink(target, &link).map_err(|e| Error::io(&link, e))?;
     }
-    let mut placeholders = Vec::new();
+    super::charts::vendor(&settings.charts, dir)?;
+    let mut placeholders: Vec<(String, String)> =
+        settings.images.iter().map(|(name, tag)| (format!("LOCAL-TAG-{name}"), tag.clone())).collect();
     if let Some(registry) = &settings.registry {
-        placeholders.push(("LOCAL-REGISTRY", registry.clone()));
+        placeholders.push(("LOCAL-REGISTRY".into(), registry.clone()));
     }
     if let Some(midi_dir) = &settings.midi_dir {
-        placeholders.push(("LOCAL-MIDI-DIR", midi_dir.display().to_string()));
+        placeholders.push(("LOCAL-MIDI-DIR".into(), midi_dir.display().to_string()));
     }
+    // Longest first: LOCAL-TAG-prometheus would otherwise eat LOCAL-TAG-prometheus-operator.
+    placeholders.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
     fill_in(&dir.join(LOCAL_CLUSTER_PATH), &placeholders)?;
     let git = |e: git2::Error| Error::Git { path: dir.to_owned(), message: e.message().to_owned() };
     let repo =
@@ -94,7 +104,7 @@ pub fn repo_from_template(dir: &Path, settings: &LocalSettings) -> Result<PathBu
 
 /// Replaces each placeholder in every file under `dir` (symlinks not followed: they lead
 /// to what every cluster shares).
-fn fill_in(dir: &Path, placeholders: &[(&str, String)]) -> Result<(), Error> {
+fn fill_in(dir: &Path, placeholders: &[(String, String)]) -> Result<(), Error> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let (path, kind) = (entry.path(), entry.file_type().map_err(|e| Error::io(dir, e))?);

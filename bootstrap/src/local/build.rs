@@ -149,6 +149,64 @@ const HELM: GoBinary = GoBinary {
     package: "helm.sh/helm/v3/cmd/helm",
 };
 
+/// The monitoring stack's operator (kube-prometheus-stack's `prometheusOperator`).
+const PROMETHEUS_OPERATOR: GoBinary = GoBinary {
+    name: "operator",
+    module: "github.com/prometheus-operator/prometheus-operator",
+    holds: "the Prometheus Operator",
+    sources: PROMETHEUS_OPERATOR_SOURCES,
+    // It runs in an image of its own, as the upstream one: static, like theirs.
+    cgo: false,
+    package: "github.com/prometheus-operator/prometheus-operator/cmd/operator",
+};
+
+/// The sidecar the operator adds to Prometheus and Alertmanager pods, which reloads
+/// them when their configuration changes; the same module as the operator.
+const CONFIG_RELOADER: GoBinary = GoBinary {
+    name: "prometheus-config-reloader",
+    holds: "the Prometheus config reloader",
+    package: "github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader",
+    ..PROMETHEUS_OPERATOR
+};
+
+const PROMETHEUS_OPERATOR_SOURCES: &[(&str, &str)] = &[
+    ("go.mod", include_str!("../../controlplane/prometheus-operator/go.mod")),
+    ("go.sum", include_str!("../../controlplane/prometheus-operator/go.sum")),
+    ("tools.go", include_str!("../../controlplane/prometheus-operator/tools.go")),
+];
+
+/// The monitoring stack's exporter of object states (kube-prometheus-stack's
+/// `kube-state-metrics` dependency).
+const KUBE_STATE_METRICS: GoBinary = GoBinary {
+    name: "kube-state-metrics",
+    module: "k8s.io/kube-state-metrics/v2",
+    holds: "kube-state-metrics",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/kube-state-metrics/go.mod")),
+        ("go.sum", include_str!("../../controlplane/kube-state-metrics/go.sum")),
+        ("tools.go", include_str!("../../controlplane/kube-state-metrics/tools.go")),
+    ],
+    cgo: false,
+    package: "k8s.io/kube-state-metrics/v2",
+};
+
+/// The monitoring stack's Go programs, each in an image of its own on the local node.
+#[derive(Debug, Clone)]
+pub struct MonitoringPrograms {
+    pub operator: PathBuf,
+    pub config_reloader: PathBuf,
+    pub kube_state_metrics: PathBuf,
+}
+
+/// Returns the cached monitoring programs, building any that are missing or stale.
+pub fn ensure_monitoring_programs(cache: &Path) -> Result<MonitoringPrograms, Error> {
+    Ok(MonitoringPrograms {
+        operator: PROMETHEUS_OPERATOR.ensure_built(cache)?,
+        config_reloader: CONFIG_RELOADER.ensure_built(cache)?,
+        kube_state_metrics: KUBE_STATE_METRICS.ensure_built(cache)?,
+    })
+}
+
 /// The renderers the agent runs as child processes (`--kustomize-bin`, `--helm-bin`).
 #[derive(Debug, Clone)]
 pub struct RenderTools {
@@ -218,16 +276,23 @@ impl GoBinary {
             .unwrap_or("local")
     }
 
-    /// What helm's Makefile links in: its version, and the Kubernetes version its
-    /// client-go implies (k8s.io/client-go v0.X → 1.X), which `helm template` assumes
-    /// without `--kube-version` (else v1.20, which charts requiring a newer one refuse).
-    fn helm_ldflags(&self) -> Option<String> {
+    /// What the project's own Makefile links in besides `-s -w`, where it matters.
+    /// helm: its version, and the Kubernetes version its client-go implies
+    /// (k8s.io/client-go v0.X → 1.X), which `helm template` assumes without
+    /// `--kube-version` (else v1.20, which charts requiring a newer one refuse). The
+    /// Prometheus projects: their version, which `--version` and their metrics report.
+    fn extra_ldflags(&self) -> Option<String> {
+        let version = self.version();
+        if [PROMETHEUS_OPERATOR.module, KUBE_STATE_METRICS.module].contains(&self.module) {
+            let bare = version.trim_start_matches('v');
+            let tagged = if self.module == KUBE_STATE_METRICS.module { version } else { bare };
+            return Some(format!(" -X github.com/prometheus/common/version.Version={tagged}"));
+        }
         if self.module != HELM.module {
             return None;
         }
         let client_go = self.go_mod().lines().find_map(|l| l.trim().strip_prefix("k8s.io/client-go v0."))?;
         let minor = client_go.split('.').next()?;
-        let version = self.version();
         Some(format!(
             " -X helm.sh/helm/v3/internal/version.version={version} \
              -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={minor} \
@@ -237,7 +302,7 @@ impl GoBinary {
 
     fn key(&self) -> String {
         let mut hash = Sha256::new();
-        if let Some(flags) = self.helm_ldflags() {
+        if let Some(flags) = self.extra_ldflags() {
             hash.update(flags.as_bytes());
         }
         for (name, text) in self.sources {
@@ -281,7 +346,7 @@ impl GoBinary {
                  -X k8s.io/component-base/version.gitTreeState=clean"
             );
         }
-        ldflags += &self.helm_ldflags().unwrap_or_default();
+        ldflags += &self.extra_ldflags().unwrap_or_default();
         let mut child = Command::new("go")
             .args(["build", "-v", "-ldflags", &ldflags, "-o"])
             .arg(staging.join(self.name))
@@ -360,6 +425,9 @@ mod tests {
         assert!(ETCD.version().starts_with("v3.6."), "{}", ETCD.version());
         assert_eq!(KUSTOMIZE.version(), "v5.7.1");
         assert_eq!(HELM.version(), "v3.22.0");
+        // The chart's appVersion: its CRDs are this operator's.
+        assert_eq!(PROMETHEUS_OPERATOR.version(), "v0.93.1");
+        assert_eq!(KUBE_STATE_METRICS.version(), "v2.20.0");
         assert_eq!(kube_major_minor("v1.37.2"), ("1", "37"));
     }
 

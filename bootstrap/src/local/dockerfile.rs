@@ -83,10 +83,43 @@ pub fn scale() -> [Dockerfile; 4] {
     [scale_viewer(), scale_midi_batch(), scale_postgres(), local_s3()]
 }
 
-/// Builds (or finds in the cache) every image of [`scale()`] on the Debian base.
-pub fn build_scale(cache: &Path) -> Result<Vec<Built>, Error> {
+/// The monitoring stack's images (kube-prometheus-stack on the local node): Prometheus
+/// and Alertmanager from Debian's packages, the operator, its config reloader and
+/// kube-state-metrics around the Go programs of `programs`.
+pub fn monitoring(programs: &super::build::MonitoringPrograms) -> Result<[Dockerfile; 5], Error> {
+    let debian = |name, package: &str, program: &str| Dockerfile {
+        name,
+        text: include_str!("../../images/monitoring/debian.Dockerfile"),
+        context: Vec::new(),
+        args: vec![("PACKAGE", package.to_owned()), ("PROGRAM", program.to_owned())],
+        bases: &["BASE_IMAGE"],
+    };
+    let go = |name, binary: &Path| {
+        let program = binary.file_name().expect("a built program has a name").to_string_lossy().into_owned();
+        let contents = fs::read(binary).map_err(|e| Error::io(binary, e))?;
+        Ok::<_, Error>(Dockerfile {
+            name,
+            text: include_str!("../../images/monitoring/go.Dockerfile"),
+            context: vec![ContextFile { path: PathBuf::from(&program), contents, executable: true }],
+            args: vec![("PROGRAM", program)],
+            bases: &["BASE_IMAGE"],
+        })
+    };
+    Ok([
+        debian("prometheus", "prometheus", "prometheus"),
+        debian("alertmanager", "prometheus-alertmanager", "prometheus-alertmanager"),
+        go("prometheus-operator", &programs.operator)?,
+        go("prometheus-config-reloader", &programs.config_reloader)?,
+        go("kube-state-metrics", &programs.kube_state_metrics)?,
+    ])
+}
+
+/// Builds (or finds in the cache) every image the local cluster's repository names,
+/// [`scale()`] and [`monitoring()`], on the Debian base.
+pub fn build_local_cluster(cache: &Path) -> Result<Vec<Built>, Error> {
     let base = super::image::debian_base(cache)?;
-    scale().iter().map(|image| build(cache, &base, image)).collect()
+    let programs = super::build::ensure_monitoring_programs(cache)?;
+    scale().into_iter().chain(monitoring(&programs)?).map(|image| build(cache, &base, &image)).collect()
 }
 
 /// The pipeline's PostgreSQL from repo-template's `apps/scale/postgres/Dockerfile`:

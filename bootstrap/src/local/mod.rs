@@ -21,6 +21,7 @@
 pub mod addons;
 pub mod agent;
 pub mod build;
+pub mod charts;
 pub mod corpus;
 pub mod dockerfile;
 pub mod image;
