@@ -220,3 +220,39 @@ impl OciRegistry {
         helm(&["push", archive.to_str().unwrap(), &self.url(), "--plain-http"], home);
     }
 }
+
+/// The image names `up` fills in repo-template's `LOCAL-TAG-NAME` placeholders for.
+pub const TEMPLATE_IMAGES: [&str; 9] = [
+    "scale-viewer",
+    "scale-midi-batch",
+    "scale-postgres",
+    "scale-local-s3",
+    "prometheus",
+    "alertmanager",
+    "prometheus-operator",
+    "prometheus-config-reloader",
+    "kube-state-metrics",
+];
+
+/// repo-template as `up` makes it (charts vendored, `registry` and tag `tag-NAME` for
+/// image NAME filled in), at `dir/repo`, with the EKS cluster's chart repository served
+/// here on 127.0.0.1 instead of the public one (which nothing here may reach). The
+/// returned server must outlive the renders.
+pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
+    use gitops_bootstrap::local::agent::{LocalSettings, repo_from_template};
+    let settings = LocalSettings {
+        registry: Some(registry.into()),
+        images: TEMPLATE_IMAGES.iter().map(|name| (name.to_string(), format!("tag-{name}"))).collect(),
+        midi_dir: Some("/srv/midi".into()),
+        charts: shared_charts(),
+    };
+    let repo = repo_from_template(&dir.join("repo"), &settings).expect("repo-template as up makes it");
+    let charts = ChartRepo::serve();
+    charts.kube_prometheus_stack("88.5.3");
+    let release = repo.join("clusters/eks/charts/monitoring.yaml");
+    let text = fs::read_to_string(&release).unwrap();
+    let public = "https://prometheus-community.github.io/helm-charts";
+    assert!(text.contains(&format!("repo: {public}")), "the EKS release names the public chart repository");
+    fs::write(&release, text.replace(public, &charts.url())).unwrap();
+    (repo, charts)
+}

@@ -153,18 +153,19 @@ async fn the_monitoring_images_run_their_programs_on_the_node() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let kubeconfig = plane.kubeconfig().display().to_string();
     // Started as the operator and the chart start them: the image's entrypoint with
-    // arguments only. Each names the version the chart's values and go.mod pin.
-    for (name, version) in [
-        ("prometheus", "version 2.42."),
-        ("alertmanager", "version 0.25."),
-        ("prometheus-operator", "version 0.93.1"),
-        ("prometheus-config-reloader", "version 0.93.1"),
-        ("kube-state-metrics", "version v2.20.0"),
+    // arguments only. Each names the version the chart's values and go.mod pin
+    // (kube-state-metrics has a subcommand for it, the others a flag).
+    for (name, ask, version) in [
+        ("prometheus", "--version", "version 2.42."),
+        ("alertmanager", "--version", "version 0.25."),
+        ("prometheus-operator", "--version", "version 0.93.1"),
+        ("prometheus-config-reloader", "--version", "version 0.93.1"),
+        ("kube-state-metrics", "version", "version v2.20.0"),
     ] {
         let image = plane.push_built(built.iter().find(|b| b.name == name).unwrap()).unwrap();
-        let spec = json!({ "containers": [{ "image": image, "args": ["--version"] }] });
+        let spec = json!({ "containers": [{ "image": image, "args": [ask] }] });
         let (phase, logs) = cluster::run_to_completion(&pods, &kubeconfig, &ns, name, spec).await;
         assert_eq!(phase, "Succeeded", "{name}: {logs}");
-        assert!(logs.contains(version), "{name} --version says {version}: {logs}");
+        assert!(logs.contains(version), "{name} {ask} says {version}: {logs}");
     }
 }

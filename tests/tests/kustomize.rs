@@ -204,8 +204,8 @@ async fn a_generated_configmap_is_replaced_and_the_old_one_pruned_and_unchanged_
 
 #[test]
 fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate() {
-    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../repo-template");
     let cache = tempfile::tempdir().unwrap();
+    let (template, _charts) = gitops_tests::render::template_repository(cache.path(), "127.0.0.1:5999");
     let built = gitops_tests::render::binaries();
     let validate = |dir: &Path| {
         let output = Command::new(gitops_tests::agent::binary())
@@ -227,9 +227,12 @@ fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate()
         let rendered = Renderer::new(tools)
             .render(&template.join(&path_in_repo), "monitoring", &Capabilities::default())
             .unwrap_or_else(|e| panic!("{cluster}: {e:#?}"));
-        // The overlay, then the repository's dashboards (linked from the cluster's directory).
-        let (dashboards, overlay): (Vec<_>, Vec<_>) =
+        // The overlay, then the repository's dashboards (linked from the cluster's
+        // directory) and the monitoring chart's release, which kustomize knows nothing of.
+        let (dashboards, rest): (Vec<_>, Vec<_>) =
             rendered.manifests.iter().partition(|m| m.location.file.starts_with("dashboards"));
+        let (chart, overlay): (Vec<_>, Vec<_>) = rest.into_iter().partition(|m| m.location.file.starts_with("charts"));
+        assert!(chart.iter().any(|m| m.object["kind"] == "Prometheus"), "clusters/{cluster}/charts: the monitoring stack");
         let agent: Vec<Value> = overlay.iter().map(|m| m.object.clone()).collect();
         assert_eq!(agent, kubectl_kustomize(&template.join(&path_in_repo)), "clusters/{cluster}");
         assert!(agent.iter().all(|o| o["metadata"]["labels"]["gitops.scale.dev/cluster"] == cluster));

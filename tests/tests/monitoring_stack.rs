@@ -18,36 +18,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gitops_agent::render::{Capabilities, Manifest, Renderer};
-use gitops_bootstrap::local::agent::{LocalSettings, repo_from_template};
-use gitops_tests::render::{ChartRepo, shared_charts, tools};
+use gitops_tests::render::{template_repository, tools};
 use serde_json::Value;
 
 const REGISTRY: &str = "127.0.0.1:5999";
-const IMAGES: [&str; 9] = [
-    "scale-viewer",
-    "scale-midi-batch",
-    "scale-postgres",
-    "scale-local-s3",
-    "prometheus",
-    "alertmanager",
-    "prometheus-operator",
-    "prometheus-config-reloader",
-    "kube-state-metrics",
-];
-
-/// A repository as `up` makes it, each image's tag `tag-NAME`.
-fn repository(dir: &Path) -> std::path::PathBuf {
-    let settings = LocalSettings {
-        registry: Some(REGISTRY.into()),
-        images: IMAGES.iter().map(|name| (name.to_string(), format!("tag-{name}"))).collect(),
-        midi_dir: Some("/srv/midi".into()),
-        charts: shared_charts(),
-    };
-    repo_from_template(&dir.join("repo"), &settings).unwrap()
-}
 
 fn render(repo: &Path, cluster: &str, cache: &Path) -> Vec<Manifest> {
-    let renderer = Renderer::new(tools(cache));
+    // As the agent runs with `--path clusters/CLUSTER`: the overlays reach out of it.
+    let path_in_repo = Path::new("clusters").join(cluster);
+    let renderer = Renderer::new(gitops_agent::render::Tools { path_in_repo, ..tools(cache) });
     let rendered = renderer
         .render(&repo.join("clusters").join(cluster), "monitoring", &Capabilities::default())
         .unwrap_or_else(|e| panic!("clusters/{cluster}: {e:#?}"));
@@ -95,7 +74,7 @@ fn assert_prometheus_selects_what_git_holds(manifests: &[Manifest]) {
 #[test]
 fn the_local_stack_runs_only_images_from_the_nodes_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repository(dir.path());
+    let (repo, _charts) = template_repository(dir.path(), REGISTRY);
     let manifests = render(&repo, "local", &dir.path().join("charts-cache"));
 
     let mut images = Vec::new();
@@ -142,14 +121,7 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
 #[test]
 fn the_eks_stack_loads_the_dashboards_into_grafana() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repository(dir.path());
-    let charts = ChartRepo::serve();
-    charts.kube_prometheus_stack("88.5.3");
-    let release = repo.join("clusters/eks/charts/monitoring.yaml");
-    let text = std::fs::read_to_string(&release).unwrap();
-    let public = "https://prometheus-community.github.io/helm-charts";
-    assert!(text.contains(&format!("repo: {public}")), "the EKS release names the public chart repository");
-    std::fs::write(&release, text.replace(public, &charts.url())).unwrap();
+    let (repo, _charts) = template_repository(dir.path(), REGISTRY);
     let manifests = render(&repo, "eks", &dir.path().join("charts-cache"));
 
     // The sidecar beside Grafana, configured as the dashboards' ConfigMaps need.
@@ -165,8 +137,11 @@ fn the_eks_stack_loads_the_dashboards_into_grafana() {
         .iter()
         .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
         .collect();
-    let dashboards: Vec<&Value> = of_kind(&manifests, "ConfigMap")
-        .into_iter()
+    // The agent's, of dashboards/ (the chart brings its own, in no folder).
+    let dashboards: Vec<&Value> = manifests
+        .iter()
+        .filter(|m| m.location.file.starts_with("dashboards"))
+        .map(|m| &m.object)
         .filter(|c| labels(c).contains_key(gitops_agent::render::DASHBOARD_LABEL))
         .collect();
     assert!(dashboards.len() >= 2, "the Scale dashboards: {}", dashboards.len());

@@ -119,16 +119,20 @@ fn validate_prints_each_mistake_at_its_line_and_fails() {
 fn a_relative_directory_in_a_repository_is_validated_as_an_absolute_one() {
     // The working directory holds .git: the search for the repository root, which a
     // kustomization's bases need, used to stop there and find the files nowhere.
-    let workspace = corpus().join("../../..");
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _charts) = gitops_tests::render::template_repository(dir.path(), "127.0.0.1:5999");
+    let tools = gitops_tests::render::binaries();
     let output = Command::new(gitops_tests::agent::binary())
-        .current_dir(&workspace)
-        .args(["validate", "repo-template/clusters/local", "--kustomize-bin"])
-        .arg(&gitops_tests::render::binaries().kustomize)
+        .current_dir(&repo)
+        .args(["validate", "clusters/local", "--kustomize-bin"])
+        .arg(&tools.kustomize)
+        .arg("--helm-bin")
+        .arg(&tools.helm)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
-    assert!(stdout.starts_with("repo-template/clusters/local: ") && stdout.ends_with(" no errors\n"), "{stdout}");
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.starts_with("clusters/local: ") && stdout.ends_with(" no errors\n"), "{stdout}");
 }
 
 #[tokio::test]

@@ -208,9 +208,7 @@ impl<'a> Kinds<'a> {
 fn custom_root(schema: Type) -> Type {
     match schema {
         Type::Object { mut fields, rest } => {
-            for key in ["apiVersion", "kind", "metadata"] {
-                fields.entry(key.to_owned()).or_insert(Type::Any);
-            }
+            Type::with_object_keys(&mut fields);
             Type::Object { fields, rest }
         }
         other => other,

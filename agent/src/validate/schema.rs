@@ -104,6 +104,17 @@ impl Type {
         }
     }
 
+    /// The keys every object has, whatever its schema says of them. metadata is the API
+    /// server's ObjectMeta even where a CRD writes `metadata: {type: object}` (most
+    /// generated CRDs do, kube-prometheus-stack's among them), which alone would prune
+    /// every field of it.
+    pub(crate) fn with_object_keys(fields: &mut BTreeMap<String, Type>) {
+        for key in ["apiVersion", "kind"] {
+            fields.entry(key.to_owned()).or_insert(Type::Any);
+        }
+        fields.insert("metadata".to_owned(), Type::Any);
+    }
+
     /// What a CRD's `openAPIV3Schema` (or one of its nodes) allows, as the API server
     /// reads a structural schema: `x-kubernetes-preserve-unknown-fields` keeps fields the
     /// schema does not name, `x-kubernetes-int-or-string` takes both, and a node with
@@ -128,9 +139,7 @@ impl Type {
                     .map(|(key, field)| (key.clone(), Type::from_openapi_v3(field)))
                     .collect();
                 if flag("x-kubernetes-embedded-resource") {
-                    for key in ["apiVersion", "kind", "metadata"] {
-                        fields.entry(key.to_owned()).or_insert(Type::Any);
-                    }
+                    Type::with_object_keys(&mut fields);
                 }
                 let rest = match schema.get("additionalProperties") {
                     _ if flag("x-kubernetes-preserve-unknown-fields") => Some(Box::new(Type::Any)),

@@ -242,6 +242,8 @@ fn build_in(
     archived_as: &str,
 ) -> Result<(), Error> {
     let context_dir = staging.join("context");
+    // Made even when empty: buildah wants a context, and some images copy nothing.
+    fs::create_dir_all(&context_dir).map_err(|e| Error::io(&context_dir, e))?;
     for file in context {
         use std::os::unix::fs::PermissionsExt;
         let target = context_dir.join(&file.path);
