@@ -68,6 +68,10 @@ pub struct Change {
     /// revision's only once it is about this generation or a later one.
     #[serde(skip)]
     pub generation: Option<i64>,
+    /// The object's uid, when the change wrote or deleted it: its events carry it, as
+    /// `kubectl describe` finds an object's events by uid.
+    #[serde(skip)]
+    pub uid: Option<String>,
 }
 
 fn display<S: serde::Serializer>(id: &ObjectId, s: S) -> Result<S::Ok, S::Error> {
@@ -284,22 +288,26 @@ impl Applier {
     /// Reads each object and dry-runs its apply; keeps only each [`Verdict`]. Fails
     /// with every rejection when any object is rejected; nothing is written either way.
     pub async fn dry_run(&self, objects: &[&Planned]) -> Result<Vec<Verdict>, Vec<ApplyError>> {
-        let mut listed = self.list_live(objects, |live| Live::of(&live)).await;
+        let keep = |live: DynamicObject| Live::of(&live);
+        let mut listed = self.list_live(objects, keep).await;
         // Built in a loop, not a closure: a closure here makes the future not Send
         // (rust-lang/rust#102211), and the sync loop runs on a multi-threaded runtime.
         let mut requests = Vec::with_capacity(objects.len());
         for object in objects {
-            requests.push(self.verdict_one(object, listed.remove(&object.id)));
+            let dry_run = self.dry_run_one(object, listed.remove(&object.id), keep);
+            requests.push(async move { dry_run.await.map(|(live, result)| Live::verdict(live, &result)) });
         }
         split(concurrently(requests).await)
     }
 
     /// Each object's dry run on its own, with the objects, for `diff`, which shows what it can.
     pub async fn previews(&self, objects: &[&Planned]) -> Vec<Result<Preview, ApplyError>> {
-        let mut listed = self.list_live(objects, |live| live).await;
+        let keep = |live: DynamicObject| live;
+        let mut listed = self.list_live(objects, keep).await;
         let mut requests = Vec::with_capacity(objects.len());
         for object in objects {
-            requests.push(self.dry_run_one(object, listed.remove(&object.id)));
+            let dry_run = self.dry_run_one(object, listed.remove(&object.id), keep);
+            requests.push(async move { dry_run.await.map(|(live, result)| Preview { live, result }) });
         }
         concurrently(requests).await
     }
@@ -382,42 +390,26 @@ impl Applier {
         Ok(deleted.into_iter().flatten().collect())
     }
 
-    /// [`Self::dry_run_one`], keeping only the verdict.
-    async fn verdict_one(
+    /// Reads the object, unless [`Self::list_live`] did (`listed`), and dry-runs its
+    /// apply: what `keep` takes of the live object (`None` if there is none), and the
+    /// object as the API server would store it.
+    async fn dry_run_one<T>(
         &self,
         object: &Planned,
-        listed: Option<Result<Option<Live>, ApplyError>>,
-    ) -> Result<Verdict, ApplyError> {
+        listed: Option<Result<Option<T>, ApplyError>>,
+        keep: impl Fn(DynamicObject) -> T,
+    ) -> Result<(Option<T>, DynamicObject), ApplyError> {
         let api = self.api(object);
         let name = &object.id.name;
         let live = match listed {
             Some(listed) => listed?,
-            None => api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?.as_ref().map(Live::of),
+            None => api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?.map(keep),
         };
         let result = api
             .patch(name, &self.params().dry_run(), &Patch::Apply(&object.object))
             .await
             .map_err(|e| ApplyError::new(object, "dry-run apply", e))?;
-        Ok(Live::verdict(live, &result))
-    }
-
-    /// `listed`: the object's live state from [`Self::list_live`], if it was listed.
-    async fn dry_run_one(
-        &self,
-        object: &Planned,
-        listed: Option<Result<Option<DynamicObject>, ApplyError>>,
-    ) -> Result<Preview, ApplyError> {
-        let api = self.api(object);
-        let name = &object.id.name;
-        let live = match listed {
-            Some(listed) => listed?,
-            None => api.get_opt(name).await.map_err(|e| ApplyError::new(object, "read", e))?,
-        };
-        let result = api
-            .patch(name, &self.params().dry_run(), &Patch::Apply(&object.object))
-            .await
-            .map_err(|e| ApplyError::new(object, "dry-run apply", e))?;
-        Ok(Preview { live, result })
+        Ok((live, result))
     }
 
     /// Re-applies an object the drift watch found changed (`live`) or deleted (`None`)
@@ -425,27 +417,27 @@ impl Applier {
     pub async fn correct(&self, object: &Planned, live: Option<&DynamicObject>) -> Result<Change, ApplyError> {
         let stored = self.write(object).await?;
         let action = if live.is_some() { Action::Configured } else { Action::Created };
-        let generation = stored.metadata.generation;
         Ok(Change {
             id: object.id.clone(),
             action,
             origin: object.origin.clone(),
             fingerprint: Some(fingerprint(&stored)),
-            generation,
+            generation: stored.metadata.generation,
+            uid: stored.metadata.uid,
         })
     }
 
     async fn apply_one(&self, object: &Planned, verdict: Option<Verdict>) -> Result<Change, ApplyError> {
         let action = verdict.map_or(Action::Unchanged, |v| v.action);
-        let (fingerprint, generation) = match verdict {
+        let (fingerprint, generation, uid) = match verdict {
             Some(_) if action != Action::Unchanged => {
                 let stored = self.write(object).await?;
-                (Some(fingerprint(&stored)), stored.metadata.generation)
+                (Some(fingerprint(&stored)), stored.metadata.generation, stored.metadata.uid)
             }
-            Some(verdict) => (verdict.fingerprint, verdict.generation),
-            None => (None, None),
+            Some(verdict) => (verdict.fingerprint, verdict.generation, None),
+            None => (None, None, None),
         };
-        Ok(Change { id: object.id.clone(), action, origin: object.origin.clone(), fingerprint, generation })
+        Ok(Change { id: object.id.clone(), action, origin: object.origin.clone(), fingerprint, generation, uid })
     }
 
     /// Applies `object`; returns it as the API server stored it.
@@ -467,6 +459,7 @@ impl Applier {
                 origin: object.origin.clone(),
                 fingerprint: None,
                 generation: None,
+                uid: None,
             }));
         };
         if keeps(&live) {
@@ -481,6 +474,7 @@ impl Applier {
             origin: object.origin.clone(),
             fingerprint: None,
             generation: None,
+            uid: live.metadata.uid,
         }))
     }
 

@@ -9,28 +9,27 @@
 //! ([`kube::runtime::events::Recorder`]) and each object gets at most a burst of
 //! [`BURST`] events, then one every [`REFILL`].
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType};
 use tokio::sync::mpsc;
 
-use crate::apply::{Action, ChangeSet};
-use crate::object::ObjectId;
+use crate::apply::{Action, Change, ChangeSet};
 use crate::report::STATUS_NAME;
 use crate::write::{WriteError, Writer};
 
 /// client-go's `maxQueuedEvents`.
 pub const QUEUE: usize = 1000;
 /// client-go's spam filter: 25 events an object at once, then one each 5 minutes.
-pub const BURST: f64 = 25.0;
+pub const BURST: NonZeroU32 = NonZeroU32::new(25).unwrap();
 pub const REFILL: Duration = Duration::from_secs(300);
 /// The API server refuses an event whose note is longer (events.k8s.io/v1).
 const NOTE_BYTES: usize = 1024;
-/// Buckets kept; past this, the full ones (of objects quiet for a while) go.
-const BUCKETS: usize = 4096;
+/// Objects whose events are counted; past this, those quiet for a while are forgotten.
+const KEYS: usize = 4096;
 
 /// Queues events; cheap to clone. [`Events::disabled`] drops them all.
 #[derive(Clone, Debug)]
@@ -70,7 +69,7 @@ impl Events {
                 Action::Configured => ("Configured", format!("configured from {} at revision {short}", change.origin)),
                 Action::Deleted => ("Pruned", format!("pruned: not in revision {short}")),
             };
-            self.emit(EventType::Normal, reason, "Sync", note, reference(&change.id));
+            self.emit(EventType::Normal, reason, "Sync", note, reference(change));
         }
     }
 
@@ -130,9 +129,9 @@ impl Events {
 
 /// Sends queued events while the writer may write.
 async fn send(writer: Writer, mut queued: mpsc::Receiver<Queued>) {
-    let mut limit = SpamFilter::default();
+    let limit = SpamFilter::default();
     while let Some(Queued { event, regarding }) = queued.recv().await {
-        if !limit.allows(&regarding, Instant::now()) {
+        if !limit.allows(&regarding) {
             tracing::debug!(reason = event.reason, object = ?regarding.name, "event dropped: too many for this object");
             continue;
         }
@@ -146,42 +145,41 @@ async fn send(writer: Writer, mut queued: mpsc::Receiver<Queued>) {
     }
 }
 
-/// A token bucket per object, as client-go's `EventSourceObjectSpamFilter`.
 /// An object's kind, namespace and name.
 type ObjectKey = (Option<String>, Option<String>, Option<String>);
 
-#[derive(Default)]
+/// Per object, as client-go's `EventSourceObjectSpamFilter`: a burst of [`BURST`], then
+/// one each [`REFILL`].
 struct SpamFilter {
-    buckets: HashMap<ObjectKey, (f64, Instant)>,
+    limiter: governor::DefaultKeyedRateLimiter<ObjectKey>,
 }
 
-impl SpamFilter {
-    fn allows(&mut self, regarding: &ObjectReference, now: Instant) -> bool {
-        if self.buckets.len() >= BUCKETS {
-            self.buckets.retain(|_, (tokens, at)| refilled(*tokens, *at, now) < BURST);
-        }
-        let key = (regarding.kind.clone(), regarding.namespace.clone(), regarding.name.clone());
-        let (tokens, at) = self.buckets.entry(key).or_insert((BURST, now));
-        *tokens = refilled(*tokens, *at, now);
-        *at = now;
-        if *tokens < 1.0 {
-            return false;
-        }
-        *tokens -= 1.0;
-        true
+impl Default for SpamFilter {
+    fn default() -> SpamFilter {
+        let quota = governor::Quota::with_period(REFILL).expect("REFILL is not zero").allow_burst(BURST);
+        SpamFilter { limiter: governor::RateLimiter::keyed(quota) }
     }
 }
 
-fn refilled(tokens: f64, at: Instant, now: Instant) -> f64 {
-    (tokens + now.duration_since(at).as_secs_f64() / REFILL.as_secs_f64()).min(BURST)
+impl SpamFilter {
+    fn allows(&self, regarding: &ObjectReference) -> bool {
+        if self.limiter.len() >= KEYS {
+            // The objects quiet for long enough to have their whole burst again.
+            self.limiter.retain_recent();
+        }
+        let key = (regarding.kind.clone(), regarding.namespace.clone(), regarding.name.clone());
+        self.limiter.check_key(&key).is_ok()
+    }
 }
 
 /// An object of a sync, as an event names it.
-fn reference(id: &ObjectId) -> ObjectReference {
+fn reference(change: &Change) -> ObjectReference {
+    let id = &change.id;
     ObjectReference {
         kind: Some(id.kind.clone()),
         namespace: Some(id.namespace.clone()).filter(|n| !n.is_empty()),
         name: Some(id.name.clone()),
+        uid: change.uid.clone(),
         ..ObjectReference::default()
     }
 }
@@ -212,15 +210,12 @@ mod tests {
     }
 
     #[test]
-    fn an_object_gets_a_burst_then_one_event_per_refill() {
-        let mut filter = SpamFilter::default();
-        let start = Instant::now();
-        let allowed = (0..40).filter(|_| filter.allows(&object("a"), start)).count();
-        assert_eq!(allowed, BURST as usize);
-        assert!(filter.allows(&object("b"), start), "another object has its own bucket");
-        assert!(!filter.allows(&object("a"), start + REFILL / 2));
-        assert!(filter.allows(&object("a"), start + REFILL + REFILL / 2));
-        assert!(!filter.allows(&object("a"), start + REFILL + REFILL / 2));
+    fn an_object_gets_a_burst_of_events_then_no_more_for_a_while() {
+        let filter = SpamFilter::default();
+        let allowed = (0..40).filter(|_| filter.allows(&object("a"))).count();
+        assert_eq!(allowed, BURST.get() as usize);
+        assert!(filter.allows(&object("b")), "another object has its own burst");
+        assert!(!filter.allows(&object("a")));
     }
 
     #[test]

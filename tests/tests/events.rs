@@ -40,6 +40,9 @@ async fn a_sync_shows_its_revision_and_what_it_created_and_pruned_and_a_failure_
     assert!(synced.contains("Normal") && synced.contains(&format!("applied revision {first}: 2 created")), "{synced}");
     let created = event_line(&ns, &["configmap/a", "Created"]).await;
     assert!(created.contains("created from manifests/a.yaml:1 at revision"), "{created}");
+    // kubectl describe finds an object's events by its uid.
+    let described = cluster::kubectl(&["describe", "configmap", "a", "-n", &ns]);
+    assert!(described.contains("created from manifests/a.yaml:1 at revision"), "{described}");
 
     repo.remove("manifests/b.yaml");
     let second = repo.commit("no b");
