@@ -235,9 +235,10 @@ pub const TEMPLATE_IMAGES: [&str; 9] = [
 ];
 
 /// repo-template as `up` makes it (charts vendored, `registry` and tag `tag-NAME` for
-/// image NAME filled in), at `dir/repo`, with the EKS cluster's chart repository served
-/// here on 127.0.0.1 instead of the public one (which nothing here may reach). The
-/// returned server must outlive the renders.
+/// image NAME filled in), as the agent sees it: a clone, at `dir/clone`, of its first
+/// commit. The EKS cluster's chart repository is served here on 127.0.0.1 instead of
+/// the public one (which nothing here may reach); the returned server must outlive the
+/// renders.
 pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
     use gitops_bootstrap::local::agent::{LocalSettings, repo_from_template};
     let settings = LocalSettings {
@@ -246,7 +247,9 @@ pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
         midi_dir: Some("/srv/midi".into()),
         charts: shared_charts(),
     };
-    let repo = repo_from_template(&dir.join("repo"), &settings).expect("repo-template as up makes it");
+    let made = repo_from_template(&dir.join("repo"), &settings).expect("repo-template as up makes it");
+    let repo = dir.join("clone");
+    git2::Repository::clone(made.to_str().unwrap(), &repo).expect("a clone of the repository up made");
     let charts = ChartRepo::serve();
     charts.kube_prometheus_stack("88.5.3");
     let release = repo.join("clusters/eks/charts/monitoring.yaml");

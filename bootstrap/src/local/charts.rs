@@ -63,6 +63,11 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
     for entry in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let entry = entry.map_err(|e| Error::io(from, e))?;
         let (path, target) = (entry.path(), to.join(entry.file_name()));
+        // A chart's own .gitignore leaves its subcharts out of git (kube-prometheus-stack's
+        // ignores `charts/*`); vendored, they are what the agent renders from a clone.
+        if entry.file_name() == ".gitignore" {
+            continue;
+        }
         if entry.file_type().map_err(|e| Error::io(&path, e))?.is_dir() {
             copy_dir(&path, &target)?;
         } else {
