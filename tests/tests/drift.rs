@@ -208,7 +208,8 @@ async fn an_object_annotated_drift_ignore_is_left_alone() {
 async fn an_object_annotated_drift_report_in_git_is_reported_not_corrected() {
     let f = Fixture::start("drift-report-one", Policy::Correct).await;
     let (path, settings) = manifests("from git").remove(0);
-    let annotated = settings.replace("  name: settings\n", "  name: settings\n  annotations:\n    gitops.scale.dev/drift: report\n");
+    let annotated = settings
+        .replace("  name: settings\n", "  name: settings\n  annotations:\n    gitops.scale.dev/drift: report\n");
     assert_ne!(annotated, settings);
     f.repo.write(path, &annotated);
     f.repo.commit("settings: report its drift, do not correct it");
@@ -221,7 +222,8 @@ async fn an_object_annotated_drift_report_in_git_is_reported_not_corrected() {
     f.edit::<ConfigMap>("settings", json!({ "data": { "value": "tuned live" } })).await;
     // Written live, the same annotation does not stop the correction.
     let live_annotation = json!({ "gitops.scale.dev/drift": "report" });
-    f.edit::<Deployment>("web", json!({ "metadata": { "annotations": live_annotation }, "spec": { "replicas": 4 } })).await;
+    f.edit::<Deployment>("web", json!({ "metadata": { "annotations": live_annotation }, "spec": { "replicas": 4 } }))
+        .await;
     let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), &f.ns);
     eventually("the Deployment to be corrected", || async {
         (deployments.get("web").await.ok()?.spec.replicas == Some(2)).then_some(())

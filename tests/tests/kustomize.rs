@@ -232,7 +232,10 @@ fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate()
         let (dashboards, rest): (Vec<_>, Vec<_>) =
             rendered.manifests.iter().partition(|m| m.location.file.starts_with("dashboards"));
         let (chart, overlay): (Vec<_>, Vec<_>) = rest.into_iter().partition(|m| m.location.file.starts_with("charts"));
-        assert!(chart.iter().any(|m| m.object["kind"] == "Prometheus"), "clusters/{cluster}/charts: the monitoring stack");
+        assert!(
+            chart.iter().any(|m| m.object["kind"] == "Prometheus"),
+            "clusters/{cluster}/charts: the monitoring stack"
+        );
         let agent: Vec<Value> = overlay.iter().map(|m| m.object.clone()).collect();
         assert_eq!(agent, kubectl_kustomize(&template.join(&path_in_repo)), "clusters/{cluster}");
         assert!(agent.iter().all(|o| o["metadata"]["labels"]["gitops.scale.dev/cluster"] == cluster));

@@ -83,7 +83,9 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
             "Deployment" | "StatefulSet" | "DaemonSet" | "Job" => &object["spec"]["template"]["spec"],
             _ => continue,
         };
-        for container in ["initContainers", "containers"].iter().flat_map(|c| pod[c].as_array().cloned().unwrap_or_default()) {
+        for container in
+            ["initContainers", "containers"].iter().flat_map(|c| pod[c].as_array().cloned().unwrap_or_default())
+        {
             images.push(container["image"].as_str().unwrap().to_owned());
             // What the operator is told to start beside Prometheus and Alertmanager.
             for arg in container["args"].as_array().into_iter().flatten().filter_map(Value::as_str) {
@@ -105,7 +107,8 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
     }
     let names: std::collections::BTreeSet<&str> =
         images.iter().map(|i| i.rsplit_once(':').unwrap().0.rsplit_once('/').unwrap().1).collect();
-    for name in ["prometheus", "alertmanager", "prometheus-operator", "prometheus-config-reloader", "kube-state-metrics"]
+    for name in
+        ["prometheus", "alertmanager", "prometheus-operator", "prometheus-config-reloader", "kube-state-metrics"]
     {
         assert!(names.contains(name), "the stack runs {name}: {names:?}");
     }
@@ -148,7 +151,10 @@ fn the_eks_stack_loads_the_dashboards_into_grafana() {
     for dashboard in dashboards {
         let name = dashboard["metadata"]["name"].as_str().unwrap();
         assert_eq!(env.get("LABEL"), Some(&gitops_agent::render::DASHBOARD_LABEL), "{env:?}");
-        assert_eq!(Some(labels(dashboard)[gitops_agent::render::DASHBOARD_LABEL].as_str()), env.get("LABEL_VALUE").copied());
+        assert_eq!(
+            Some(labels(dashboard)[gitops_agent::render::DASHBOARD_LABEL].as_str()),
+            env.get("LABEL_VALUE").copied()
+        );
         assert_eq!(env.get("NAMESPACE"), Some(&"ALL"), "{name} is found in its namespace");
         assert_eq!(env.get("FOLDER_ANNOTATION"), Some(&gitops_agent::render::FOLDER_ANNOTATION));
         assert!(

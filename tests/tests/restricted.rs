@@ -52,6 +52,7 @@ async fn the_agent_stays_inside_its_namespaces_and_cannot_escalate() {
         AgentConfig {
             local_repo: Some(repo.path()),
             allow_namespaces: Some(vec![own.clone(), other.clone()]),
+            status_report: true,
             ..AgentConfig::new(repo.file_url(), &own)
         },
     )
@@ -61,6 +62,17 @@ async fn the_agent_stays_inside_its_namespaces_and_cannot_escalate() {
     })
     .await;
     assert!(exists(&admin, &own, "mine").await && exists(&admin, &other, "theirs").await);
+    // Its events: on what it applied, and on its status ConfigMap by the rule of its own
+    // namespace's Role, which grants nothing else but ConfigMaps and the Lease.
+    for (namespace, object, reason) in
+        [(&other, "configmap/theirs", "Created"), (&own, "configmap/gitops-agent-status", "Synced")]
+    {
+        eventually(&format!("the {reason} event of {object}"), || async {
+            let events = cluster::kubectl(&["get", "events", "-n", namespace]);
+            events.lines().any(|line| line.contains(object) && line.contains(reason)).then_some(())
+        })
+        .await;
+    }
 
     // A revision reaching outside: refused as a whole, before any write.
     repo.write("manifests/own.yaml", &config_map(&own, "mine-too"));
