@@ -434,7 +434,17 @@ pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, names: &
     let targets: Vec<String> = names.iter().map(|name| format!("{}/{name}", files.registry)).collect();
     for target in &targets {
         ctr(&["images", "tag", "--force", archived_as, target])?;
-        ctr(&["images", "push", "--plain-http", target])?;
+        // Debian's ctr 1.6.20 now and then panics mid-push ("send on closed channel", in
+        // its pusher's retry of an upload); a push is idempotent, so it is tried again.
+        let mut attempt = 1;
+        loop {
+            match ctr(&["images", "push", "--plain-http", target]) {
+                Err(Error::Command { output, .. }) if attempt < 3 && output.contains("send on closed channel") => {
+                    attempt += 1
+                }
+                result => break result?,
+            }
+        }
     }
     let mut remove = vec!["images", "rm", "--sync", archived_as];
     remove.extend(targets.iter().map(String::as_str));
