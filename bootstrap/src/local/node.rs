@@ -434,12 +434,14 @@ pub fn push_image(files: &NodeFiles, archive: &Path, archived_as: &str, names: &
     let targets: Vec<String> = names.iter().map(|name| format!("{}/{name}", files.registry)).collect();
     for target in &targets {
         ctr(&["images", "tag", "--force", archived_as, target])?;
-        // Debian's ctr 1.6.20 now and then panics mid-push ("send on closed channel", in
-        // its pusher's retry of an upload); a push is idempotent, so it is tried again.
+        // Debian's ctr 1.6.20 now and then fails a push half-way ("unexpected EOF", or a
+        // panic, "send on closed channel", in its pusher's retry of an upload); a push is
+        // idempotent and the registry keeps the blobs that made it, so it is tried again.
         let mut attempt = 1;
         loop {
             match ctr(&["images", "push", "--plain-http", target]) {
-                Err(Error::Command { output, .. }) if attempt < 3 && output.contains("send on closed channel") => {
+                Err(Error::Command { output, .. }) if attempt < 3 => {
+                    tracing::warn!(image = %target, attempt, output, "ctr push failed; trying again");
                     attempt += 1
                 }
                 result => break result?,
