@@ -234,8 +234,15 @@ pub const TEMPLATE_IMAGES: [&str; 9] = [
     "kube-state-metrics",
 ];
 
-/// repo-template as `up` makes it (charts vendored, `registry` and tag `tag-NAME` for
-/// image NAME filled in), as the agent sees it: a clone, at `dir/clone`, of its first
+/// The tag [`template_repository`] gives image `name`: all digits, as a content hash
+/// can be, which YAML reads as a number unless the template quotes it.
+pub fn template_tag(name: &str) -> String {
+    let index = TEMPLATE_IMAGES.iter().position(|n| *n == name).expect("an image of repo-template");
+    format!("{}", 100_000_000_000u64 + index as u64)
+}
+
+/// repo-template as `up` makes it (charts vendored, `registry` and [`template_tag`] for
+/// each image filled in), as the agent sees it: a clone, at `dir/clone`, of its first
 /// commit. The EKS cluster's chart repository is served here on 127.0.0.1 instead of
 /// the public one (which nothing here may reach); the returned server must outlive the
 /// renders.
@@ -243,7 +250,7 @@ pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
     use gitops_bootstrap::local::agent::{LocalSettings, repo_from_template};
     let settings = LocalSettings {
         registry: Some(registry.into()),
-        images: TEMPLATE_IMAGES.iter().map(|name| (name.to_string(), format!("tag-{name}"))).collect(),
+        images: TEMPLATE_IMAGES.iter().map(|name| (name.to_string(), template_tag(name))).collect(),
         midi_dir: Some("/srv/midi".into()),
         charts: shared_charts(),
     };

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gitops_agent::render::{Capabilities, Manifest, Renderer};
-use gitops_tests::render::{template_repository, tools};
+use gitops_tests::render::{template_repository, template_tag, tools};
 use serde_json::Value;
 
 const REGISTRY: &str = "127.0.0.1:5999";
@@ -103,7 +103,7 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
         let (registry, rest) = image.split_once('/').unwrap_or(("", image));
         let (name, tag) = rest.rsplit_once(':').unwrap_or((rest, ""));
         assert_eq!(registry, REGISTRY, "{image} is pulled from the node's registry");
-        assert_eq!(tag, format!("tag-{name}"), "{image} has its build's tag");
+        assert_eq!(tag, template_tag(name), "{image} has its build's tag");
     }
     let names: std::collections::BTreeSet<&str> =
         images.iter().map(|i| i.rsplit_once(':').unwrap().0.rsplit_once('/').unwrap().1).collect();
