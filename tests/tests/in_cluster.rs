@@ -156,7 +156,7 @@ async fn the_monitoring_images_run_their_programs_on_the_node() {
     // arguments only. Each names the version the chart's values and go.mod pin
     // (kube-state-metrics has a subcommand for it, the others a flag).
     for (name, ask, version) in [
-        ("prometheus", "--version", "version 2.42."),
+        ("prometheus", "--version", "version 3.14.0"),
         ("alertmanager", "--version", "version 0.25."),
         ("prometheus-operator", "--version", "version 0.93.1"),
         ("prometheus-config-reloader", "--version", "version 0.93.1"),

@@ -113,7 +113,7 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
         assert!(names.contains(name), "the stack runs {name}: {names:?}");
     }
     let [prometheus] = of_kind(&manifests, "Prometheus")[..] else { unreachable!() };
-    assert_eq!(prometheus["spec"]["version"], "v2.42.0", "the operator writes flags for Debian's Prometheus");
+    assert_eq!(prometheus["spec"]["version"], "v3.14.0", "the operator writes flags for Debian's Prometheus");
     assert!(
         !manifests.iter().any(|m| m.object["metadata"]["name"].as_str().unwrap_or_default().contains("grafana")),
         "Grafana is off on the local cluster"

@@ -190,9 +190,25 @@ const KUBE_STATE_METRICS: GoBinary = GoBinary {
     package: "k8s.io/kube-state-metrics/v2",
 };
 
+/// The monitoring stack's server. Debian's package is built without the Kubernetes
+/// service discovery that the operator's scrape configuration uses.
+const PROMETHEUS: GoBinary = GoBinary {
+    name: "prometheus",
+    module: "github.com/prometheus/prometheus",
+    holds: "Prometheus",
+    sources: &[
+        ("go.mod", include_str!("../../controlplane/prometheus/go.mod")),
+        ("go.sum", include_str!("../../controlplane/prometheus/go.sum")),
+        ("tools.go", include_str!("../../controlplane/prometheus/tools.go")),
+    ],
+    cgo: false,
+    package: "github.com/prometheus/prometheus/cmd/prometheus",
+};
+
 /// The monitoring stack's Go programs, each in an image of its own on the local node.
 #[derive(Debug, Clone)]
 pub struct MonitoringPrograms {
+    pub prometheus: PathBuf,
     pub operator: PathBuf,
     pub config_reloader: PathBuf,
     pub kube_state_metrics: PathBuf,
@@ -201,6 +217,7 @@ pub struct MonitoringPrograms {
 /// Returns the cached monitoring programs, building any that are missing or stale.
 pub fn ensure_monitoring_programs(cache: &Path) -> Result<MonitoringPrograms, Error> {
     Ok(MonitoringPrograms {
+        prometheus: PROMETHEUS.ensure_built(cache)?,
         operator: PROMETHEUS_OPERATOR.ensure_built(cache)?,
         config_reloader: CONFIG_RELOADER.ensure_built(cache)?,
         kube_state_metrics: KUBE_STATE_METRICS.ensure_built(cache)?,
@@ -283,10 +300,18 @@ impl GoBinary {
     /// Prometheus projects: their version, which `--version` and their metrics report.
     fn extra_ldflags(&self) -> Option<String> {
         let version = self.version();
-        if [PROMETHEUS_OPERATOR.module, KUBE_STATE_METRICS.module].contains(&self.module) {
-            let bare = version.trim_start_matches('v');
-            let tagged = if self.module == KUBE_STATE_METRICS.module { version } else { bare };
-            return Some(format!(" -X github.com/prometheus/common/version.Version={tagged}"));
+        let said = match self.module {
+            m if m == PROMETHEUS_OPERATOR.module => Some(version.trim_start_matches('v').to_owned()),
+            m if m == KUBE_STATE_METRICS.module => Some(version.to_owned()),
+            // Prometheus 3.X.Y is module version v0.3XX.Y.
+            m if m == PROMETHEUS.module => {
+                let (minor, patch) = version.strip_prefix("v0.3")?.split_once('.')?;
+                Some(format!("3.{}.{patch}", minor.trim_start_matches('0').parse::<u32>().unwrap_or(0)))
+            }
+            _ => None,
+        };
+        if let Some(said) = said {
+            return Some(format!(" -X github.com/prometheus/common/version.Version={said}"));
         }
         if self.module != HELM.module {
             return None;
@@ -428,6 +453,9 @@ mod tests {
         // The chart's appVersion: its CRDs are this operator's.
         assert_eq!(PROMETHEUS_OPERATOR.version(), "v0.93.1");
         assert_eq!(KUBE_STATE_METRICS.version(), "v2.20.0");
+        // The chart's default Prometheus (v3.14.0), as it names itself.
+        assert_eq!(PROMETHEUS.version(), "v0.314.0");
+        assert!(PROMETHEUS.extra_ldflags().unwrap().ends_with("version.Version=3.14.0"));
         assert_eq!(kube_major_minor("v1.37.2"), ("1", "37"));
     }
 

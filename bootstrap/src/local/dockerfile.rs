@@ -83,15 +83,15 @@ pub fn scale() -> [Dockerfile; 4] {
     [scale_viewer(), scale_midi_batch(), scale_postgres(), local_s3()]
 }
 
-/// The monitoring stack's images (kube-prometheus-stack on the local node): Prometheus
-/// and Alertmanager from Debian's packages, the operator, its config reloader and
+/// The monitoring stack's images (kube-prometheus-stack on the local node): Alertmanager
+/// from Debian's package; Prometheus, the operator, its config reloader and
 /// kube-state-metrics around the Go programs of `programs`.
 pub fn monitoring(programs: &super::build::MonitoringPrograms) -> Result<[Dockerfile; 5], Error> {
-    let debian = |name, package: &str, program: &str| Dockerfile {
-        name,
-        text: include_str!("../../images/monitoring/debian.Dockerfile"),
+    let alertmanager = Dockerfile {
+        name: "alertmanager",
+        text: include_str!("../../images/monitoring/alertmanager.Dockerfile"),
         context: Vec::new(),
-        args: vec![("PACKAGE", package.to_owned()), ("PROGRAM", program.to_owned())],
+        args: Vec::new(),
         bases: &["BASE_IMAGE"],
     };
     let go = |name, binary: &Path| {
@@ -106,8 +106,8 @@ pub fn monitoring(programs: &super::build::MonitoringPrograms) -> Result<[Docker
         })
     };
     Ok([
-        debian("prometheus", "prometheus", "prometheus"),
-        debian("alertmanager", "prometheus-alertmanager", "prometheus-alertmanager"),
+        go("prometheus", &programs.prometheus)?,
+        alertmanager,
         go("prometheus-operator", &programs.operator)?,
         go("prometheus-config-reloader", &programs.config_reloader)?,
         go("kube-state-metrics", &programs.kube_state_metrics)?,
