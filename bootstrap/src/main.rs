@@ -69,13 +69,13 @@ enum Cmd {
         /// [env: GITOPS_CHARTS_DIR].
         #[arg(long)]
         charts_dir: Option<PathBuf>,
-        // Boxed: the EKS flags would make every `Cmd` as large as this variant.
+        // Boxed: the EKS and install flags would make every `Cmd` as large as this variant.
         #[command(flatten)]
         eks: Box<EksUpArgs>,
         #[command(flatten)]
         aws: AwsArgs,
         #[command(flatten)]
-        install: InstallArgs,
+        install: Box<InstallArgs>,
     },
     /// Stop or delete everything `up` made.
     Down {
