@@ -243,10 +243,8 @@ pub fn template_tag(name: &str) -> String {
 
 /// repo-template as `up` makes it (charts vendored, `registry` and [`template_tag`] for
 /// each image filled in), as the agent sees it: a clone, at `dir/clone`, of its first
-/// commit. The EKS cluster's chart repository is served here on 127.0.0.1 instead of
-/// the public one (which nothing here may reach); the returned server must outlive the
-/// renders.
-pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
+/// commit.
+pub fn template_repository(dir: &Path, registry: &str) -> PathBuf {
     use gitops_bootstrap::local::agent::{LocalSettings, repo_from_template};
     let settings = LocalSettings {
         registry: Some(registry.into()),
@@ -257,6 +255,13 @@ pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
     let made = repo_from_template(&dir.join("repo"), &settings).expect("repo-template as up makes it");
     let repo = dir.join("clone");
     git2::Repository::clone(made.to_str().unwrap(), &repo).expect("a clone of the repository up made");
+    repo
+}
+
+/// Serves the chart the EKS cluster of [`template_repository`]'s `repo` installs on
+/// 127.0.0.1, and points its release there instead of the public repository (which
+/// nothing here may reach). The server must outlive the renders.
+pub fn serve_eks_charts(repo: &Path) -> ChartRepo {
     let charts = ChartRepo::serve();
     charts.kube_prometheus_stack("88.5.3");
     let release = repo.join("clusters/eks/charts/monitoring.yaml");
@@ -264,5 +269,5 @@ pub fn template_repository(dir: &Path, registry: &str) -> (PathBuf, ChartRepo) {
     let public = "https://prometheus-community.github.io/helm-charts";
     assert!(text.contains(&format!("repo: {public}")), "the EKS release names the public chart repository");
     fs::write(&release, text.replace(public, &charts.url())).unwrap();
-    (repo, charts)
+    charts
 }

@@ -205,7 +205,8 @@ async fn a_generated_configmap_is_replaced_and_the_old_one_pruned_and_unchanged_
 #[test]
 fn the_repo_template_cluster_overlays_render_as_kubectl_kustomize_and_validate() {
     let cache = tempfile::tempdir().unwrap();
-    let (template, _charts) = gitops_tests::render::template_repository(cache.path(), "127.0.0.1:5999");
+    let template = gitops_tests::render::template_repository(cache.path(), "127.0.0.1:5999");
+    let _charts = gitops_tests::render::serve_eks_charts(&template);
     let built = gitops_tests::render::binaries();
     let validate = |dir: &Path| {
         let output = Command::new(gitops_tests::agent::binary())

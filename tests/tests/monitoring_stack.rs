@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gitops_agent::render::{Capabilities, Manifest, Renderer};
-use gitops_tests::render::{template_repository, template_tag, tools};
+use gitops_tests::render::{serve_eks_charts, template_repository, template_tag, tools};
 use serde_json::Value;
 
 const REGISTRY: &str = "127.0.0.1:5999";
@@ -74,7 +74,7 @@ fn assert_prometheus_selects_what_git_holds(manifests: &[Manifest]) {
 #[test]
 fn the_local_stack_runs_only_images_from_the_nodes_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, _charts) = template_repository(dir.path(), REGISTRY);
+    let repo = template_repository(dir.path(), REGISTRY);
     let manifests = render(&repo, "local", &dir.path().join("charts-cache"));
 
     let mut images = Vec::new();
@@ -113,7 +113,7 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
         assert!(names.contains(name), "the stack runs {name}: {names:?}");
     }
     let [prometheus] = of_kind(&manifests, "Prometheus")[..] else { unreachable!() };
-    assert_eq!(prometheus["spec"]["version"], "v3.14.0", "the operator writes flags for Debian's Prometheus");
+    assert_eq!(prometheus["spec"]["version"], "v3.14.0", "the operator writes flags for the Prometheus its image runs");
     assert!(
         !manifests.iter().any(|m| m.object["metadata"]["name"].as_str().unwrap_or_default().contains("grafana")),
         "Grafana is off on the local cluster"
@@ -124,7 +124,8 @@ fn the_local_stack_runs_only_images_from_the_nodes_registry() {
 #[test]
 fn the_eks_stack_loads_the_dashboards_into_grafana() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, _charts) = template_repository(dir.path(), REGISTRY);
+    let repo = template_repository(dir.path(), REGISTRY);
+    let _charts = serve_eks_charts(&repo);
     let manifests = render(&repo, "eks", &dir.path().join("charts-cache"));
 
     // The sidecar beside Grafana, configured as the dashboards' ConfigMaps need.

@@ -120,7 +120,7 @@ fn a_relative_directory_in_a_repository_is_validated_as_an_absolute_one() {
     // The working directory holds .git: the search for the repository root, which a
     // kustomization's bases need, used to stop there and find the files nowhere.
     let dir = tempfile::tempdir().unwrap();
-    let (repo, _charts) = gitops_tests::render::template_repository(dir.path(), "127.0.0.1:5999");
+    let repo = gitops_tests::render::template_repository(dir.path(), "127.0.0.1:5999");
     let tools = gitops_tests::render::binaries();
     let output = Command::new(gitops_tests::agent::binary())
         .current_dir(&repo)

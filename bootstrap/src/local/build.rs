@@ -306,7 +306,7 @@ impl GoBinary {
             // Prometheus 3.X.Y is module version v0.3XX.Y.
             m if m == PROMETHEUS.module => {
                 let (minor, patch) = version.strip_prefix("v0.3")?.split_once('.')?;
-                Some(format!("3.{}.{patch}", minor.trim_start_matches('0').parse::<u32>().unwrap_or(0)))
+                Some(format!("3.{}.{patch}", minor.parse::<u32>().ok()?))
             }
             _ => None,
         };
