@@ -18,8 +18,9 @@ use tokio::sync::{Notify, watch};
 
 use crate::batch::BatchRuns;
 use crate::drift::DriftWatch;
+use crate::render::Edits;
 use crate::rollout::RolloutWatch;
-use crate::source::{self, GitSource, Worktree};
+use crate::source::{self, GitSource, Update, Worktree};
 use crate::stages::{Stage, StageTimes};
 use crate::status::{AppState, Outcome, UnhealthyObject};
 use crate::sync::{AppliedWave, Synced, Syncer, WaveGate};
@@ -131,7 +132,7 @@ async fn reconcile(
     })
     .await
     .expect("fetch does not panic");
-    let (head, tree, fetch_stages) = match fetched {
+    let (head, tree, update, fetch_stages) = match fetched {
         Ok(Some(fetched)) => fetched,
         Ok(None) => {
             // The source answered and the cluster holds its head: that is a successful
@@ -152,7 +153,13 @@ async fn reconcile(
     let root = tree.join(&config.path);
     drift.pause().await;
     let gate = HealthGate { drift, rollout, revision: &revision };
-    let result = syncer.sync_in_line(&root, &revision, &|planned| drift.in_line(planned), Some(&gate)).await;
+    let since = match &update {
+        Update::Incremental { from, edited: Some(files), .. } => Some((from.to_string(), files.as_slice())),
+        _ => None,
+    };
+    let edits = since.as_ref().map(|(since, files)| Edits { since, files });
+    let in_line = |planned: &_| drift.in_line(planned);
+    let result = syncer.sync_in_line(&root, &revision, edits, &in_line, Some(&gate)).await;
     crate::release_memory();
     match result {
         Ok(Synced { changes, objects, jobs, mut stages }) => {
@@ -210,7 +217,7 @@ fn fetch_and_checkout(
     config: &Config,
     worktree: &Worktree,
     applied: Option<Oid>,
-) -> Result<Option<(Oid, PathBuf, StageTimes)>, source::SourceError> {
+) -> Result<Option<(Oid, PathBuf, Update, StageTimes)>, source::SourceError> {
     let mut stages = StageTimes::default();
     let started = Instant::now();
     let Some(head) = source::fetch_verified(&config.source, &config.work_dir, applied)? else { return Ok(None) };
@@ -219,7 +226,7 @@ fn fetch_and_checkout(
     let update = worktree.update(&source::mirror_of(&config.work_dir), head)?;
     tracing::debug!(?update, "checked out");
     stages.since(Stage::Checkout, started);
-    Ok(Some((head, worktree.dir().to_owned(), stages)))
+    Ok(Some((head, worktree.dir().to_owned(), update, stages)))
 }
 
 /// Watches a local repository's git directory (refs, packed-refs) and wakes the loop

@@ -159,23 +159,25 @@ impl Syncer {
     /// commit `revision`, and returns what changed.
     /// Without a [`WaveGate`], a revision with several waves is refused.
     pub async fn sync(&self, root: &Path, revision: &str) -> Result<Synced, SyncError> {
-        self.sync_in_line(root, revision, &|_| false, None).await
+        self.sync_in_line(root, revision, None, &|_| false, None).await
     }
 
     /// [`Self::sync`], taking the objects `in_line` vouches for (unchanged in git and
     /// live since the last sync: [`crate::drift::DriftWatch::in_line`]) as unchanged
     /// without a request, so a commit that changes one object costs one dry run and
-    /// one apply, whatever the size of the revision. `gate` holds each sync wave until
-    /// the ones before it are healthy.
+    /// one apply, whatever the size of the revision. `edits`: what changed in the tree
+    /// since the revision synced before, so that only those files are read. `gate`
+    /// holds each sync wave until the ones before it are healthy.
     pub async fn sync_in_line(
         &self,
         root: &Path,
         revision: &str,
+        edits: Option<render::Edits<'_>>,
         in_line: &(dyn Fn(&Planned) -> bool + Sync),
         gate: Option<&dyn WaveGate>,
     ) -> Result<Synced, SyncError> {
         let mut stages = StageTimes::default();
-        let (plan, mut inventory, jobs) = self.plan(root, &mut stages).await?;
+        let (plan, mut inventory, jobs) = self.plan(root, Some((revision, edits)), &mut stages).await?;
         refuse_empty(&plan, &inventory, root)?;
         let waves = plan.waves();
         if gate.is_none() && waves.len() > 1 {
@@ -257,17 +259,24 @@ impl Syncer {
         Ok(())
     }
 
-    /// Renders the tree and plans it against the cluster and the stored inventory.
-    async fn plan(&self, root: &Path, stages: &mut StageTimes) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
+    /// Renders the tree (of `revision`, changed by its edits) and plans it against the
+    /// cluster and the stored inventory.
+    async fn plan(
+        &self,
+        root: &Path,
+        revision: Option<(&str, Option<render::Edits<'_>>)>,
+        stages: &mut StageTimes,
+    ) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
         let started = Instant::now();
         let (mut known, mut fresh) = self.kinds.get().await.map_err(SyncError::Discovery)?;
         stages.since(Stage::Plan, started);
         let options = &self.options;
         let (jobs, inventory, plan) = loop {
             let started = Instant::now();
+            let (commit, edits) = revision.unzip();
             let rendered = self
                 .renderer
-                .render(root, &options.dashboards_namespace, &known.capabilities)
+                .render_revision(root, &options.dashboards_namespace, &known.capabilities, commit, edits.flatten())
                 .map_err(SyncError::Render)?;
             stages.since(Stage::Render, started);
             let started = Instant::now();
@@ -310,7 +319,7 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, inventory, _) = self.plan(root, &mut StageTimes::default()).await?;
+        let (plan, inventory, _) = self.plan(root, None, &mut StageTimes::default()).await?;
         refuse_empty(&plan, &inventory, root)?;
         let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use git2::{ObjectType, Oid, Repository};
-use gitops_agent::render::{Capabilities, Renderer, Tools};
+use gitops_agent::render::{Capabilities, Edits, Renderer, Tools};
 use gitops_agent::source::{Update, Worktree, checkout};
 
 /// xorshift64*: the sequences are random, and the same on every run.
@@ -107,8 +107,8 @@ fn manifest(rng: &mut Rng, step: usize) -> String {
 
 const DIRS: [&str; 5] = ["manifests", "manifests/app", "manifests/app/deep", "dashboards", "shared"];
 
-/// One random change to the author's working directory.
-fn change(rng: &mut Rng, work: &Path, step: usize) {
+/// One random change to the author's working directory; symlinks only with `links`.
+fn change(rng: &mut Rng, work: &Path, step: usize, links: bool) {
     let existing = paths(work);
     let pick = |rng: &mut Rng| existing.get(rng.below(existing.len().max(1))).cloned();
     let dir = DIRS[rng.below(DIRS.len())];
@@ -127,6 +127,7 @@ fn change(rng: &mut Rng, work: &Path, step: usize) {
     };
     match rng.below(9) {
         // add or edit
+        5 if !links => write(&new_path(rng), manifest(rng, step)),
         0..=2 => write(&new_path(rng), manifest(rng, step)),
         3 => {
             if let Some(path) = pick(rng) {
@@ -190,6 +191,17 @@ fn change(rng: &mut Rng, work: &Path, step: usize) {
     }
 }
 
+/// New text for one to three of the author's regular files, as most commits make.
+fn edit_in_place(rng: &mut Rng, work: &Path, step: usize) {
+    let files: Vec<PathBuf> =
+        paths(work).into_iter().filter(|p| fs::symlink_metadata(work.join(p)).is_ok_and(|m| m.is_file())).collect();
+    for _ in 0..=rng.below(3) {
+        if let Some(file) = files.get(rng.below(files.len().max(1))) {
+            fs::write(work.join(file), manifest(rng, step)).unwrap();
+        }
+    }
+}
+
 /// The author's commits in a bare mirror, as the agent's fetch leaves them (no
 /// index: a checkout from the author's own repository would consult its index).
 fn mirrored(author: &Repository, mirror: &Path) -> PathBuf {
@@ -217,7 +229,11 @@ const STEPS: usize = 30;
 
 /// What a render gives, errors as the user reads them.
 fn rendered(renderer: &Renderer, root: &Path) -> String {
-    match renderer.render(root, "monitoring", &Capabilities::default()) {
+    shown(renderer.render(root, "monitoring", &Capabilities::default()))
+}
+
+fn shown(render: Result<gitops_agent::render::Rendered, Vec<gitops_agent::render::RenderError>>) -> String {
+    match render {
         Ok(rendered) => format!("{rendered:#?}"),
         Err(errors) => errors.iter().map(|e| format!("{e}\n")).collect(),
     }
@@ -226,6 +242,7 @@ fn rendered(renderer: &Renderer, root: &Path) -> String {
 #[test]
 fn incremental_checkouts_and_renders_equal_full_ones() {
     let mut all_ok = 0;
+    let mut edits_only = 0;
     for seed in 1..=SEEDS {
         let author = tempfile::tempdir().unwrap();
         let repo = Repository::init(author.path()).unwrap();
@@ -234,11 +251,19 @@ fn incremental_checkouts_and_renders_equal_full_ones() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut commits = Vec::new();
         let mut incremental = 0;
+        let caps = Capabilities::default();
         let renderer = Renderer::new(Tools::default());
         let mut rendered_ok = 0;
         for step in 0..STEPS {
-            for _ in 0..=rng.below(3) {
-                change(&mut rng, author.path(), step);
+            // Half the sequences without symlinks: only there may a render skip the walk,
+            // when a commit only edits files, which those do often.
+            let links = seed % 2 == 0;
+            if !links && rng.below(2) == 0 {
+                edit_in_place(&mut rng, author.path(), step);
+            } else {
+                for _ in 0..=rng.below(3) {
+                    change(&mut rng, author.path(), step, links);
+                }
             }
             commits.push(commit_all(&repo, step));
             // Now and then back to an earlier commit, as a force push or a revert does.
@@ -249,6 +274,7 @@ fn incremental_checkouts_and_renders_equal_full_ones() {
             let mirror = mirrored(&repo, &kept.path().join("mirror"));
             let update = worktree.update(&mirror, commit).unwrap();
             incremental += matches!(update, Update::Incremental { .. }) as usize;
+            edits_only += matches!(update, Update::Incremental { edited: Some(_), .. }) as usize;
             let fresh = tempfile::tempdir().unwrap();
             checkout(&mirror, commit, fresh.path()).unwrap();
             let expected = committed(&repo, commit);
@@ -265,8 +291,15 @@ fn incremental_checkouts_and_renders_equal_full_ones() {
                 "seed {seed}, step {step}: the kept tree differs from a fresh checkout of {commit} at {differing:?}"
             );
             assert_eq!(worktree.commit(), Some(commit));
-            let (kept, fresh) =
-                (rendered(&renderer, worktree.dir()), rendered(&Renderer::new(Tools::default()), fresh.path()));
+            // As the sync loop renders: told what the commit edited, when that is all it did.
+            let since = match &update {
+                Update::Incremental { from, edited: Some(files), .. } => Some((from.to_string(), files.clone())),
+                _ => None,
+            };
+            let edits = since.as_ref().map(|(since, files)| Edits { since, files });
+            let revision = commit.to_string();
+            let kept = renderer.render_revision(worktree.dir(), "monitoring", &caps, Some(&revision), edits);
+            let (kept, fresh) = (shown(kept), rendered(&Renderer::new(Tools::default()), fresh.path()));
             assert_eq!(kept, fresh, "seed {seed}, step {step}: the kept renderer's objects differ from a fresh render");
             rendered_ok += kept.starts_with("Rendered") as usize;
         }
@@ -276,6 +309,8 @@ fn incremental_checkouts_and_renders_equal_full_ones() {
     // Errors must agree too, but most renders should succeed, so that reused objects are compared.
     let renders = SEEDS as usize * STEPS;
     assert!(all_ok > renders / 4, "only {all_ok} of {renders} renders succeeded");
+    // The renders that read only the edited files must have been tried, too.
+    assert!(edits_only > renders / 20, "only {edits_only} of {renders} commits only edited files");
 }
 
 #[test]
@@ -302,5 +337,12 @@ fn a_tree_without_its_marker_is_checked_out_afresh() {
     fs::write(author.path().join("manifests/b.yaml"), "c").unwrap();
     let third = commit_all(&repo, 2);
     let mirror = mirrored(&repo, &mirror);
-    assert_eq!(worktree.update(&mirror, third).unwrap(), Update::Incremental { files: 1 });
+    // An added file is no edit: the render must walk the tree to find it.
+    let added = Update::Incremental { from: second, files: 1, edited: None };
+    assert_eq!(worktree.update(&mirror, third).unwrap(), added);
+    fs::write(author.path().join("manifests/a.yaml"), "d").unwrap();
+    let fourth = commit_all(&repo, 3);
+    let mirror = mirrored(&repo, &mirror);
+    let edited = Update::Incremental { from: third, files: 2, edited: Some(vec!["manifests/a.yaml".into()]) };
+    assert_eq!(worktree.update(&mirror, fourth).unwrap(), edited);
 }

@@ -279,6 +279,8 @@ pub struct Renderer {
     cache: Mutex<HashMap<String, Arc<str>>>,
     /// The last revision's files of `manifests/`, by path relative to the rendered directory.
     files: Mutex<HashMap<PathBuf, DecodedFile>>,
+    /// The last revision rendered, for [`Edits`].
+    last: Mutex<Option<LastRevision>>,
     /// Shared with whoever asked for [`Renderer::stats_handle`].
     stats: Arc<Mutex<RenderStats>>,
 }
@@ -290,6 +292,27 @@ pub struct Renderer {
 struct DecodedFile {
     digest: [u8; 32],
     objects: Vec<(usize, Box<str>)>,
+}
+
+/// What changed in the tree since the revision the renderer rendered last: the files
+/// edited in place, by path relative to the repository ([`crate::source::Update`]).
+/// With it, a revision whose tree holds no symlink is rendered without walking the
+/// tree or reading the files it did not change: a commit that edits one file of
+/// 10,000 reads one file.
+#[derive(Debug, Clone, Copy)]
+pub struct Edits<'a> {
+    pub since: &'a str,
+    pub files: &'a [PathBuf],
+}
+
+/// A revision a [`Renderer`] rendered, and the files of its `manifests/` (as
+/// [`Findings::files`] found them, less the kustomizations'). Kept only when that walk
+/// found no problem and no symlink: a link's target may change without the link.
+#[derive(Debug)]
+struct LastRevision {
+    root: PathBuf,
+    revision: String,
+    manifests: Vec<PathBuf>,
 }
 
 /// Reads a [`Renderer`]'s stats from elsewhere (the agent, once its syncer runs in the loop).
@@ -304,7 +327,13 @@ impl StatsHandle {
 
 impl Renderer {
     pub fn new(tools: Tools) -> Renderer {
-        Renderer { tools, cache: Mutex::default(), files: Mutex::default(), stats: Arc::default() }
+        Renderer {
+            tools,
+            cache: Mutex::default(),
+            files: Mutex::default(),
+            last: Mutex::default(),
+            stats: Arc::default(),
+        }
     }
 
     pub fn stats(&self) -> RenderStats {
@@ -323,21 +352,83 @@ impl Renderer {
         dashboards_namespace: &str,
         capabilities: &Capabilities,
     ) -> Result<Rendered, Vec<RenderError>> {
+        self.render_revision(root, dashboards_namespace, capabilities, None, None)
+    }
+
+    /// [`Self::render`] of commit `revision`, reading only the files `edits` names when
+    /// it is the change from the revision this renderer rendered last (else, or without
+    /// `edits`, the tree is walked and every file read).
+    pub fn render_revision(
+        &self,
+        root: &Path,
+        dashboards_namespace: &str,
+        capabilities: &Capabilities,
+        revision: Option<&str>,
+        edits: Option<Edits<'_>>,
+    ) -> Result<Rendered, Vec<RenderError>> {
+        let last = self.last.lock().expect("not poisoned").take();
         let mut findings = Findings { repo_root: Some(self.tools.repo_root(root)), ..Findings::default() };
         let mut used = HashSet::new();
         let kustomizations = self.kustomizations(root, &mut findings, &mut used);
         let mut files = HashSet::new();
+        let mut manifests = Vec::new();
+        // Whether the files of manifests/ are known for sure: the walk found no problem.
+        let mut walked = true;
         if kustomize::kustomization_file(root).is_none() {
-            for file in findings.files(root, "manifests", &["yaml", "yml", "json"]) {
-                if !kustomizations.iter().any(|dir| file.starts_with(dir)) {
-                    self.file_objects(root, &file, &mut findings, &mut files);
+            let known = last.and_then(|last| self.unchanged_since(last, root, revision, edits));
+            let (list, edited) = match known {
+                Some(known) => known,
+                None => {
+                    let errors = findings.errors.len();
+                    let listed = findings.files(root, "manifests", &["yaml", "yml", "json"]);
+                    walked = findings.errors.len() == errors;
+                    (
+                        listed.into_iter().filter(|f| !kustomizations.iter().any(|dir| f.starts_with(dir))).collect(),
+                        None,
+                    )
                 }
+            };
+            for file in &list {
+                let unchanged = edited.as_ref().is_some_and(|edited| !edited.contains(file));
+                self.file_objects(root, file, unchanged, &mut findings, &mut files);
             }
+            manifests = list;
         }
         self.charts(root, capabilities, &mut findings, &mut used);
         self.cache.lock().expect("not poisoned").retain(|key, _| used.contains(key));
         self.files.lock().expect("not poisoned").retain(|file, _| files.contains(file));
+        // A file with errors is not cached, so it is read again whatever the edits say.
+        if let Some(revision) = revision.filter(|_| !findings.linked && walked) {
+            let revision = revision.to_owned();
+            *self.last.lock().expect("not poisoned") =
+                Some(LastRevision { root: root.to_owned(), revision, manifests });
+        }
         findings.rest(root, dashboards_namespace)
+    }
+
+    /// The files of `manifests/` at `revision` and those of them `edits` changed, when
+    /// that is all that changed since `last` (the same revision again changed nothing).
+    /// `None` when it may not be: another tree, no edits from that revision, or an
+    /// edited file of `manifests/` the last revision did not have.
+    fn unchanged_since(
+        &self,
+        last: LastRevision,
+        root: &Path,
+        revision: Option<&str>,
+        edits: Option<Edits<'_>>,
+    ) -> Option<(Vec<PathBuf>, Option<HashSet<PathBuf>>)> {
+        if last.root != root {
+            return None;
+        }
+        let edited: HashSet<PathBuf> = match edits {
+            _ if revision == Some(last.revision.as_str()) => HashSet::new(),
+            Some(edits) if edits.since == last.revision => {
+                edits.files.iter().map(|file| self.tools.under_root(file)).collect()
+            }
+            _ => return None,
+        };
+        let known = |file: &PathBuf| !file.starts_with("manifests") || last.manifests.binary_search(file).is_ok();
+        edited.iter().all(known).then_some((last.manifests, Some(edited)))
     }
 
     /// Renders every kustomization of the revision into `findings`; returns every
@@ -460,17 +551,24 @@ impl Renderer {
     /// objects of the rest. What decoding a file gives depends on its path and text
     /// alone (the checks across files, such as duplicates, run on the whole revision
     /// every time), so the reused objects are the ones decoding would give.
-    fn file_objects(&self, root: &Path, file: &Path, findings: &mut Findings, used: &mut HashSet<PathBuf>) {
+    /// An `unchanged` file (the diff says so) is not even read when it was decoded before.
+    fn file_objects(
+        &self,
+        root: &Path,
+        file: &Path,
+        unchanged: bool,
+        findings: &mut Findings,
+        used: &mut HashSet<PathBuf>,
+    ) {
+        if unchanged && let Some(decoded) = self.files.lock().expect("not poisoned").get(file) {
+            used.insert(file.to_owned());
+            return findings.decoded(file, decoded);
+        }
         let Some(text) = findings.read(root, file) else { return };
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         used.insert(file.to_owned());
         if let Some(decoded) = self.files.lock().expect("not poisoned").get(file).filter(|d| d.digest == digest) {
-            for (line, json) in &decoded.objects {
-                let object = serde_json::from_str(json).expect("JSON that serde_json wrote");
-                let location = Location { file: file.to_owned(), line: *line };
-                findings.manifests.push(Manifest { object, location, default_namespace: None });
-            }
-            return;
+            return findings.decoded(file, decoded);
         }
         let (manifests, errors) = (findings.manifests.len(), findings.errors.len());
         findings.text_objects(file, &text);
@@ -587,6 +685,8 @@ struct Findings {
     /// cluster's directory can link the repository's shared `dashboards/` (as kustomize
     /// bases reach `../../manifests`). None: `--path` is the repository.
     repo_root: Option<PathBuf>,
+    /// Whether a walk went through a symlink.
+    linked: bool,
 }
 
 impl Findings {
@@ -615,7 +715,8 @@ impl Findings {
                 return Vec::new();
             }
         };
-        let mut walk = Walk { root, real_root, extensions, seen_dirs: HashSet::new(), files: Vec::new() };
+        let real_base = root.canonicalize().unwrap_or_else(|_| root.to_owned());
+        let mut walk = Walk { root, real_root, real_base, extensions, seen_dirs: HashSet::new(), files: Vec::new() };
         walk.visit(PathBuf::from(dir), self);
         walk.files.sort();
         walk.files
@@ -639,6 +740,15 @@ impl Findings {
         }
         for error in &mut self.errors[errors..] {
             error.at = at.clone();
+        }
+    }
+
+    /// The objects of a file as decoded before.
+    fn decoded(&mut self, file: &Path, decoded: &DecodedFile) {
+        for (line, json) in &decoded.objects {
+            let object = serde_json::from_str(json).expect("JSON that serde_json wrote");
+            let location = Location { file: file.to_owned(), line: *line };
+            self.manifests.push(Manifest { object, location, default_namespace: None });
         }
     }
 
@@ -738,6 +848,8 @@ impl Findings {
 struct Walk<'a> {
     root: &'a Path,
     real_root: PathBuf,
+    /// `root`, real: a path that is not this joined with its relative path went through a symlink.
+    real_base: PathBuf,
     extensions: &'a [&'a str],
     /// Directories already walked, so that a symlink to one does not walk it again (or
     /// forever, if it points to an ancestor).
@@ -758,7 +870,11 @@ impl Walk<'_> {
             Err(e) if is_manifest => return findings.error(at(&relative), Problem::Read(e)),
             Err(_) => return, // not ours, or no such directory at all
         };
-        match path.canonicalize() {
+        let real = path.canonicalize();
+        if real.as_ref().is_ok_and(|real| *real != self.real_base.join(&relative)) {
+            findings.linked = true;
+        }
+        match real {
             Ok(real) if !real.starts_with(&self.real_root) => findings.error(at(&relative), Problem::OutsideRoot(real)),
             Ok(real) if metadata.is_dir() => {
                 if !self.seen_dirs.insert(real) {

@@ -17,12 +17,15 @@ use git2::{Delta, DiffOptions, ObjectType, Oid, Repository, Tree};
 use super::SourceError;
 
 /// What [`Worktree::update`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
     /// The tree already held the commit.
     Unchanged,
-    /// Only the files that differ from the commit it held were written or removed.
-    Incremental { files: usize },
+    /// Only the files that differ from the commit it held (`from`) were written or
+    /// removed. `edited`: when the commit only changed regular files in place (no file
+    /// added, removed, renamed or turned into a link, no link changed), those files'
+    /// paths, so that the render need not walk the tree to find what changed.
+    Incremental { from: Oid, files: usize, edited: Option<Vec<PathBuf>> },
     /// Every file was written into an emptied directory.
     Full,
 }
@@ -67,9 +70,9 @@ impl Worktree {
         let _ = fs::remove_file(&self.marker);
         if let Some(old) = old.filter(|_| self.dir.is_dir()) {
             match self.apply_diff(&repo, &old, &tree) {
-                Ok(files) => {
+                Ok((files, edited)) => {
                     self.mark(commit)?;
-                    return Ok(Update::Incremental { files });
+                    return Ok(Update::Incremental { from: held.expect("an old tree is the held one"), files, edited });
                 }
                 Err(e) => tracing::warn!(error = %e, "updating the working tree failed; checking it out afresh"),
             }
@@ -85,16 +88,28 @@ impl Worktree {
     }
 
     /// Removes what `old` has and `new` lacks or changed, then writes what `new` adds or
-    /// changed; returns how many paths it touched.
-    fn apply_diff(&self, repo: &Repository, old: &Tree<'_>, new: &Tree<'_>) -> Result<usize, DiffError> {
+    /// changed; returns how many paths it touched, and the edited files (see [`Update`]).
+    fn apply_diff(
+        &self,
+        repo: &Repository,
+        old: &Tree<'_>,
+        new: &Tree<'_>,
+    ) -> Result<(usize, Option<Vec<PathBuf>>), DiffError> {
         let mut options = DiffOptions::new();
         // Type changes (file ↔ symlink) as a removal and an addition.
         options.include_typechange(false);
         let diff = repo.diff_tree_to_tree(Some(old), Some(new), Some(&mut options))?;
         let mut removed = Vec::new();
         let mut written = Vec::new();
+        let mut edited = Some(Vec::new());
+        let regular = |mode| matches!(mode, git2::FileMode::Blob | git2::FileMode::BlobExecutable);
         for delta in diff.deltas() {
             let (old_file, new_file) = (delta.old_file(), delta.new_file());
+            let in_place = delta.status() == Delta::Modified && regular(old_file.mode()) && regular(new_file.mode());
+            match (&mut edited, in_place) {
+                (Some(edited), true) => edited.push(path_of(new_file.path())?),
+                _ => edited = None,
+            }
             match delta.status() {
                 Delta::Added => written.push((path_of(new_file.path())?, new_file.id(), new_file.mode())),
                 Delta::Deleted => removed.push(path_of(old_file.path())?),
@@ -126,7 +141,7 @@ impl Worktree {
         for (path, id, mode) in written {
             write_entry(repo, &self.dir.join(path), id, mode)?;
         }
-        Ok(touched)
+        Ok((touched, edited))
     }
 }
 
