@@ -131,13 +131,15 @@ impl Store {
 
     /// Step 1: records `planned` as pending on top of what `current` owns.
     pub async fn begin(&self, current: &mut Inventory, planned: &Entries) -> Result<(), InventoryError> {
+        // Objects `entries` already lists are safe; only new ones need recording. Most
+        // syncs add none: the inventory is copied only when one does.
+        let owned = |id: &ObjectId| current.entries.contains_key(id) || current.pending.contains_key(id);
+        if planned.keys().all(owned) {
+            return Ok(());
+        }
         let mut next = current.clone();
-        // Objects `entries` already lists are safe; only new ones need recording.
         for (id, origin) in planned.iter().filter(|(id, _)| !current.entries.contains_key(*id)) {
             next.pending.entry(id.clone()).or_insert(*origin);
-        }
-        if next.pending == current.pending {
-            return Ok(());
         }
         self.save(current, next).await
     }

@@ -186,7 +186,7 @@ impl Syncer {
 
         let mut changes = ChangeSet::default();
         let definitions = self.dry_run(root, &plan.definitions, in_line, &mut stages).await?;
-        let planned = plan::entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
+        let planned = plan::new_entries(&plan.definitions, |i| exists(&definitions[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let started = Instant::now();
         changes.extend(self.applier.apply(&plan.definitions, &definitions).await.map_err(SyncError::Apply)?);
@@ -194,7 +194,7 @@ impl Syncer {
         stages.since(Stage::Apply, started);
         // Roles before the bindings' dry runs, which look them up (see `plan`).
         let roles = self.dry_run(root, &plan.roles, in_line, &mut stages).await?;
-        let planned = plan::entries(&plan.roles, |i| exists(&roles[i]), &inventory);
+        let planned = plan::new_entries(&plan.roles, |i| exists(&roles[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let started = Instant::now();
         changes.extend(self.applier.apply(&plan.roles, &roles).await.map_err(SyncError::Apply)?);
@@ -203,7 +203,7 @@ impl Syncer {
         // Everything else is dry-run before any of it is written.
         let rest = || plan.cluster_scoped.iter().chain(&plan.namespaced);
         let verdicts = self.dry_run(root, rest(), in_line, &mut stages).await?;
-        let planned = plan::entries(rest(), |i| exists(&verdicts[i]), &inventory);
+        let planned = plan::new_entries(rest(), |i| exists(&verdicts[i]), &inventory);
         self.begin(&mut inventory, &planned, &mut stages).await?;
         let (mut cluster_scoped, mut namespaced) = verdicts.split_at(plan.cluster_scoped.len());
         let (mut applied_cluster_scoped, mut applied_namespaced) = (0, 0);

@@ -18,7 +18,7 @@
 //! Pruning runs the other way round: namespaced objects, then cluster-scoped ones,
 //! then Namespaces and CRDs last (deleting those first would cascade).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use kube::api::{ApiResource, DynamicObject, ObjectMeta, TypeMeta};
 use kube::core::GroupVersionKind;
@@ -57,7 +57,7 @@ pub struct Plan {
     pub cluster_scoped: Vec<Planned>,
     pub namespaced: Vec<Planned>,
     /// The wave of each object of `cluster_scoped` and `namespaced`.
-    wave_of: BTreeMap<ObjectId, i32>,
+    wave_of: HashMap<ObjectId, i32>,
     /// Objects the agent created for an earlier revision that this one no longer has,
     /// in deletion stages: each stage is deleted before the next starts.
     pub prune: Vec<Vec<Planned>>,
@@ -213,7 +213,7 @@ pub fn plan(
     )?;
 
     let mut plan = Plan::default();
-    let mut desired = BTreeSet::new();
+    let mut desired = HashSet::new();
     let mut bad_waves = Vec::new();
     for manifest in manifests {
         let gvk = manifest.gvk();
@@ -336,9 +336,29 @@ pub fn entries<'a>(
     exists: impl Fn(usize) -> bool,
     inventory: &Inventory,
 ) -> Entries {
+    entries_where(objects, exists, inventory, |_| true)
+}
+
+/// [`entries`] of the objects the inventory does not list yet: what a stage must record
+/// as pending before it applies (usually none, so the set stays small).
+pub fn new_entries<'a>(
+    objects: impl IntoIterator<Item = &'a Planned>,
+    exists: impl Fn(usize) -> bool,
+    inventory: &Inventory,
+) -> Entries {
+    entries_where(objects, exists, inventory, |id| !inventory.entries.contains_key(id))
+}
+
+fn entries_where<'a>(
+    objects: impl IntoIterator<Item = &'a Planned>,
+    exists: impl Fn(usize) -> bool,
+    inventory: &Inventory,
+    wanted: impl Fn(&ObjectId) -> bool,
+) -> Entries {
     objects
         .into_iter()
         .enumerate()
+        .filter(|(_, p)| wanted(&p.id))
         .map(|(i, p)| {
             let origin = inventory.origin(&p.id).unwrap_or(if exists(i) { Origin::Adopted } else { Origin::Created });
             (p.id.clone(), origin)
