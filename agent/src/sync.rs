@@ -177,7 +177,7 @@ impl Syncer {
         gate: Option<&dyn WaveGate>,
     ) -> Result<Synced, SyncError> {
         let mut stages = StageTimes::default();
-        let (plan, mut inventory, jobs) = self.plan(root, Some((revision, edits)), &mut stages).await?;
+        let (plan, mut inventory, jobs) = self.plan(root, Some(revision), edits, &mut stages).await?;
         refuse_empty(&plan, &inventory, root)?;
         let waves = plan.waves();
         if gate.is_none() && waves.len() > 1 {
@@ -264,7 +264,8 @@ impl Syncer {
     async fn plan(
         &self,
         root: &Path,
-        revision: Option<(&str, Option<render::Edits<'_>>)>,
+        revision: Option<&str>,
+        edits: Option<render::Edits<'_>>,
         stages: &mut StageTimes,
     ) -> Result<(Plan, Inventory, Vec<JobSpec>), SyncError> {
         let started = Instant::now();
@@ -273,10 +274,9 @@ impl Syncer {
         let options = &self.options;
         let (jobs, inventory, plan) = loop {
             let started = Instant::now();
-            let (commit, edits) = revision.unzip();
             let rendered = self
                 .renderer
-                .render_revision(root, &options.dashboards_namespace, &known.capabilities, commit, edits.flatten())
+                .render_revision(root, &options.dashboards_namespace, &known.capabilities, revision, edits)
                 .map_err(SyncError::Render)?;
             stages.since(Stage::Render, started);
             let started = Instant::now();
@@ -319,7 +319,7 @@ impl Syncer {
     /// that the revision itself adds cannot be dry-run before it is applied; they are
     /// reported as created.
     pub async fn diff(&self, root: &Path) -> Result<Vec<Difference>, SyncError> {
-        let (plan, inventory, _) = self.plan(root, None, &mut StageTimes::default()).await?;
+        let (plan, inventory, _) = self.plan(root, None, None, &mut StageTimes::default()).await?;
         refuse_empty(&plan, &inventory, root)?;
         let objects: Vec<&Planned> = plan.objects().collect();
         let mut differences = Vec::new();
