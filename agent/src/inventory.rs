@@ -18,6 +18,7 @@
 //! have none, and are never deleted by prune.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
@@ -100,6 +101,10 @@ pub struct Store {
     api: Api<ConfigMap>,
     namespace: String,
     name: String,
+    /// The inventory as this store last read or wrote it. A load first asks for the
+    /// ConfigMap's metadata alone: when its resourceVersion is this one's, nobody wrote
+    /// it since, and the entries (10,000 objects: 0.6 MB to send and parse) are reused.
+    last: Arc<Mutex<Option<Inventory>>>,
 }
 
 impl Store {
@@ -112,21 +117,33 @@ impl Store {
     /// another's (gitops-bootstrap installs the agent under an inventory of its own).
     pub fn named(writer: Writer, namespace: &str, name: &str) -> Store {
         let api = Api::namespaced(writer.client().clone(), namespace);
-        Store { writer, api, namespace: namespace.to_owned(), name: name.to_owned() }
+        Store { writer, api, namespace: namespace.to_owned(), name: name.to_owned(), last: Arc::default() }
     }
 
     pub async fn load(&self) -> Result<Inventory, InventoryError> {
         let read = |source| InventoryError::Read { namespace: self.namespace.clone(), name: self.name.clone(), source };
-        let Some(cm) = self.api.get_opt(&self.name).await.map_err(read)? else {
-            return Ok(Inventory::default());
+        if self.last.lock().expect("not poisoned").is_some() {
+            let stored = self.api.get_metadata_opt(&self.name).await.map_err(read)?;
+            let stored = stored.and_then(|meta| meta.metadata.resource_version);
+            let last = self.last.lock().expect("not poisoned");
+            if let Some(last) = last.as_ref().filter(|last| stored.is_some() && last.resource_version == stored) {
+                return Ok(last.clone());
+            }
+        }
+        let inventory = match self.api.get_opt(&self.name).await.map_err(read)? {
+            None => Inventory::default(),
+            Some(cm) => {
+                let data = cm.data.unwrap_or_default();
+                Inventory {
+                    revision: data.get("revision").filter(|r| !r.is_empty()).cloned(),
+                    entries: self.parse(&data, "entries")?,
+                    pending: self.parse(&data, "pending")?,
+                    resource_version: cm.metadata.resource_version,
+                }
+            }
         };
-        let data = cm.data.unwrap_or_default();
-        Ok(Inventory {
-            revision: data.get("revision").filter(|r| !r.is_empty()).cloned(),
-            entries: self.parse(&data, "entries")?,
-            pending: self.parse(&data, "pending")?,
-            resource_version: cm.metadata.resource_version,
-        })
+        *self.last.lock().expect("not poisoned") = Some(inventory.clone());
+        Ok(inventory)
     }
 
     /// Step 1: records `planned` as pending on top of what `current` owns.
@@ -189,6 +206,7 @@ impl Store {
         };
         cm.metadata.resource_version = stored.metadata.resource_version;
         *current = Inventory { resource_version: cm.metadata.resource_version, ..next };
+        *self.last.lock().expect("not poisoned") = Some(current.clone());
         Ok(())
     }
 

@@ -14,7 +14,7 @@ pub enum Stage {
     Checkout,
     /// The files → objects (kustomize and helm included).
     Render,
-    /// Discovery, the inventory's load, and ordering the objects into stages.
+    /// Discovery, and ordering the objects into stages.
     Plan,
     /// The dry runs of the objects no watch vouches for (and the lists they read).
     DryRun,
@@ -22,7 +22,7 @@ pub enum Stage {
     Apply,
     /// Deleting what the revision no longer holds.
     Prune,
-    /// Writing the inventory (pending, then the revision's objects).
+    /// Reading the inventory, and writing it (pending, then the revision's objects).
     Inventory,
     /// Recording the outcome: metrics, `/status`, the status ConfigMap.
     Status,

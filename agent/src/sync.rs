@@ -281,6 +281,8 @@ impl Syncer {
             stages.since(Stage::Render, started);
             let started = Instant::now();
             let inventory = self.store.load().await?;
+            stages.since(Stage::Inventory, started);
+            let started = Instant::now();
             let (manifests, jobs) = (rendered.manifests, rendered.jobs);
             let planned =
                 plan::plan(manifests, &known.discovery, &options.default_namespace, &options.access, &inventory);

@@ -237,6 +237,23 @@ async fn a_restart_remembers_what_was_applied() {
 }
 
 #[tokio::test]
+async fn an_inventory_another_replica_wrote_is_read_again() {
+    // This syncer keeps the inventory it wrote; a replica that led meanwhile adds `b`.
+    let f = Fixture::with_a_good_revision("replica").await;
+    f.repo.write("manifests/b.yaml", &f.config_map("b", "1"));
+    f.repo.commit("b, by the other replica");
+    let (head, tree) = f.checkout();
+    syncer(&f.client, &f.ns).sync(&tree, &head.to_string()).await.unwrap();
+
+    // Back with this syncer: `b` is gone from git, and the inventory it kept does not list it.
+    f.repo.remove("manifests/b.yaml");
+    f.repo.commit("b removed");
+    let changes = f.sync().await.unwrap();
+    assert_eq!(changes.to_string(), "1 unchanged, 1 deleted", "b, which the other replica created, is pruned");
+    assert_eq!(f.live().await, pairs(&[("a", "1")]));
+}
+
+#[tokio::test]
 async fn a_sync_killed_half_way_leaves_no_orphan() {
     let f = Fixture::new("killed").await;
     for i in 0..60 {
