@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
@@ -124,6 +125,9 @@ pub struct Planned {
     pub object: DynamicObject,
     /// `file:line` in the repository.
     pub origin: String,
+    /// The manifest's [`crate::render::Manifest::source`], which with `id` and
+    /// `resource` determines `object`; `None` for an object only named (to prune).
+    pub source: Option<Arc<str>>,
 }
 
 /// A failed request for one object; displayed as `file:line: Kind ns/name: message`.

@@ -72,9 +72,11 @@ pub type Entries = BTreeMap<ObjectId, Origin>;
 pub struct Inventory {
     /// The commit whose objects `entries` lists; `None` before the first sync.
     pub revision: Option<String>,
-    pub entries: Entries,
+    /// Shared, as `pending` is: a copy of the inventory (the store keeps one) costs
+    /// no copy of its 10,000 identities.
+    pub entries: Arc<Entries>,
     /// Objects of a revision that started applying but did not finish (step 1 above).
-    pub pending: Entries,
+    pub pending: Arc<Entries>,
     resource_version: Option<String>,
 }
 
@@ -136,8 +138,8 @@ impl Store {
                 let data = cm.data.unwrap_or_default();
                 Inventory {
                     revision: data.get("revision").filter(|r| !r.is_empty()).cloned(),
-                    entries: self.parse(&data, "entries")?,
-                    pending: self.parse(&data, "pending")?,
+                    entries: Arc::new(self.parse(&data, "entries")?),
+                    pending: Arc::new(self.parse(&data, "pending")?),
                     resource_version: cm.metadata.resource_version,
                 }
             }
@@ -156,7 +158,7 @@ impl Store {
         }
         let mut next = current.clone();
         for (id, origin) in planned.iter().filter(|(id, _)| !current.entries.contains_key(*id)) {
-            next.pending.entry(id.clone()).or_insert(*origin);
+            Arc::make_mut(&mut next.pending).entry(id.clone()).or_insert(*origin);
         }
         self.save(current, next).await
     }
@@ -170,8 +172,8 @@ impl Store {
     ) -> Result<(), InventoryError> {
         let next = Inventory {
             revision: Some(revision.to_owned()),
-            entries: applied,
-            pending: Entries::new(),
+            entries: Arc::new(applied),
+            pending: Arc::default(),
             resource_version: current.resource_version.clone(),
         };
         if next == *current {

@@ -75,7 +75,7 @@ fn ids(objects: &[Value], namespace: &str, discovery: &Discovery) -> BTreeSet<(S
     let at = render::Location { file: "helm-template.yaml".into(), line: 1 };
     objects
         .iter()
-        .map(|object| render::Manifest { object: object.clone(), location: at.clone(), default_namespace: None })
+        .map(|object| render::Manifest::new(object.clone(), at.clone()))
         .map(|m| {
             let namespaced = discovery
                 .resolve_gvk(&m.gvk())

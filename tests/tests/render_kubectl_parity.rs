@@ -118,8 +118,7 @@ fn agent(case: &Path, discovery: &Discovery) -> Outcome {
     let lines =
         |errors: Vec<render::RenderError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     let mut manifests = render::render(repo.path(), "default").map_err(lines)?.manifests;
-    let namespaced =
-        |gvk: &GroupVersionKind| discovery.resolve_gvk(gvk).map(|(_, caps)| caps.scope == Scope::Namespaced);
+    let namespaced = |m: &Manifest| discovery.resolve_gvk(&m.gvk()).map(|(_, caps)| caps.scope == Scope::Namespaced);
     gitops_agent::plan::resolve_scope(&mut manifests, namespaced, "default", &gitops_agent::access::Access::Cluster)
         .map_err(lines)?;
     Ok(manifests.into_iter().map(|m: Manifest| m.object).collect())

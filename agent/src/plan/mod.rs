@@ -56,8 +56,9 @@ pub struct Plan {
     /// In ascending wave order, as is `namespaced`.
     pub cluster_scoped: Vec<Planned>,
     pub namespaced: Vec<Planned>,
-    /// The wave of each object of `cluster_scoped` and `namespaced`.
-    wave_of: HashMap<ObjectId, i32>,
+    /// The wave of each object of `cluster_scoped` and of `namespaced`, by position.
+    cluster_scoped_waves: Vec<i32>,
+    namespaced_waves: Vec<i32>,
     /// Objects the agent created for an earlier revision that this one no longer has,
     /// in deletion stages: each stage is deleted before the next starts.
     pub prune: Vec<Vec<Planned>>,
@@ -80,22 +81,18 @@ impl Plan {
 
     /// The waves of stages 3 and 4, in ascending order (none if both are empty).
     pub fn waves(&self) -> Vec<Wave<'_>> {
-        let wave = |p: &Planned| self.wave_of.get(&p.id).copied().unwrap_or_default();
-        let mut numbers: Vec<i32> = self.cluster_scoped.iter().chain(&self.namespaced).map(wave).collect();
+        let mut numbers: Vec<i32> = self.cluster_scoped_waves.iter().chain(&self.namespaced_waves).copied().collect();
         numbers.sort_unstable();
         numbers.dedup();
         numbers
             .into_iter()
             .map(|number| {
-                let of = |objects: &'_ [Planned]| {
-                    let start = objects.partition_point(|p| wave(p) < number);
-                    let end = objects.partition_point(|p| wave(p) <= number);
-                    start..end
-                };
+                let of =
+                    |waves: &[i32]| waves.partition_point(|w| *w < number)..waves.partition_point(|w| *w <= number);
                 Wave {
                     number,
-                    cluster_scoped: &self.cluster_scoped[of(&self.cluster_scoped)],
-                    namespaced: &self.namespaced[of(&self.namespaced)],
+                    cluster_scoped: &self.cluster_scoped[of(&self.cluster_scoped_waves)],
+                    namespaced: &self.namespaced[of(&self.namespaced_waves)],
                 }
             })
             .collect()
@@ -110,13 +107,30 @@ impl Plan {
         (applied.cloned().collect(), later_cluster_scoped.iter().chain(later_namespaced).cloned().collect())
     }
 
+    /// Adds an object of stage 3 or 4 in wave `wave`, after those added before it.
+    fn push_in_wave(&mut self, planned: Planned, wave: i32, namespaced: bool) {
+        if namespaced {
+            self.namespaced.push(planned);
+            self.namespaced_waves.push(wave);
+        } else {
+            self.cluster_scoped.push(planned);
+            self.cluster_scoped_waves.push(wave);
+        }
+    }
+
     /// Puts stages 3 and 4 in wave order. Stable: within a wave, objects keep the
     /// order of the repository.
     fn sort_by_wave(&mut self) {
-        let wave_of = &self.wave_of;
-        // Cached: `sort_by_key` looks the key up at every comparison, a map lookup each.
-        self.cluster_scoped.sort_by_cached_key(|p| wave_of[&p.id]);
-        self.namespaced.sort_by_cached_key(|p| wave_of[&p.id]);
+        fn sort(objects: &mut Vec<Planned>, waves: &mut Vec<i32>) {
+            if waves.is_sorted() {
+                return; // Most revisions have one wave.
+            }
+            let mut pairs: Vec<(i32, Planned)> = waves.drain(..).zip(objects.drain(..)).collect();
+            pairs.sort_by_key(|(wave, _)| *wave);
+            (*waves, *objects) = pairs.into_iter().unzip();
+        }
+        sort(&mut self.cluster_scoped, &mut self.cluster_scoped_waves);
+        sort(&mut self.namespaced, &mut self.namespaced_waves);
     }
 
     /// The CRDs among the definitions, which must be Established before stage 2.
@@ -156,18 +170,20 @@ fn is_crd(id: &ObjectId) -> bool {
 /// every resource of the group version (and their subresources) on each call, and the
 /// plan looked up every object twice.
 struct Kinds {
-    by_gvk: HashMap<GroupVersionKind, (ApiResource, bool)>,
+    /// By apiVersion, then kind: looked up with the manifest's own strings, as a
+    /// `GroupVersionKind` key would need three new ones per object.
+    by_gvk: HashMap<String, HashMap<String, (ApiResource, bool)>>,
 }
 
 impl Kinds {
     fn new(discovery: &Discovery, manifests: &[Manifest]) -> Kinds {
-        let mut by_gvk = HashMap::new();
+        let mut kinds = Kinds { by_gvk: HashMap::new() };
         for group in discovery.groups() {
             for version in group.versions() {
                 for (resource, caps) in group.versioned_resources(version) {
-                    let gvk = GroupVersionKind::gvk(&resource.group, &resource.version, &resource.kind);
+                    let namespaced = caps.scope == Scope::Namespaced;
                     // As `resolve_gvk`: the first of a version's resources with the kind.
-                    by_gvk.entry(gvk).or_insert((resource, caps.scope == Scope::Namespaced));
+                    kinds.add(resource, namespaced);
                 }
             }
         }
@@ -181,17 +197,22 @@ impl Kinds {
             let namespaced = spec["scope"].as_str() != Some("Cluster");
             for version in spec["versions"].as_array().into_iter().flatten() {
                 let Some(version) = version["name"].as_str() else { continue };
-                let gvk = GroupVersionKind::gvk(group, version, kind);
-                let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+                let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
                 // What the API server serves wins over what the revision says of it.
-                by_gvk.entry(gvk).or_insert((resource, namespaced));
+                kinds.add(resource, namespaced);
             }
         }
-        Kinds { by_gvk }
+        kinds
     }
 
-    fn resolve(&self, gvk: &GroupVersionKind) -> Option<&(ApiResource, bool)> {
-        self.by_gvk.get(gvk)
+    /// Adds a kind unless it is known already.
+    fn add(&mut self, resource: ApiResource, namespaced: bool) {
+        let kinds = self.by_gvk.entry(resource.api_version.clone()).or_default();
+        kinds.entry(resource.kind.clone()).or_insert((resource, namespaced));
+    }
+
+    fn resolve(&self, manifest: &Manifest) -> Option<&(ApiResource, bool)> {
+        self.by_gvk.get(manifest.api_version())?.get(manifest.kind())
     }
 }
 
@@ -207,40 +228,34 @@ pub fn plan(
     let kinds = Kinds::new(discovery, &manifests);
     scope::resolve_scope(
         &mut manifests,
-        |gvk| kinds.resolve(gvk).map(|(_, namespaced)| *namespaced),
+        |manifest| kinds.resolve(manifest).map(|(_, namespaced)| *namespaced),
         default_namespace,
         access,
     )?;
 
     let mut plan = Plan::default();
-    let mut desired = HashSet::new();
     let mut bad_waves = Vec::new();
     for manifest in manifests {
-        let gvk = manifest.gvk();
-        let (resource, namespaced) = kinds.resolve(&gvk).expect("resolve_scope rejected unknown kinds");
+        let (resource, namespaced) = kinds.resolve(&manifest).expect("resolve_scope rejected unknown kinds");
         let (resource, namespaced) = (resource.clone(), *namespaced);
-        let at = manifest.location.clone();
-        let planned = planned(manifest, resource);
-        desired.insert(planned.id.clone());
-        let wave = match wave(&planned) {
+        let wave = match wave(&manifest) {
             Ok(wave) => wave,
             Err(problem) => {
-                bad_waves.push(RenderError { at, problem });
+                bad_waves.push(RenderError { at: manifest.location, problem });
                 continue;
             }
         };
-        let early = is_definition(&planned.id) || is_role(&planned.id);
-        if early && wave.is_some() {
-            let problem = Problem::EarlyWave { kind: planned.id.kind.clone() };
-            bad_waves.push(RenderError { at, problem });
+        // Only an object with a wave may be refused for it, and needs its place kept.
+        let at = wave.is_some().then(|| manifest.location.clone());
+        let planned = planned(manifest, resource);
+        if let Some(at) = at.filter(|_| is_definition(&planned.id) || is_role(&planned.id)) {
+            bad_waves.push(RenderError { at, problem: Problem::EarlyWave { kind: planned.id.kind.clone() } });
             continue;
         }
-        plan.wave_of.insert(planned.id.clone(), wave.unwrap_or_default());
         match (is_definition(&planned.id), namespaced) {
             (true, _) => plan.definitions.push(planned),
             _ if is_role(&planned.id) => plan.roles.push(planned),
-            (false, false) => plan.cluster_scoped.push(planned),
-            (false, true) => plan.namespaced.push(planned),
+            (false, namespaced) => plan.push_in_wave(planned, wave.unwrap_or_default(), namespaced),
         }
     }
     if !bad_waves.is_empty() {
@@ -248,13 +263,15 @@ pub fn plan(
     }
     plan.sort_by_wave();
 
+    let desired: HashSet<&ObjectId> = plan.objects().map(|p| &p.id).collect();
     let mut prune: Vec<Planned> = inventory
         .owned()
         .filter(|(id, origin)| *origin == Origin::Created && !desired.contains(*id))
         .filter_map(|(id, _)| {
             // A kind the API no longer serves took its objects with it.
             let (resource, _) = discovery.groups().find(|g| g.name() == id.group)?.recommended_kind(&id.kind)?;
-            Some(Planned { object: identity(id, &resource), id: id.clone(), resource, origin: "inventory".to_owned() })
+            let object = identity(id, &resource);
+            Some(Planned { object, id: id.clone(), resource, origin: "inventory".to_owned(), source: None })
         })
         .collect();
     prune.sort_by_key(|p| (prune_order(&p.id), p.id.clone()));
@@ -263,10 +280,13 @@ pub fn plan(
 }
 
 /// The object's [`WAVE_ANNOTATION`], if it has one.
-fn wave(planned: &Planned) -> Result<Option<i32>, Problem> {
-    let annotations = planned.object.metadata.annotations.as_ref();
-    let Some(value) = annotations.and_then(|a| a.get(WAVE_ANNOTATION)) else { return Ok(None) };
-    value.trim().parse().map(Some).map_err(|_| Problem::Wave(value.clone()))
+fn wave(manifest: &Manifest) -> Result<Option<i32>, Problem> {
+    let annotations = manifest.object["metadata"]["annotations"].as_object();
+    // Render checked that annotations are strings.
+    let Some(value) = annotations.and_then(|a| a.get(WAVE_ANNOTATION)).and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    value.trim().parse().map(Some).map_err(|_| Problem::Wave(value.to_owned()))
 }
 
 fn is_role(id: &ObjectId) -> bool {
@@ -292,7 +312,7 @@ fn prune_order(id: &ObjectId) -> u8 {
 
 /// The manifest as the agent applies it: labelled as managed by the agent.
 fn planned(manifest: Manifest, resource: ApiResource) -> Planned {
-    let origin = manifest.location.to_string();
+    let (origin, source) = (manifest.location.to_string(), Some(manifest.source));
     let mut object = dynamic_object(manifest.object);
     object.metadata.labels.get_or_insert_default().insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
     let id = ObjectId {
@@ -301,7 +321,7 @@ fn planned(manifest: Manifest, resource: ApiResource) -> Planned {
         namespace: object.metadata.namespace.clone().unwrap_or_default(),
         name: object.metadata.name.clone().unwrap_or_default(),
     };
-    Planned { id, resource, object, origin }
+    Planned { id, resource, object, origin, source }
 }
 
 /// The object as `serde_json::from_value` would give it, taken apart by hand: serde's
@@ -374,21 +394,20 @@ mod tests {
     use super::*;
     use crate::render::Location;
 
-    fn config_map(name: &str, wave: Option<&str>) -> Planned {
+    fn config_map(name: &str, wave: Option<&str>) -> Manifest {
         let mut object =
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "shop"}});
         if let Some(wave) = wave {
             object["metadata"]["annotations"] = json!({ WAVE_ANNOTATION: wave });
         }
-        let location = Location { file: "manifests/a.yaml".into(), line: 1 };
-        planned(Manifest { object, location, default_namespace: None }, ApiResource::erase::<ConfigMap>(&()))
+        Manifest::new(object, Location { file: "manifests/a.yaml".into(), line: 1 })
     }
 
-    fn plan_of(objects: Vec<Planned>) -> Plan {
+    fn plan_of(manifests: Vec<Manifest>) -> Plan {
         let mut plan = Plan::default();
-        for p in objects {
-            plan.wave_of.insert(p.id.clone(), wave(&p).unwrap().unwrap_or_default());
-            plan.namespaced.push(p);
+        for m in manifests {
+            let wave = wave(&m).unwrap().unwrap_or_default();
+            plan.push_in_wave(planned(m, ApiResource::erase::<ConfigMap>(&())), wave, true);
         }
         plan.sort_by_wave();
         plan

@@ -1,7 +1,6 @@
 //! Scope: what only the API server knows about rendered objects, which kinds exist and
 //! which are namespaced, applied to them as kubectl applies it.
 
-use kube::core::GroupVersionKind;
 use serde_json::Value;
 
 use crate::access::Access;
@@ -15,13 +14,13 @@ use crate::render::{Manifest, Problem, RenderError, duplicates};
 /// Every problem is reported; on error the manifests may be partly defaulted.
 pub fn resolve_scope(
     manifests: &mut [Manifest],
-    namespaced: impl Fn(&GroupVersionKind) -> Option<bool>,
+    namespaced: impl Fn(&Manifest) -> Option<bool>,
     default_namespace: &str,
     access: &Access,
 ) -> Result<(), Vec<RenderError>> {
     let mut errors = Vec::new();
     for manifest in manifests.iter_mut() {
-        let problem = match (namespaced(&manifest.gvk()), manifest.namespace()) {
+        let problem = match (namespaced(manifest), manifest.namespace()) {
             (None, _) => Some(Problem::UnknownKind {
                 kind: manifest.kind().to_owned(),
                 api_version: manifest.api_version().to_owned(),
@@ -58,11 +57,11 @@ mod tests {
     use crate::render::Location;
 
     fn manifest(line: usize, object: Value) -> Manifest {
-        Manifest { object, location: Location { file: "manifests/a.yaml".into(), line }, default_namespace: None }
+        Manifest::new(object, Location { file: "manifests/a.yaml".into(), line })
     }
 
-    fn discovery(gvk: &GroupVersionKind) -> Option<bool> {
-        match gvk.kind.as_str() {
+    fn discovery(manifest: &Manifest) -> Option<bool> {
+        match manifest.kind() {
             "ConfigMap" => Some(true),
             "Namespace" => Some(false),
             _ => None,

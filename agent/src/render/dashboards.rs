@@ -82,7 +82,7 @@ pub(super) fn config_map(
         "metadata": metadata,
         "data": { key: text },
     });
-    Ok(Manifest { object, location, default_namespace: None })
+    Ok(Manifest::new(object, location))
 }
 
 /// The subdirectory of `dashboards/` holding `file`: `dashboards/team/a.json` →

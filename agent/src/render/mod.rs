@@ -92,9 +92,18 @@ pub struct Manifest {
     /// The namespace for this object if it is namespaced and names none, instead of
     /// `--default-namespace`: a chart release's namespace.
     pub default_namespace: Option<String>,
+    /// `object` as rendered, in compact JSON (before the plan gives it a namespace).
+    /// Shared with the render's cache, it is how the agent knows, without serializing
+    /// the object again, that git did not change it since the last sync.
+    pub source: Arc<str>,
 }
 
 impl Manifest {
+    pub fn new(object: Value, location: Location) -> Manifest {
+        let source = serde_json::to_string(&object).expect("JSON values serialize").into();
+        Manifest { object, location, default_namespace: None, source }
+    }
+
     pub fn api_version(&self) -> &str {
         self.str_at("/apiVersion")
     }
@@ -291,7 +300,7 @@ pub struct Renderer {
 #[derive(Debug)]
 struct DecodedFile {
     digest: [u8; 32],
-    objects: Vec<(usize, Box<str>)>,
+    objects: Vec<(usize, Arc<str>)>,
 }
 
 /// What changed in the tree since the revision the renderer rendered last: the files
@@ -578,10 +587,7 @@ impl Renderer {
             files.remove(file);
             return;
         }
-        let objects = findings.manifests[manifests..]
-            .iter()
-            .map(|m| (m.location.line, serde_json::to_string(&m.object).expect("JSON values serialize").into()))
-            .collect();
+        let objects = findings.manifests[manifests..].iter().map(|m| (m.location.line, m.source.clone())).collect();
         files.insert(file.to_owned(), DecodedFile { digest, objects });
     }
 
@@ -748,7 +754,7 @@ impl Findings {
         for (line, json) in &decoded.objects {
             let object = serde_json::from_str(json).expect("JSON that serde_json wrote");
             let location = Location { file: file.to_owned(), line: *line };
-            self.manifests.push(Manifest { object, location, default_namespace: None });
+            self.manifests.push(Manifest { object, location, default_namespace: None, source: json.clone() });
         }
     }
 
@@ -826,16 +832,14 @@ impl Findings {
 
     fn object(&mut self, object: Map<String, Value>, at: Location) {
         let mut problems = object_problems(&object);
-        let bytes = serde_json::to_vec(&object).map_or(0, |json| json.len());
-        if bytes > MAX_OBJECT_BYTES {
-            problems.push(Problem::ObjectTooLarge(bytes));
+        let object = Value::Object(object);
+        let source = serde_json::to_string(&object).expect("JSON values serialize");
+        if source.len() > MAX_OBJECT_BYTES {
+            problems.push(Problem::ObjectTooLarge(source.len()));
         }
         if problems.is_empty() {
-            return self.manifests.push(Manifest {
-                object: Value::Object(object),
-                location: at,
-                default_namespace: None,
-            });
+            let source = source.into();
+            return self.manifests.push(Manifest { object, location: at, default_namespace: None, source });
         }
         for problem in problems {
             self.error(at.clone(), problem);
@@ -957,10 +961,11 @@ fn json_type(value: &Value) -> &'static str {
 /// An error for every object defined again (same group, kind, namespace and name),
 /// naming where it was first defined.
 pub(crate) fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
-    let mut first: HashMap<(String, &str, Option<&str>, &str), &Location> = HashMap::new();
+    let mut first: HashMap<(&str, &str, Option<&str>, &str), &Location> = HashMap::new();
     let mut errors = Vec::new();
     for manifest in manifests {
-        let identity = (manifest.gvk().group, manifest.kind(), manifest.namespace(), manifest.name());
+        let group = manifest.api_version().split_once('/').map_or("", |(group, _)| group);
+        let identity = (group, manifest.kind(), manifest.namespace(), manifest.name());
         match first.entry(identity) {
             Entry::Vacant(entry) => {
                 entry.insert(&manifest.location);
