@@ -172,12 +172,12 @@ fn is_crd(id: &ObjectId) -> bool {
 struct Kinds {
     /// By apiVersion, then kind: looked up with the manifest's own strings, as a
     /// `GroupVersionKind` key would need three new ones per object.
-    by_gvk: HashMap<String, HashMap<String, (ApiResource, bool)>>,
+    by_api_version: HashMap<String, HashMap<String, (ApiResource, bool)>>,
 }
 
 impl Kinds {
     fn new(discovery: &Discovery, manifests: &[Manifest]) -> Kinds {
-        let mut kinds = Kinds { by_gvk: HashMap::new() };
+        let mut kinds = Kinds { by_api_version: HashMap::new() };
         for group in discovery.groups() {
             for version in group.versions() {
                 for (resource, caps) in group.versioned_resources(version) {
@@ -207,12 +207,12 @@ impl Kinds {
 
     /// Adds a kind unless it is known already.
     fn add(&mut self, resource: ApiResource, namespaced: bool) {
-        let kinds = self.by_gvk.entry(resource.api_version.clone()).or_default();
+        let kinds = self.by_api_version.entry(resource.api_version.clone()).or_default();
         kinds.entry(resource.kind.clone()).or_insert((resource, namespaced));
     }
 
     fn resolve(&self, manifest: &Manifest) -> Option<&(ApiResource, bool)> {
-        self.by_gvk.get(manifest.api_version())?.get(manifest.kind())
+        self.by_api_version.get(manifest.api_version())?.get(manifest.kind())
     }
 }
 

@@ -99,6 +99,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest of `object` (not from a chart release), with its source.
     pub fn new(object: Value, location: Location) -> Manifest {
         let source = serde_json::to_string(&object).expect("JSON values serialize").into();
         Manifest { object, location, default_namespace: None, source }
@@ -121,8 +122,13 @@ impl Manifest {
         Some(self.str_at("/metadata/namespace")).filter(|ns| !ns.is_empty())
     }
 
+    /// The group (empty for the core group) and version of `apiVersion`.
+    pub fn group_version(&self) -> (&str, &str) {
+        self.api_version().split_once('/').unwrap_or(("", self.api_version()))
+    }
+
     pub fn gvk(&self) -> GroupVersionKind {
-        let (group, version) = self.api_version().split_once('/').unwrap_or(("", self.api_version()));
+        let (group, version) = self.group_version();
         GroupVersionKind::gvk(group, version, self.kind())
     }
 
@@ -964,8 +970,7 @@ pub(crate) fn duplicates(manifests: &[Manifest]) -> Vec<RenderError> {
     let mut first: HashMap<(&str, &str, Option<&str>, &str), &Location> = HashMap::new();
     let mut errors = Vec::new();
     for manifest in manifests {
-        let group = manifest.api_version().split_once('/').map_or("", |(group, _)| group);
-        let identity = (group, manifest.kind(), manifest.namespace(), manifest.name());
+        let identity = (manifest.group_version().0, manifest.kind(), manifest.namespace(), manifest.name());
         match first.entry(identity) {
             Entry::Vacant(entry) => {
                 entry.insert(&manifest.location);
