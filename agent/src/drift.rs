@@ -398,9 +398,17 @@ impl Shared {
         }
     }
 
-    /// Checks what a watch saw, or holds it while a sync runs.
+    /// Checks what a watch saw, or holds it while a sync runs. A state already found in
+    /// line is in line still, sync or not: holding it would make the sync dry-run the
+    /// object again, and a re-list that meets a sync would hold every object it shows.
     async fn see(self: &Arc<Self>, id: ObjectId, seen: Option<DynamicObject>) {
         let _shared = self.gate.read().await;
+        if seen.as_ref().is_some_and(|live| self.is_settled(&id, live)) {
+            if let Some(held) = self.held.lock().unwrap().as_mut() {
+                held.remove(&id);
+            }
+            return self.settle(&id);
+        }
         if let Some(held) = self.held.lock().unwrap().as_mut() {
             held.insert(id, seen);
             return;
@@ -436,11 +444,9 @@ impl Shared {
         if live.as_ref().is_some_and(|live| ignored(&planned.object) || ignored(live)) {
             return self.settle(id);
         }
-        let settled = self.desired.lock().unwrap().get(id).and_then(|tracked| tracked.settled);
         let live_fingerprint = live.as_ref().map(fingerprint);
         let verdict = match &live {
             None => Verdict::Drifted(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
-            Some(_) if settled.is_some() && settled == live_fingerprint => Verdict::InLine,
             Some(live) if !suspicious(&planned.object, live) => Verdict::InLine,
             Some(live) => self.confirm(&api, &planned, live).await,
         };
@@ -523,6 +529,13 @@ impl Shared {
         };
         self.drifted.lock().unwrap().insert(id.clone(), entry);
         self.publish();
+    }
+
+    /// Whether `live` is the state last found to hold git, and this replica may say so
+    /// (one that may not write neither corrects nor settles).
+    fn is_settled(&self, id: &ObjectId, live: &DynamicObject) -> bool {
+        let settled = self.desired.lock().unwrap().get(id).and_then(|tracked| tracked.settled);
+        settled.is_some_and(|settled| settled == fingerprint(live)) && self.applier.writer().may_write()
     }
 
     /// `fingerprint`'s state holds git.
