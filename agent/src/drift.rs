@@ -123,6 +123,20 @@ impl Tracked {
     }
 }
 
+/// What a watch showed of one object (`live: None`: deleted, or gone from the selector),
+/// with the live state's [`fingerprint`] once taken: the settled test and the check
+/// need the same one, and a held sighting keeps it for after the sync.
+struct Sighting {
+    live: Option<DynamicObject>,
+    fingerprint: Option<u64>,
+}
+
+impl Sighting {
+    fn of(live: Option<DynamicObject>) -> Sighting {
+        Sighting { live, fingerprint: None }
+    }
+}
+
 /// `objects` as drift tracks them: each vouched for by the live state the sync saw of it
 /// (`changes`), or, when git holds it as before, by what vouched for it in `previous`.
 fn tracked(
@@ -166,7 +180,7 @@ struct Shared {
     gate: tokio::sync::RwLock<()>,
     /// While a sync runs: the newest state each watch saw of each object (`None`:
     /// deleted), checked against the revision that comes out of the sync.
-    held: Mutex<Option<BTreeMap<ObjectId, Option<DynamicObject>>>>,
+    held: Mutex<Option<BTreeMap<ObjectId, Sighting>>>,
     /// Watchers whose list of their kind is done: from then on every change to its
     /// objects reaches a check.
     listed: Mutex<BTreeSet<WatchKey>>,
@@ -290,8 +304,8 @@ impl DriftWatch {
         let Some(held) = self.shared.held.lock().unwrap().take() else { return };
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            for (id, seen) in held {
-                shared.see(id, seen).await;
+            for (id, sighting) in held {
+                shared.see(id, sighting).await;
             }
         });
     }
@@ -352,19 +366,19 @@ impl Shared {
                     if let Some(id) = ObjectId::of(&resource, &object) {
                         self.rollout.observe(&resource, &id, Some(&object));
                         in_list.insert(id.clone());
-                        self.see(id, Some(object)).await;
+                        self.see(id, Sighting::of(Some(object))).await;
                     }
                 }
                 Ok(Event::Apply(object)) => {
                     if let Some(id) = ObjectId::of(&resource, &object) {
                         self.rollout.observe(&resource, &id, Some(&object));
-                        self.see(id, Some(object)).await;
+                        self.see(id, Sighting::of(Some(object))).await;
                     }
                 }
                 Ok(Event::Delete(object)) => {
                     if let Some(id) = ObjectId::of(&resource, &object) {
                         self.rollout.observe(&resource, &id, None);
-                        self.see(id, None).await;
+                        self.see(id, Sighting::of(None)).await;
                     }
                 }
                 // A (re-)list: changes made while the watch was down are not seen yet.
@@ -387,7 +401,7 @@ impl Shared {
                     in_list = BTreeSet::new();
                     for id in missing {
                         self.rollout.observe(&resource, &id, None);
-                        self.see(id, None).await;
+                        self.see(id, Sighting::of(None)).await;
                     }
                     self.listed.lock().unwrap().insert(watch_key(&resource, namespace.clone()));
                     crate::release_memory();
@@ -401,23 +415,28 @@ impl Shared {
     /// Checks what a watch saw, or holds it while a sync runs. A state already found in
     /// line is in line still, sync or not: holding it would make the sync dry-run the
     /// object again, and a re-list that meets a sync would hold every object it shows.
-    async fn see(self: &Arc<Self>, id: ObjectId, seen: Option<DynamicObject>) {
+    async fn see(self: &Arc<Self>, id: ObjectId, mut sighting: Sighting) {
         let _shared = self.gate.read().await;
-        if seen.as_ref().is_some_and(|live| self.is_settled(&id, live)) {
+        // Only a tracked object's state is compared, so only its fingerprint is taken.
+        if let Some(live) = sighting.live.as_ref().filter(|_| sighting.fingerprint.is_none() && self.tracks(&id)) {
+            sighting.fingerprint = Some(fingerprint(live));
+        }
+        if sighting.fingerprint.is_some_and(|print| self.is_settled(&id, print)) {
             if let Some(held) = self.held.lock().unwrap().as_mut() {
                 held.remove(&id);
             }
             return self.settle(&id);
         }
         if let Some(held) = self.held.lock().unwrap().as_mut() {
-            held.insert(id, seen);
+            held.insert(id, sighting);
             return;
         }
-        self.check(&id, seen).await;
+        self.check(&id, sighting).await;
     }
 
-    /// Checks one object seen by a watch (`None`: deleted or gone from the selector).
-    async fn check(self: &Arc<Self>, id: &ObjectId, seen: Option<DynamicObject>) {
+    /// Checks one object seen by a watch.
+    async fn check(self: &Arc<Self>, id: &ObjectId, sighting: Sighting) {
+        let Sighting { live: seen, fingerprint: seen_fingerprint } = sighting;
         let Some(planned) = self.desired.lock().unwrap().get(id).map(|tracked| tracked.planned(id)) else { return };
         // A replica that does not lead may hold an old revision, and a suspended one
         // must not write: neither corrects nor settles, and the next sync it makes
@@ -444,7 +463,7 @@ impl Shared {
         if live.as_ref().is_some_and(|live| ignored(&planned.object) || ignored(live)) {
             return self.settle(id);
         }
-        let live_fingerprint = live.as_ref().map(fingerprint);
+        let live_fingerprint = live.as_ref().map(|live| seen_fingerprint.unwrap_or_else(|| fingerprint(live)));
         let verdict = match &live {
             None => Verdict::Drifted(Finding { fields: vec!["(deleted)".into()], by: Vec::new() }),
             Some(live) if !suspicious(&planned.object, live) => Verdict::InLine,
@@ -533,9 +552,13 @@ impl Shared {
 
     /// Whether `live` is the state last found to hold git, and this replica may say so
     /// (one that may not write neither corrects nor settles).
-    fn is_settled(&self, id: &ObjectId, live: &DynamicObject) -> bool {
+    fn is_settled(&self, id: &ObjectId, fingerprint: u64) -> bool {
         let settled = self.desired.lock().unwrap().get(id).and_then(|tracked| tracked.settled);
-        settled.is_some_and(|settled| settled == fingerprint(live)) && self.applier.writer().may_write()
+        settled == Some(fingerprint) && self.applier.writer().may_write()
+    }
+
+    fn tracks(&self, id: &ObjectId) -> bool {
+        self.desired.lock().unwrap().contains_key(id)
     }
 
     /// `fingerprint`'s state holds git.
@@ -586,7 +609,7 @@ impl Shared {
             let Some(resource) = shared.desired.lock().unwrap().get(&id).map(|t| t.resource.clone()) else { return };
             let namespace = Some(id.namespace.as_str()).filter(|ns| !ns.is_empty());
             match access::api(&shared.client, &resource, namespace).get_opt(&id.name).await {
-                Ok(live) => shared.see(id, live).await,
+                Ok(live) => shared.see(id, Sighting::of(live)).await,
                 Err(e) => tracing::warn!(object = %id, error = %e, "drift check after a contest: cannot read"),
             }
         });
