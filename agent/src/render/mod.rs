@@ -106,20 +106,20 @@ impl Manifest {
     }
 
     pub fn api_version(&self) -> &str {
-        self.str_at("/apiVersion")
+        self.str_at(&["apiVersion"])
     }
 
     pub fn kind(&self) -> &str {
-        self.str_at("/kind")
+        self.str_at(&["kind"])
     }
 
     pub fn name(&self) -> &str {
-        self.str_at("/metadata/name")
+        self.str_at(&["metadata", "name"])
     }
 
     /// The namespace written in the object; an empty one counts as none, as in kubectl.
     pub fn namespace(&self) -> Option<&str> {
-        Some(self.str_at("/metadata/namespace")).filter(|ns| !ns.is_empty())
+        Some(self.str_at(&["metadata", "namespace"])).filter(|ns| !ns.is_empty())
     }
 
     /// The group (empty for the core group) and version of `apiVersion`.
@@ -132,8 +132,10 @@ impl Manifest {
         GroupVersionKind::gvk(group, version, self.kind())
     }
 
-    fn str_at(&self, pointer: &str) -> &str {
-        self.object.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+    /// The string at `path`, found by key: a JSON pointer would copy each of its tokens,
+    /// and the plan asks every object of a revision its identity several times.
+    fn str_at(&self, path: &[&str]) -> &str {
+        path.iter().try_fold(&self.object, |value, key| value.get(key)).and_then(Value::as_str).unwrap_or_default()
     }
 
     /// How an error names the object: `Deployment.apps team-a/web`, `Namespace team-a`.
