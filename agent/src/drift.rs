@@ -27,7 +27,7 @@
 //! another writer (an HPA, a controller, a script): it is reported as contested and
 //! left alone for a while, rather than fought over every few milliseconds.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -142,9 +142,9 @@ impl Sighting {
 fn tracked(
     objects: Vec<Planned>,
     changes: &ChangeSet,
-    previous: &BTreeMap<ObjectId, Tracked>,
-) -> BTreeMap<ObjectId, Tracked> {
-    let seen: BTreeMap<&ObjectId, u64> = changes.changes.iter().filter_map(|c| Some((&c.id, c.fingerprint?))).collect();
+    previous: &HashMap<ObjectId, Tracked>,
+) -> HashMap<ObjectId, Tracked> {
+    let seen: HashMap<&ObjectId, u64> = changes.changes.iter().filter_map(|c| Some((&c.id, c.fingerprint?))).collect();
     objects
         .into_iter()
         .map(|planned| {
@@ -172,15 +172,17 @@ struct Shared {
     state: Arc<AppState>,
     /// Takes every object the watches see, for the revision's health.
     rollout: RolloutWatch,
-    /// The applied revision's objects, by identity.
-    desired: Mutex<BTreeMap<ObjectId, Tracked>>,
+    /// The applied revision's objects, by identity. Hashed: every sync looks up each
+    /// of them, and ordered maps of 10,000 identities spent most of that comparing
+    /// strings that share their group, kind and namespace.
+    desired: Mutex<HashMap<ObjectId, Tracked>>,
     drifted: Mutex<BTreeMap<ObjectId, DriftedObject>>,
     /// Checks hold it shared; [`DriftWatch::pause`] takes it exclusively, so it returns
     /// only once no check (and no correction) is under way.
     gate: tokio::sync::RwLock<()>,
     /// While a sync runs: the newest state each watch saw of each object (`None`:
     /// deleted), checked against the revision that comes out of the sync.
-    held: Mutex<Option<BTreeMap<ObjectId, Sighting>>>,
+    held: Mutex<Option<HashMap<ObjectId, Sighting>>>,
     /// Watchers whose list of their kind is done: from then on every change to its
     /// objects reaches a check.
     listed: Mutex<BTreeSet<WatchKey>>,

@@ -20,7 +20,7 @@
 //! waves so far are followed; the revision shows `Progressing` even when they are all
 //! healthy, since later waves are not applied yet.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -95,13 +95,14 @@ struct Inner {
     revision: Option<String>,
     /// The wave a sync waits for (see [`RevisionHealth::wave`]).
     wave: Option<i32>,
-    /// The revision's objects.
-    objects: BTreeMap<ObjectId, Entry>,
+    /// The revision's objects. Hashed, as `seen` is: each sync looks up every one of
+    /// them, and an ordered map compares identities that differ only in their name.
+    objects: HashMap<ObjectId, Entry>,
     /// The workloads of the revision, by namespace: a pod event looks at these only.
     workloads: BTreeMap<String, BTreeSet<ObjectId>>,
     /// What the watches last said of each managed object, of the revision or not yet
     /// (a sync's own writes are seen before the revision is tracked).
-    seen: BTreeMap<ObjectId, Observed>,
+    seen: HashMap<ObjectId, Observed>,
     /// Pods by namespace and name, in the namespaces of `workloads`.
     pods: BTreeMap<String, BTreeMap<String, PodSummary>>,
     pod_watchers: BTreeMap<String, JoinHandle<()>>,
@@ -188,12 +189,13 @@ impl RolloutWatch {
     }
 
     fn follow(&self, revision: &str, wave: Option<i32>, objects: &[Planned], changes: &ChangeSet, later: &[Planned]) {
-        let generations: BTreeMap<&ObjectId, i64> =
+        let generations: HashMap<&ObjectId, i64> =
             changes.changes.iter().filter_map(|c| Some((&c.id, c.generation?))).collect();
         let mut inner = self.shared.inner.lock().unwrap();
         inner.revision = Some(revision.to_owned());
         inner.wave = wave;
-        inner.objects.clear();
+        // The identities of the objects followed before are kept, not copied anew.
+        let mut before = std::mem::replace(&mut inner.objects, HashMap::with_capacity(objects.len()));
         inner.workloads.clear();
         for planned in objects {
             let annotations = planned.object.metadata.annotations.as_ref();
@@ -216,17 +218,18 @@ impl RolloutWatch {
             if health::selects_pods(&planned.id.group, &planned.id.kind) {
                 inner.workloads.entry(planned.id.namespace.clone()).or_default().insert(planned.id.clone());
             }
-            inner.objects.insert(planned.id.clone(), entry);
+            let id = before.remove_entry(&planned.id).map_or_else(|| planned.id.clone(), |(id, _)| id);
+            inner.objects.insert(id, entry);
         }
+        drop(before);
         // What is not the revision's is no longer news; what its later waves hold is: an
         // object they leave unchanged makes no event when they are applied.
-        let later: BTreeSet<&ObjectId> = later.iter().map(|p| &p.id).collect();
-        let Inner { seen, objects, .. } = &mut *inner;
-        seen.retain(|id, _| objects.contains_key(id) || later.contains(id));
+        let later: HashSet<&ObjectId> = later.iter().map(|p| &p.id).collect();
+        let Inner { seen, objects: followed, .. } = &mut *inner;
+        seen.retain(|id, _| followed.contains_key(id) || later.contains(id));
         inner.unhealthy.clear();
-        let ids: Vec<ObjectId> = inner.objects.keys().cloned().collect();
-        for id in &ids {
-            inner.assess(id);
+        for planned in objects {
+            inner.assess(&planned.id);
         }
         self.follow_pods(&mut inner);
         drop(inner);
@@ -386,7 +389,7 @@ impl Shared {
         if !changed {
             return next;
         }
-        let by_status: BTreeMap<&ObjectId, HealthStatus> =
+        let by_status: HashMap<&ObjectId, HealthStatus> =
             unhealthy.iter().zip(inner.unhealthy.keys()).map(|(shown, id)| (id, shown.health)).collect();
         let kinds: Vec<(&str, HealthStatus)> = inner
             .objects
